@@ -1,0 +1,297 @@
+"""CPU implementation of a spec: forward and backward, never holding an Nq x Nk score matrix.
+
+The work is cut into tiles of (a few heads) x (a block of query rows) x (all keys). Each tile's
+scores are small enough to stay in cache, so the softmax and the score chain run on cached data
+instead of streaming an N x N matrix through memory three or four times as the unfused graph does.
+Memory is O(tile) on top of the inputs and outputs, i.e. O(N * block) per call.
+
+Every step is the same ATen op the model itself ran, in the same dtype and order (the spec keeps
+the model's score chain as it was written), so the result matches eager to the last bit for most
+chains, and always within the dtype's rounding. The backward recomputes each tile's scores and
+probabilities (FlashAttention's recomputation) and walks the score chain in reverse; gradients of
+captured tensors (a learnable bias, a learnable scale) are summed over their broadcast dimensions.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from .dropout import keep_mask
+from .spec import AttentionSpec, ScoreOp, to_dtype
+
+# Elements of one score tile: ~2 MiB in fp32 keeps a tile, its probabilities and their gradient in
+# the L2/L3 caches of the CPUs we run on, while each tile's matmul is still large enough to be
+# efficient (measured in benchmarks/cpu_bench.py: 2^17..2^20 are within a few % of each other).
+TILE_ELEMENTS = 1 << 19
+
+
+def _tiles(nh: int, nq: int, nk: int):
+    """Yield (h0, h1, q0, q1): head ranges and query row ranges of one batch entry."""
+    rows = max(1, TILE_ELEMENTS // max(nk, 1))
+    if rows >= nq:
+        hstep = max(1, rows // max(nq, 1))
+        for h0 in range(0, nh, hstep):
+            yield h0, min(nh, h0 + hstep), 0, nq
+    else:
+        # round query blocks to 16 rows so matmuls stay aligned
+        bq = max(16, (rows // 16) * 16)
+        for h0 in range(nh):
+            for q0 in range(0, nq, bq):
+                yield h0, h0 + 1, q0, min(nq, q0 + bq)
+
+
+class _Operands:
+    """The spec's captured operands, expanded (as views, never copies) to the scores' shape."""
+
+    def __init__(self, spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape):
+        self.spec = spec
+        self.values = []
+        for kind, c in zip(spec.captured, captured):
+            if kind == "scalar":
+                self.values.append(c.item())
+            else:
+                self.values.append(c.expand(score_shape))
+
+    def operand(self, op: ScoreOp, bidx, h0, h1, q0, q1):
+        if op.operand == "const":
+            return op.value
+        if op.operand == "none":
+            return None
+        return self.tile(op.index, bidx, h0, h1, q0, q1)
+
+    def tile(self, index, bidx, h0, h1, q0, q1):
+        v = self.values[index]
+        if not isinstance(v, torch.Tensor):
+            return v
+        return v[bidx][..., h0:h1, q0:q1, :]
+
+
+def _apply(op: ScoreOp, s: torch.Tensor, x, mask=None) -> torch.Tensor:
+    k = op.kind
+    if k == "mul":
+        return s * x
+    if k == "div":
+        return s / x
+    if k == "add":
+        return s + x
+    if k == "sub":
+        return s - x
+    if k == "rsub":
+        return x - s
+    if k == "tanh":
+        return torch.tanh(s)
+    if k == "cast":
+        return s.to(to_dtype(op.dtype))
+    if k == "fill":
+        return s.masked_fill(mask, op.value)
+    if k == "fill_not":
+        return s.masked_fill(~mask, op.value)
+    raise AssertionError(k)
+
+
+def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False):
+    """Run the score chain on one tile; optionally keep each step's input for the backward."""
+    inputs = []
+    for op in spec.score_ops:
+        if keep_inputs:
+            inputs.append(s)
+        if op.kind in ("fill", "fill_not"):
+            s = _apply(op, s, None, mask=ops.tile(op.index, *where))
+        else:
+            s = _apply(op, s, ops.operand(op, *where))
+        if s.dtype != to_dtype(op.dtype):  # the graph's dtype for this step (e.g. under autocast)
+            s = s.to(to_dtype(op.dtype))
+    return s, inputs
+
+
+def _batch_indices(batch_shape):
+    """All index tuples over the batch dims except the last (heads), which tiles cover."""
+    return itertools.product(*[range(n) for n in batch_shape[:-1]])
+
+
+def _flat_row_offset(bidx, batch_shape, h0, nq, q0):
+    flat = 0
+    for i, n in zip(bidx, batch_shape[:-1]):
+        flat = flat * n + i
+    return (flat * batch_shape[-1] + h0) * nq + q0
+
+
+def _dropout_tile(seed, p, bidx, batch_shape, h0, h1, q0, q1, nq, nk, device):
+    """Keep-mask of one tile, indexed by the element's flat position in (..., Nq, Nk)."""
+    base = _flat_row_offset(bidx, batch_shape, h0, nq, q0)
+    rows = (torch.arange(h1 - h0, device=device)[:, None] * nq
+            + torch.arange(q1 - q0, device=device)[None, :] + base)
+    index = rows[..., None] * nk + torch.arange(nk, device=device)
+    return keep_mask(seed, index, p)
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    """(..., N, D) with at least one batch dim (the heads dim the tiles walk)."""
+    return t if t.dim() >= 3 else t.unsqueeze(0)
+
+
+def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
+    """Returns (out, lse): lse is the row log-sum-exp of the final scores, in float32."""
+    squeeze = q.dim() == 2
+    q, k, v = _as_3d(q), _as_3d(k), _as_3d(v)
+    batch = tuple(q.shape[:-2])
+    nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
+    score_shape = batch + (nq, nk)
+    ops = _Operands(spec, captured, score_shape)
+    out = torch.empty(batch + (nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
+    lse = torch.empty(batch + (nq,), dtype=torch.float32, device=q.device)
+    sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
+    p_drop = spec.dropout_p
+    if nq == 0 or math.prod(batch) == 0:
+        return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
+    if nk == 0:  # softmax over an empty row: eager gives an empty P and a zero output
+        out.zero_()
+        lse.fill_(-math.inf)
+        return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
+    with torch.autocast(q.device.type, enabled=False):
+        for bidx in _batch_indices(batch):
+            qb, kb, vb = q[bidx], k[bidx], v[bidx]
+            for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk):
+                where = (bidx, h0, h1, q0, q1)
+                s = torch.matmul(qb[h0:h1, q0:q1], kb[h0:h1].transpose(-1, -2))
+                s, _ = _score_chain(spec, ops, s, where)
+                p = torch.softmax(s, -1, dtype=sm_dtype)
+                # lse = max + log(sum exp(s - max)), and max(p) = 1 / sum exp(s - max)
+                m = s.amax(-1).float()
+                lse[bidx][h0:h1, q0:q1] = m - torch.log(p.amax(-1).float())
+                if p.dtype != p_dtype:
+                    p = p.to(p_dtype)
+                if p_drop:
+                    keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
+                    p = p * keep * (1.0 / (1.0 - p_drop))
+                torch.matmul(p, vb[h0:h1], out=out[bidx][h0:h1, q0:q1])
+    return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
+    """Sum a tile-shaped gradient over the dims where the operand tile broadcasts (size 1)."""
+    dims = [d for d in range(t.dim()) if shape[d] == 1 and t.shape[d] != 1]
+    return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec,
+                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None):
+    """Returns (dq, dk, dv, [d captured_i or None])."""
+    squeeze = q.dim() == 2
+    q, k, v, grad_out = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(grad_out)
+    batch = tuple(q.shape[:-2])
+    nq, nk = q.shape[-2], k.shape[-2]
+    score_shape = batch + (nq, nk)
+    needs_grad = list(needs_grad) if needs_grad is not None else [False] * len(captured)
+    ops = _Operands(spec, captured, score_shape)
+    sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
+    p_drop = spec.dropout_p
+
+    dq = torch.zeros_like(q)
+    # accumulate dK, dV over query tiles in at least fp32
+    dk = torch.zeros(k.shape, dtype=_acc(k.dtype), device=k.device)
+    dv = torch.zeros(v.shape, dtype=_acc(v.dtype), device=v.device)
+    # gradient buffers in fp32, shaped like the operand padded to the scores' rank
+    dcap = []
+    for kind, c, ng in zip(spec.captured, captured, needs_grad):
+        if not ng:
+            dcap.append(None)
+        else:
+            padded = (1,) * (len(score_shape) - c.dim()) + tuple(c.shape)
+            dcap.append(torch.zeros(padded, dtype=_acc(c.dtype), device=c.device))
+    grad_out = grad_out.to(to_dtype(spec.out_dtype))
+
+    if nq and nk and math.prod(batch):
+        with torch.autocast(q.device.type, enabled=False):
+            for bidx in _batch_indices(batch):
+                qb, kb, vb, dob = q[bidx], k[bidx], v[bidx], grad_out[bidx]
+                for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk):
+                    where = (bidx, h0, h1, q0, q1)
+                    qt, kt, vt, dot = qb[h0:h1, q0:q1], kb[h0:h1], vb[h0:h1], dob[h0:h1, q0:q1]
+                    s0 = torch.matmul(qt, kt.transpose(-1, -2))
+                    s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=True)
+                    p = torch.softmax(s, -1, dtype=sm_dtype)
+                    pc = p.to(p_dtype) if p.dtype != p_dtype else p
+                    if p_drop:
+                        keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
+                        scale = keep * (1.0 / (1.0 - p_drop))
+                        pd = pc * scale
+                    else:
+                        pd = pc
+                    dv[bidx][h0:h1] += torch.matmul(pd.transpose(-1, -2), dot).to(dv.dtype)
+                    dpd = torch.matmul(dot, vt.transpose(-1, -2))
+                    dpc = dpd * scale if p_drop else dpd
+                    dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
+                    ds = torch._softmax_backward_data(dp, p, -1, s.dtype)
+                    ds = _chain_backward(spec, ops, inputs, s, ds, where, dcap)
+                    ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
+                    dq[bidx][h0:h1, q0:q1] = torch.matmul(ds, kt)
+                    dk[bidx][h0:h1] += torch.matmul(ds.transpose(-1, -2), qt).to(dk.dtype)
+
+    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    grads = []
+    for c, g in zip(captured, dcap):
+        grads.append(None if g is None else g.reshape(c.shape).to(c.dtype))
+    if squeeze:
+        dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
+    return dq, dk, dv, grads
+
+
+def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
+    """Reverse-mode through the score chain; accumulates operand gradients into ``dcap``."""
+    bidx, h0, h1, q0, q1 = where
+    outs = list(inputs[1:]) + [s_out]
+    for op, s_in, s_o in zip(reversed(spec.score_ops), reversed(inputs), reversed(outs)):
+        x = None if op.kind in ("fill", "fill_not", "tanh", "cast") else ops.operand(op, *where)
+        kind = op.kind
+        d_operand = None
+        if kind == "mul":
+            if op.index is not None and dcap[op.index] is not None:
+                d_operand = ds * s_in
+            ds = ds * x
+        elif kind == "div":
+            if op.index is not None and dcap[op.index] is not None:
+                d_operand = -ds * s_in / (x * x)
+            ds = ds / x
+        elif kind == "add":
+            d_operand = ds if op.index is not None else None
+        elif kind == "sub":
+            d_operand = -ds if op.index is not None else None
+        elif kind == "rsub":
+            d_operand = ds if op.index is not None else None
+            ds = -ds
+        elif kind == "tanh":
+            ds = ds * (1 - s_o * s_o)
+        elif kind == "cast":
+            pass
+        elif kind == "fill":
+            ds = ds.masked_fill(ops.tile(op.index, *where), 0)
+        elif kind == "fill_not":
+            ds = ds.masked_fill(~ops.tile(op.index, *where), 0)
+        if d_operand is not None and op.operand in ("tensor", "scalar") and dcap[op.index] is not None:
+            _accumulate(dcap[op.index], d_operand, where, spec.captured[op.index])
+        if ds.dtype != s_in.dtype:
+            ds = ds.to(s_in.dtype)
+    return ds
+
+
+def _accumulate(buf: torch.Tensor, g: torch.Tensor, where, kind):
+    bidx, h0, h1, q0, q1 = where
+    if kind == "scalar":
+        buf += g.to(buf.dtype).sum()
+        return
+    # buf has the scores' rank: (*batch, Nq, Nk) with 1 where the operand broadcasts
+    view = buf
+    for i in bidx:
+        view = view[i if view.shape[0] != 1 else 0]
+    hs = slice(h0, h1) if view.shape[0] != 1 else slice(0, 1)
+    qs = slice(q0, q1) if view.shape[1] != 1 else slice(0, 1)
+    view = view[hs, qs]
+    view += _reduce_to(g.to(buf.dtype), view.shape)

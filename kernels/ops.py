@@ -1,0 +1,133 @@
+"""The custom ops the pass rewrites attention into, with their fake implementations and autograd.
+
+    fusion_pass::attention(q, k, v, captured, spec) -> (out, lse, seed)
+    fusion_pass::attention_backward(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad)
+        -> (dq, dk, dv, dcaptured)
+
+``spec`` is ``AttentionSpec.to_key()``. ``captured`` are the tensors the score chain reads (bias,
+masks, 0-dim scale tensors), in the spec's order. ``seed`` is the dropout seed drawn by the forward
+(from torch's default generator) and handed to the backward, which regenerates the same mask.
+
+Shapes: q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv) with equal batch dims "...";
+captured tensors broadcastable to (..., Nq, Nk). Results: out (..., Nq, Dv), lse (..., Nq) float32.
+
+On CUDA tensors the generated Triton kernels run (``triton_attention.py``); elsewhere, and for
+shapes the Triton kernels do not cover, the tiled implementation of ``cpu.py`` (device-agnostic
+torch ops, never an N x N buffer).
+"""
+from __future__ import annotations
+
+import logging
+from typing import List, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from . import cpu
+from .dropout import new_seed
+from .spec import AttentionSpec, to_dtype
+
+log = logging.getLogger("fusion_pass.kernels")
+
+
+def _check(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: AttentionSpec):
+    if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
+        raise ValueError(f"fusion_pass::attention expects q, k, v of equal rank >= 2, got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"fusion_pass::attention expects equal batch dims, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"fusion_pass::attention: q @ k^T needs equal head dims and k, v equal "
+                         f"lengths; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if len(captured) != len(spec.captured):
+        raise ValueError(f"spec expects {len(spec.captured)} captured operands, got {len(captured)}")
+    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    for kind, c in zip(spec.captured, captured):
+        if kind == "scalar":
+            if c.numel() != 1:
+                raise ValueError(f"scalar operand must have one element, got shape {tuple(c.shape)}")
+        elif torch.broadcast_shapes(tuple(c.shape), score_shape) != score_shape:
+            raise ValueError(f"captured tensor of shape {tuple(c.shape)} does not broadcast to the "
+                             f"scores' shape {score_shape}")
+
+
+def _use_triton(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
+    if q.device.type != "cuda":
+        return False
+    from . import triton_attention
+    return triton_attention.supports(q, k, v, spec)
+
+
+@torch.library.custom_op("fusion_pass::attention", mutates_args=())
+def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
+              ) -> Tuple[Tensor, Tensor, Tensor]:
+    s = AttentionSpec.from_key(spec)
+    _check(q, k, v, captured, s)
+    seed = new_seed(q.device) if s.dropout_p else torch.zeros(1, dtype=torch.int64)
+    if _use_triton(q, k, v, s):
+        from . import triton_attention
+        out, lse = triton_attention.forward(q, k, v, captured, s, int(seed.item()))
+    else:
+        out, lse = cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
+    return out, lse, seed
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, captured, spec):
+    s = AttentionSpec.from_key(spec)
+    out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=to_dtype(s.out_dtype))
+    lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float32)
+    seed = torch.empty(1, dtype=torch.int64, device="cpu")
+    return out, lse, seed
+
+
+@torch.library.custom_op("fusion_pass::attention_backward", mutates_args=())
+def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor],
+                       out: Tensor, lse: Tensor, seed: Tensor, spec: str, needs_grad: List[bool]
+                       ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
+    s = AttentionSpec.from_key(spec)
+    if _use_triton(q, k, v, s):
+        from . import triton_attention
+        dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, captured, out, lse, s,
+                                                     int(seed.item()), needs_grad)
+    else:
+        dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
+                                                  int(seed.item()), needs_grad)
+    return dq, dk, dv, [g for g in dcap if g is not None]
+
+
+@attention_backward.register_fake
+def _attention_backward_fake(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad):
+    dcap = [torch.empty_like(c) for c, ng in zip(captured, needs_grad) if ng]
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dcap
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, captured, spec = inputs
+    out, lse, seed = output
+    ctx.spec = spec
+    ctx.n_captured = len(captured)
+    ctx.save_for_backward(q, k, v, out, lse, seed, *captured)
+
+
+def _backward(ctx, grad_out, grad_lse, grad_seed):
+    q, k, v, out, lse, seed, *captured = ctx.saved_tensors
+    # which captured operands want a gradient: floating tensors that autograd asks about
+    needs = list(ctx.needs_input_grad[3]) if isinstance(ctx.needs_input_grad[3], (list, tuple)) \
+        else [bool(ctx.needs_input_grad[3])] * ctx.n_captured
+    needs = [bool(n) and c.is_floating_point() for n, c in zip(needs, captured)]
+    dq, dk, dv, dcap = torch.ops.fusion_pass.attention_backward(
+        grad_out, q, k, v, captured, out, lse, seed, ctx.spec, needs)
+    it = iter(dcap)
+    dcaptured = [next(it) if n else None for n in needs]
+    return dq, dk, dv, dcaptured, None
+
+
+attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fused_attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor],
+                    spec: AttentionSpec) -> Tensor:
+    """Eager entry point: the attention output of ``spec`` (what a rewritten graph computes)."""
+    return torch.ops.fusion_pass.attention(q, k, v, list(captured), spec.to_key())[0]

@@ -1,0 +1,177 @@
+"""The attention spec: the one hand-off between the pass (`fusion_pass/`) and the kernels.
+
+A spec describes one fused attention region without naming any FX node and without any shape, so
+one spec (and one generated kernel) serves every sequence length of a dynamically shaped graph:
+
+    out = dropout(softmax(score_mod(q @ k^T))) @ v
+
+`score_mod` is the chain of elementwise steps the model wrote between the QK product and the
+softmax, kept *in the model's own order and dtypes* (``score_ops``), so that the CPU
+implementation reproduces eager rounding step by step and the Triton kernels can evaluate it
+inline. Each step reads the running score ``s`` and at most one operand:
+
+* ``const``:  a Python number baked into the graph (``scores * 0.125``);
+* ``scalar``: a 0-dim tensor read as a Python number at run time (Dynamo turns float module
+  attributes into these under ``dynamic=True``: ``scores * scaling.item()``);
+* ``tensor``: a tensor broadcastable to the scores, ``(..., Nq, Nk)`` (bias, float or bool mask).
+
+The spec is frozen and hashable; ``to_key``/``from_key`` serialise it to a string that is passed to
+the custom op, so a compiled graph carries everything its kernels need (Inductor's cache can reuse
+a graph in a new process without any registry).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+# The elementwise steps a score chain may contain, with the identity each one computes.
+SCORE_OP_KINDS = {
+    "mul": "s * x",
+    "div": "s / x",
+    "add": "s + x",
+    "sub": "s - x",
+    "rsub": "x - s",
+    "fill": "where(m, x, s)   (masked_fill; m is a bool tensor)",
+    "fill_not": "where(m, s, x)   (torch.where keeping s where m holds)",
+    "tanh": "tanh(s)",
+    "cast": "s.to(dtype)",
+}
+OPERAND_KINDS = ("none", "const", "scalar", "tensor")
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def to_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ScoreOp:
+    """One elementwise step of the score chain.
+
+    ``operand`` is "none", "const", "scalar" or "tensor"; ``value`` is the constant (for "const"
+    and the fill value of "fill"/"fill_not" when the fill is a constant), ``index`` the position
+    of the operand in the op's captured-tensor list, ``dtype`` the dtype of the step's result in
+    the original graph.
+    """
+
+    kind: str
+    operand: str = "none"
+    value: Optional[float] = None
+    index: Optional[int] = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.kind not in SCORE_OP_KINDS:
+            raise ValueError(f"unknown score op kind {self.kind!r}")
+        if self.operand not in OPERAND_KINDS:
+            raise ValueError(f"unknown operand kind {self.operand!r}")
+
+    def __str__(self) -> str:
+        return self.apply_str("s")
+
+    def apply_str(self, s: str) -> str:
+        """The step written as an expression of the score expression ``s``."""
+        x = self.operand_str()
+        return {
+            "mul": f"{s} * {x}", "div": f"{s} / {x}", "add": f"{s} + {x}", "sub": f"{s} - {x}",
+            "rsub": f"{x} - {s}", "tanh": f"tanh({s})", "cast": f"{s}.to({self.dtype})",
+            "fill": f"where(c{self.index}, {_fmt(self.value)}, {s})",
+            "fill_not": f"where(c{self.index}, {s}, {_fmt(self.value)})",
+        }[self.kind]
+
+    def operand_str(self) -> str:
+        if self.operand == "const":
+            return _fmt(self.value)
+        if self.operand == "scalar":
+            return f"c{self.index}.item()"
+        if self.operand == "tensor":
+            return f"c{self.index}[b, h, i, j]"
+        return ""
+
+
+def _fmt(v: Optional[float]) -> str:
+    if v is None:
+        return "None"
+    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
+        return repr(v)
+    return repr(v)
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """softmax(score_mod(q @ k^T)) @ v, with dropout on the probabilities.
+
+    dtypes are those of the original graph: ``qk_dtype`` of the QK product, ``softmax_dtype`` the
+    softmax's output (its ``dtype=`` argument, or its input's dtype), ``prob_dtype`` the
+    probabilities as they enter the PV product (after any cast), ``out_dtype`` the PV product.
+    ``captured`` names each captured operand's kind ("tensor" or "scalar") in op-argument order.
+    """
+
+    score_ops: tuple = ()
+    captured: tuple = ()
+    qk_dtype: str = "float32"
+    softmax_dtype: str = "float32"
+    prob_dtype: str = "float32"
+    out_dtype: str = "float32"
+    dropout_p: float = 0.0
+
+    def __post_init__(self):
+        for op in self.score_ops:
+            if op.index is not None and not (0 <= op.index < len(self.captured)):
+                raise ValueError(f"score op {op} reads captured operand {op.index}, "
+                                 f"but the spec captures {len(self.captured)}")
+        if not (0.0 <= self.dropout_p < 1.0):
+            raise ValueError(f"dropout probability must be in [0, 1), got {self.dropout_p}")
+
+    # -- readable form (FlexAttention's vocabulary) ---------------------------------------------
+    def score_mod_str(self) -> str:
+        expr = "s"
+        for op in self.score_ops:
+            expr = op.apply_str(expr if op.kind in ("fill", "fill_not", "tanh", "cast")
+                                else f"({expr})" if expr != "s" else expr)
+        return expr
+
+    def __str__(self) -> str:
+        parts = [f"score_mod(s) = {self.score_mod_str()}",
+                 f"dtypes: qk={self.qk_dtype} softmax={self.softmax_dtype} "
+                 f"probs={self.prob_dtype} out={self.out_dtype}"]
+        if self.dropout_p:
+            parts.append(f"dropout p={self.dropout_p}")
+        return "; ".join(parts)
+
+    # -- serialisation: the string the custom op carries ----------------------------------------
+    def to_key(self) -> str:
+        d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=True)
+
+    @staticmethod
+    def from_key(key: str) -> "AttentionSpec":
+        return _from_key(key)
+
+    @property
+    def tensor_operands(self) -> tuple:
+        return tuple(i for i, kind in enumerate(self.captured) if kind == "tensor")
+
+
+@functools.lru_cache(maxsize=None)
+def _from_key(key: str) -> AttentionSpec:
+    d = json.loads(key)
+    d["score_ops"] = tuple(ScoreOp(**op) for op in d["score_ops"])
+    d["captured"] = tuple(d["captured"])
+    return AttentionSpec(**d)

@@ -1,0 +1,15 @@
+"""Shared test set-up.
+
+One kernel test suite, two modes (JAX Pallas' interpret-test pattern): with a CUDA device the
+Triton kernels run compiled; without one they run under Triton's interpreter on CPU tensors. The
+switch must be set before any Triton kernel is defined, hence here, at collection time.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
