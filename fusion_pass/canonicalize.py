@@ -1,0 +1,200 @@
+"""Stage 2, canonicalise: fold the many spellings of one op in Dynamo's graph into one vocabulary.
+
+Dynamo hands us torch-level calls: ``torch.matmul(a, b)``, ``a @ b``, ``a.matmul(b)`` and
+``torch.bmm(a, b)`` are four node shapes for one product; ``F.softmax(x, dim=-1)``,
+``x.softmax(-1)`` and ``torch.softmax(x, -1, dtype=...)`` three for one softmax. ``view(node)``
+reads any of them as a ``CanonicalOp``: a canonical name plus normalised arguments, so the matcher
+is written once against this vocabulary. The rules are data (a table of spellings -> reader), each
+reader stating the identity it relies on.
+
+Hands on: ``view(node) -> CanonicalOp | None`` to the matcher.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+
+@dataclass
+class CanonicalOp:
+    name: str                         # matmul, mul, div, add, sub, rsub, softmax, cast, dropout, ...
+    args: Tuple[Any, ...] = ()        # canonical positional arguments
+    kwargs: Dict[str, Any] = field(default_factory=dict)
+    node: Optional[fx.Node] = None
+
+
+def _get(node: fx.Node, i: int, name: str, default=None):
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get(name, default)
+
+
+def _binary(name: str):
+    """a <op> b in the spelling's own order; ``torch.add(a, b, alpha=2)`` is not plain addition."""
+    def read(node: fx.Node):
+        a, b = _get(node, 0, "input"), _get(node, 1, "other")
+        if node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("rounding_mode") is not None:
+            return None
+        if len(node.args) > 2:  # torch.div(a, b, rounding_mode) positional, or alpha positional
+            return None
+        return CanonicalOp(name, (a, b))
+    return read
+
+
+def _matmul(node: fx.Node):
+    return CanonicalOp("matmul", (_get(node, 0, "input"), _get(node, 1, "other", _get(node, 1, "mat2"))))
+
+
+def _softmax(node: fx.Node):
+    """softmax(x, dim, dtype): dtype=None keeps x's dtype; F.softmax's _stacklevel is irrelevant."""
+    x = _get(node, 0, "input")
+    dim = _get(node, 1, "dim")
+    dtype = node.kwargs.get("dtype")
+    if dtype is None and len(node.args) > 3 and node.target is F.softmax:
+        dtype = node.args[3]
+    elif dtype is None and len(node.args) > 2 and node.target is not F.softmax:
+        dtype = node.args[2]
+    return CanonicalOp("softmax", (x, dim), {"dtype": dtype})
+
+
+def _dropout(node: fx.Node):
+    """dropout(x, p, training); F.dropout defaults to training=True, inplace=False."""
+    x = _get(node, 0, "input")
+    p = _get(node, 1, "p", 0.5)
+    training = _get(node, 2, "training", True) if node.target is not torch.dropout \
+        else _get(node, 2, "train", True)
+    inplace = _get(node, 3, "inplace", False)
+    return CanonicalOp("dropout", (x, p, training), {"inplace": inplace})
+
+
+def _cast_method(node: fx.Node):
+    """x.to(dtype) / x.to(device, dtype) / x.float() ...: only dtype changes matter here."""
+    x = node.args[0]
+    if node.target == "to":
+        dtype = node.kwargs.get("dtype")
+        for a in node.args[1:]:
+            if isinstance(a, torch.dtype):
+                dtype = a
+        if dtype is None:
+            # x.to(device) or x.to(other_tensor): read the result dtype off the node's value
+            val = node.meta.get("example_value")
+            dtype = getattr(val, "dtype", None)
+            if dtype is None:
+                return None
+        if node.kwargs.get("copy") or node.kwargs.get("memory_format") is not None:
+            return None
+        return CanonicalOp("cast", (x, dtype))
+    if node.target == "type_as":
+        val = node.meta.get("example_value")
+        return CanonicalOp("cast", (x, getattr(val, "dtype", None))) if val is not None else None
+    if node.target == "type":
+        if len(node.args) > 1 and isinstance(node.args[1], torch.dtype):
+            return CanonicalOp("cast", (x, node.args[1]))
+        return None
+    return CanonicalOp("cast", (x, _CAST_METHODS[node.target]))
+
+
+_CAST_METHODS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16,
+                 "double": torch.float64}
+
+
+def _transpose(node: fx.Node):
+    return CanonicalOp("transpose", (_get(node, 0, "input"), _get(node, 1, "dim0"), _get(node, 2, "dim1")))
+
+
+def _permute(node: fx.Node):
+    x = node.args[0]
+    dims = node.args[1:] if node.op == "call_method" else (_get(node, 1, "dims"),)
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        dims = tuple(dims[0])
+    if node.op == "call_method" and not dims:
+        dims = node.kwargs.get("dims")
+    return CanonicalOp("permute", (x, tuple(dims)))
+
+
+def _masked_fill(node: fx.Node):
+    return CanonicalOp("masked_fill", (_get(node, 0, "input"), _get(node, 1, "mask"), _get(node, 2, "value")))
+
+
+def _where(node: fx.Node):
+    if len(node.args) + len(node.kwargs) != 3:
+        return None  # torch.where(cond) is nonzero(), not a select
+    return CanonicalOp("where", (_get(node, 0, "condition"), _get(node, 1, "input"), _get(node, 2, "other")))
+
+
+def _unary(name: str):
+    def read(node: fx.Node):
+        return CanonicalOp(name, (_get(node, 0, "input"),))
+    return read
+
+
+def _noise(node: fx.Node):
+    """contiguous() and clone() change layout, never values."""
+    if node.kwargs.get("memory_format") not in (None, torch.contiguous_format):
+        return None
+    return CanonicalOp("identity", (node.args[0],))
+
+
+def _item(node: fx.Node):
+    return CanonicalOp("item", (node.args[0],))
+
+
+# spelling -> reader. Functions and operators are keyed by object, methods by name.
+FUNCTIONS: Dict[Any, Callable] = {
+    torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul,
+    torch.mul: _binary("mul"), operator.mul: _binary("mul"), torch.multiply: _binary("mul"),
+    torch.div: _binary("div"), operator.truediv: _binary("div"), torch.true_divide: _binary("div"),
+    torch.divide: _binary("div"),
+    torch.add: _binary("add"), operator.add: _binary("add"),
+    torch.sub: _binary("sub"), operator.sub: _binary("sub"), torch.subtract: _binary("sub"),
+    torch.softmax: _softmax, F.softmax: _softmax,
+    F.dropout: _dropout, torch.dropout: _dropout,
+    torch.tanh: _unary("tanh"), F.tanh: _unary("tanh"),
+    torch.transpose: _transpose, torch.permute: _permute,
+    torch.masked_fill: _masked_fill, torch.where: _where,
+}
+METHODS: Dict[str, Callable] = {
+    "matmul": _matmul, "bmm": _matmul, "__matmul__": _matmul,
+    "mul": _binary("mul"), "multiply": _binary("mul"), "div": _binary("div"), "divide": _binary("div"),
+    "true_divide": _binary("div"), "add": _binary("add"), "sub": _binary("sub"),
+    "softmax": _softmax, "tanh": _unary("tanh"),
+    "to": _cast_method, "float": _cast_method, "half": _cast_method, "bfloat16": _cast_method,
+    "double": _cast_method, "type_as": _cast_method, "type": _cast_method,
+    "transpose": _transpose, "permute": _permute, "masked_fill": _masked_fill,
+    "contiguous": _noise, "clone": _noise, "item": _item,
+}
+
+
+def view(node: Any) -> Optional[CanonicalOp]:
+    """The canonical reading of a graph node, or None when it is outside the vocabulary."""
+    if not isinstance(node, fx.Node):
+        return None
+    reader = None
+    if node.op == "call_function":
+        try:
+            reader = FUNCTIONS.get(node.target)
+        except TypeError:  # unhashable target
+            reader = None
+    elif node.op == "call_method":
+        reader = METHODS.get(node.target)
+    if reader is None:
+        return None
+    try:
+        op = reader(node)
+    except (IndexError, KeyError, TypeError):
+        return None
+    if op is not None:
+        op.node = node
+    return op
+
+
+def value(x: Any):
+    """The example value Dynamo recorded for a node (fake tensor or symbolic number), or x itself."""
+    if isinstance(x, fx.Node):
+        return x.meta.get("example_value", x.meta.get("val"))
+    return x

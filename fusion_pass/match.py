@@ -1,0 +1,216 @@
+"""Stage 3, match: find each region softmax(f(Q @ K^T)) @ V in a Dynamo graph.
+
+Anchor on a softmax; walk up through the elementwise score chain to the QK product and down through
+casts and dropout to the PV product. Every node the region would remove must have its only user
+inside the region: when the scores or the probabilities are also used elsewhere (returned as
+attention weights, logged, reused), fusing would have to recompute or materialise them, so the
+site is left alone. A failed match is a value (``NearMiss``) naming the node and the condition.
+
+Hands on: ``Region`` (nodes of one site, still FX) to the analyser.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple, Union
+
+import torch.fx as fx
+
+from .canonicalize import CanonicalOp, value, view
+
+# ops that may sit between QK and softmax (each reads the running score and at most one operand)
+SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity"}
+# ops that may sit between softmax and PV
+PROB_OPS = {"cast", "identity", "dropout"}
+# a chain longer than this is not a score_mod a model writes; stop walking
+MAX_CHAIN = 64
+
+
+@dataclass
+class NearMiss:
+    """Why a softmax site was not fused: the node that stopped the match and the condition."""
+
+    site: str
+    node: str
+    reason: str
+    attention_like: bool = True  # False: a softmax that is not between two products at all
+
+    def __bool__(self):
+        return False
+
+    def __str__(self):
+        return f"{self.reason} (at node {self.node})"
+
+
+@dataclass
+class Region:
+    softmax: fx.Node
+    qk: fx.Node                           # the Q @ K^T product
+    pv: fx.Node                           # the P @ V product
+    q: fx.Node
+    kt: fx.Node                           # second operand of the QK product, (..., D, Nk)
+    k: Optional[fx.Node]                  # kt's source when kt is exactly a transpose of its last two dims
+    v: fx.Node
+    score_chain: List[Tuple[CanonicalOp, int]] = field(default_factory=list)  # QK -> softmax, (op, chain arg)
+    prob_chain: List[CanonicalOp] = field(default_factory=list)             # softmax -> PV
+
+    @property
+    def nodes(self) -> List[fx.Node]:
+        """The nodes the rewrite removes, in graph order."""
+        ns = [self.qk] + [op.node for op, _ in self.score_chain] + [self.softmax] \
+            + [op.node for op in self.prob_chain] + [self.pv]
+        return ns
+
+    @property
+    def site(self) -> str:
+        return self.softmax.name
+
+
+def _users_text(n: fx.Node) -> str:
+    return ", ".join(u.name for u in n.users) or "nothing"
+
+
+def describe(n) -> str:
+    if not isinstance(n, fx.Node):
+        return repr(n)
+    t = n.target
+    name = t if isinstance(t, str) else getattr(t, "__name__", str(t))
+    return f"{n.op} {name}"
+
+
+def _only_user(n: fx.Node, site: str, what: str) -> Union[fx.Node, NearMiss]:
+    users = list(n.users)
+    if len(users) == 1:
+        return users[0]
+    if not users:
+        return NearMiss(site, n.name, f"{what} are not used", attention_like=False)
+    return NearMiss(site, n.name, f"{what} are also used outside the region (by {_users_text(n)}); "
+                    "fusing would have to materialise them")
+
+
+def _chain_arg(op: CanonicalOp) -> Tuple[int, ...]:
+    """Argument positions that may carry the running score for a score-chain op."""
+    if op.name in ("mul", "add"):
+        return (0, 1)
+    if op.name in ("div", "sub"):
+        return (0, 1)
+    if op.name == "where":
+        return (1, 2)
+    return (0,)
+
+
+def _leads_to_product(n, depth=0) -> bool:
+    """Does n reach a matmul upward through single-use score-chain ops? (Picks the score operand
+    of ``bias + scores``-style commuted spellings without guessing from shapes.)"""
+    if not isinstance(n, fx.Node) or depth > MAX_CHAIN or len(n.users) != 1:
+        return False
+    op = view(n)
+    if op is None:
+        return False
+    if op.name == "matmul":
+        return True
+    if op.name not in SCORE_OPS:
+        return False
+    return any(_leads_to_product(op.args[i], depth + 1) for i in _chain_arg(op) if i < len(op.args))
+
+
+def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
+    site = softmax.name
+    sm = view(softmax)
+    # -- down: softmax -> casts/dropout -> P @ V ------------------------------------------------
+    prob_chain: List[CanonicalOp] = []
+    cur = softmax
+    pv = None
+    for _ in range(MAX_CHAIN):
+        u = _only_user(cur, site, "the attention probabilities")
+        if isinstance(u, NearMiss):
+            return u
+        op = view(u)
+        if op is None:
+            return NearMiss(site, u.name, f"the probabilities flow into {describe(u)}, which is not "
+                            "a cast, a dropout or the P @ V product", attention_like=False)
+        if op.name == "matmul":
+            if op.args[0] is not cur:
+                return NearMiss(site, u.name, "the probabilities are the right operand of the product "
+                                "(V @ P form)")
+            pv = u
+            break
+        if op.name not in PROB_OPS or op.args[0] is not cur:
+            return NearMiss(site, u.name, f"the probabilities flow into {op.name} ({describe(u)}), "
+                            "which is not a cast, a dropout or the P @ V product",
+                            attention_like=False)
+        prob_chain.append(op)
+        cur = u
+    if pv is None:
+        return NearMiss(site, cur.name, "no P @ V product within reach", attention_like=False)
+
+    # -- up: softmax input -> elementwise score chain -> Q @ K^T ---------------------------------
+    chain: List[Tuple[CanonicalOp, int]] = []
+    cur = sm.args[0]
+    qk = None
+    for _ in range(MAX_CHAIN):
+        if not isinstance(cur, fx.Node):
+            return NearMiss(site, site, "the softmax input is not a graph value", attention_like=False)
+        op = view(cur)
+        if op is not None and op.name == "matmul":
+            if len(cur.users) != 1:
+                return NearMiss(site, cur.name, f"the raw scores Q @ K^T are also used outside the "
+                                f"region (by {_users_text(cur)})")
+            qk = cur
+            break
+        if len(cur.users) != 1:
+            return NearMiss(site, cur.name, f"the scores are also used outside the region "
+                            f"(by {_users_text(cur)})")
+        if op is None:
+            return NearMiss(site, cur.name, f"the score chain reads {describe(cur)}, which is not an "
+                            "elementwise op the pass can fuse", attention_like=False)
+        if op.name not in SCORE_OPS:
+            return NearMiss(site, cur.name, f"the score chain reads {op.name} ({describe(cur)}), "
+                            "which is not an elementwise op the pass can fuse")
+        positions = [i for i in _chain_arg(op) if i < len(op.args) and _leads_to_product(op.args[i])]
+        if not positions:
+            return NearMiss(site, cur.name, f"no Q @ K^T product above {op.name} ({describe(cur)}) "
+                            "through single-use elementwise ops", attention_like=False)
+        if len(positions) > 1:
+            return NearMiss(site, cur.name, f"both operands of {op.name} come from products; "
+                            "which one is the score is ambiguous")
+        chain.append((op, positions[0]))
+        cur = op.args[positions[0]]
+    if qk is None:
+        return NearMiss(site, site, "no Q @ K^T product within reach", attention_like=False)
+    chain.reverse()
+
+    q, kt = view(qk).args
+    v = view(pv).args[1]
+    for name, n in (("q", q), ("k^T", kt), ("v", v)):
+        if not isinstance(n, fx.Node):
+            return NearMiss(site, qk.name if name != "v" else pv.name, f"{name} is not a graph tensor")
+    k = _untransposed(kt)
+    return Region(softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, k=k, v=v, score_chain=chain,
+                  prob_chain=prob_chain)
+
+
+def _untransposed(kt: fx.Node) -> Optional[fx.Node]:
+    """k when kt is exactly k with its last two dims swapped (transpose or permute), else None.
+
+    Only an exact swap of the last two dims qualifies: a permute that also moves heads or batch
+    is *not* a transpose (an Inductor bug once took one for the other and returned wrong results).
+    """
+    op = view(kt)
+    val = value(kt)
+    if op is None or val is None:
+        return None
+    rank = val.dim()
+    if op.name == "transpose":
+        dims = sorted(d % rank for d in op.args[1:3] if isinstance(d, int))
+        if dims == [rank - 2, rank - 1]:
+            return op.args[0]
+    if op.name == "permute":
+        dims = [d % rank for d in op.args[1]] if all(isinstance(d, int) for d in op.args[1]) else None
+        if dims == list(range(rank - 2)) + [rank - 1, rank - 2]:
+            return op.args[0]
+    return None
+
+
+def find_sites(gm: fx.GraphModule) -> List[fx.Node]:
+    """Every softmax in the graph, in order: each is a candidate attention site."""
+    return [n for n in gm.graph.nodes if (op := view(n)) is not None and op.name == "softmax"]

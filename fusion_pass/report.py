@@ -1,0 +1,110 @@
+"""Stage 7, report: every softmax site the matcher looked at, fused or not and why, its spec, and
+the graph code of the region before and after the rewrite.
+
+``Explanation`` is what ``fusion_pass.explain`` returns; ``str()`` of it is the readable report,
+``write(folder)`` puts one text file per graph there.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional
+
+from fusion_pass.kernels.spec import AttentionSpec
+
+
+@dataclass
+class SiteReport:
+    site: str                       # the softmax node's name
+    fused: bool
+    reason: str = ""                # why not, when not fused
+    node: str = ""                  # the node that stopped the match
+    attention_like: bool = True     # False: a softmax that is not part of an attention at all
+    spec: Optional[AttentionSpec] = None
+    before: str = ""                # graph code of the region before the rewrite
+    after: str = ""                 # and after
+
+    @property
+    def status(self) -> str:
+        if self.fused:
+            return "fused"
+        return "NOT fused" if self.attention_like else "not attention"
+
+    def __str__(self) -> str:
+        lines = [f"site {self.site}: {self.status}"]
+        if self.fused:
+            lines.append(f"  spec: {self.spec}")
+        else:
+            lines.append(f"  why: {self.reason} (at node {self.node})")
+        if self.before:
+            lines.append("  before:")
+            lines += ["    " + ln for ln in self.before.splitlines()]
+        if self.after:
+            lines.append("  after:")
+            lines += ["    " + ln for ln in self.after.splitlines()]
+        return "\n".join(lines)
+
+
+@dataclass
+class GraphReport:
+    index: int
+    sites: List[SiteReport] = field(default_factory=list)
+    code_before: str = ""
+    code_after: str = ""
+
+    def __str__(self) -> str:
+        fused = sum(s.fused for s in self.sites)
+        att = sum(s.attention_like or s.fused for s in self.sites)
+        head = f"graph {self.index}: {fused} of {att} attention site(s) fused"
+        return "\n".join([head] + [str(s) for s in self.sites])
+
+
+@dataclass
+class Explanation:
+    graphs: List[GraphReport] = field(default_factory=list)
+
+    @property
+    def sites(self) -> List[SiteReport]:
+        return [s for g in self.graphs for s in g.sites]
+
+    @property
+    def fused(self) -> List[SiteReport]:
+        return [s for s in self.sites if s.fused]
+
+    @property
+    def missed(self) -> List[SiteReport]:
+        """Attention sites that were not fused (softmaxes that are not attention are not misses)."""
+        return [s for s in self.sites if not s.fused and s.attention_like]
+
+    def summary(self) -> str:
+        return (f"fusion_pass: {len(self.fused)} attention site(s) fused, {len(self.missed)} not "
+                f"fused, in {len(self.graphs)} graph(s)")
+
+    def __str__(self) -> str:
+        return "\n\n".join([self.summary()] + [str(g) for g in self.graphs])
+
+    def write(self, folder: str) -> List[str]:
+        os.makedirs(folder, exist_ok=True)
+        paths = []
+        for g in self.graphs:
+            p = os.path.join(folder, f"graph_{g.index}.txt")
+            with open(p, "w") as f:
+                f.write(str(g) + "\n\n# graph code before\n" + g.code_before
+                        + "\n\n# graph code after\n" + g.code_after + "\n")
+            paths.append(p)
+        return paths
+
+
+_ASSIGN = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = ")
+
+
+def code_lines(code: str, names: Iterable[str]) -> str:
+    """The lines of generated graph code that define ``names``, without FX's `x = None` frees."""
+    wanted = set(names)
+    out = []
+    for line in code.splitlines():
+        m = _ASSIGN.match(line)
+        if m and m.group(1) in wanted:
+            out.append(line.strip().split(";  ")[0])
+    return "\n".join(out)

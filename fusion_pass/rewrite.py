@@ -1,0 +1,93 @@
+"""Stage 5, rewrite: replace each analysed region by one call of ``fusion_pass::attention``.
+
+The region's nodes (QK product, score chain, softmax, casts, dropout, PV product) go; in their
+place, right before the PV product:
+
+    k   = kt.transpose(-2, -1)          # unless kt already was k with its last two dims swapped
+    res = fusion_pass.attention(q, k, v, [captured...], "<spec key>")
+    out = res[0]
+
+Casts of q, k, v are inserted only where the original products computed in another dtype
+(autocast). New nodes get ``example_value`` metadata computed under the graph's fake mode, so the
+passes Inductor runs afterwards see a well-formed Dynamo graph.
+
+Hands on: the rewritten ``GraphModule`` (in place) to the backend, which compiles it with Inductor.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from fusion_pass.kernels import ops as _ops  # noqa: F401  (registers torch.ops.fusion_pass.*)
+
+from .analyze import Analysis
+from .canonicalize import value
+
+ATTENTION_OP = torch.ops.fusion_pass.attention.default
+
+
+def _fake_mode(gm: fx.GraphModule):
+    for n in gm.graph.nodes:
+        v = value(n)
+        if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
+            return v.fake_mode
+    return None
+
+
+def _meta(node: fx.Node, fake_mode) -> None:
+    """Compute node.meta['example_value'] from its inputs' example values."""
+    if fake_mode is None:
+        return
+    args = fx.node.map_arg(node.args, value)
+    kwargs = fx.node.map_arg(node.kwargs, value)
+    with fake_mode:
+        if node.op == "call_method":
+            v = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            v = node.target(*args, **kwargs)
+    node.meta["example_value"] = v
+
+
+def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, fake_mode) -> fx.Node:
+    if value(node).dtype == dtype:
+        return node
+    n = graph.call_method("to", (node, dtype))
+    _meta(n, fake_mode)
+    return n
+
+
+def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
+    """Replace one region; returns the node holding the attention output."""
+    r = a.region
+    graph = gm.graph
+    with graph.inserting_before(r.pv):
+        if r.k is not None:
+            k = r.k
+        else:
+            k = graph.call_method("transpose", (r.kt, -2, -1))
+            _meta(k, fake_mode)
+        q = _cast(graph, r.q, a.q_dtype, fake_mode)
+        k = _cast(graph, k, a.q_dtype, fake_mode)
+        v = _cast(graph, r.v, a.v_dtype, fake_mode)
+        call = graph.call_function(ATTENTION_OP, (q, k, v, list(a.captured), a.spec.to_key()))
+        _meta(call, fake_mode)
+        out = graph.call_function(operator.getitem, (call, 0))
+        _meta(out, fake_mode)
+    for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+        if key in r.pv.meta:
+            call.meta[key] = r.pv.meta[key]
+            out.meta[key] = r.pv.meta[key]
+    r.pv.replace_all_uses_with(out)
+    for n in reversed(r.nodes):
+        if not n.users:
+            graph.erase_node(n)
+    if r.k is not None and not r.kt.users:
+        graph.erase_node(r.kt)
+    return out
+
+
+def find_fake_mode(gm: fx.GraphModule) -> Optional[object]:
+    return _fake_mode(gm)
