@@ -34,6 +34,7 @@ class Analysis:
     region: Region
     spec: AttentionSpec
     captured: List[fx.Node]            # operand nodes, in the spec's order
+    captured_kinds: List[str]          # "tensor", "scalar" or "symnum" (see _Captured)
     q_dtype: torch.dtype               # dtypes the products compute in (cast q/k/v to these)
     v_dtype: torch.dtype
 
@@ -60,7 +61,12 @@ def _broadcasts_into(operand_shape, score_shape) -> bool:
 
 
 class _Captured:
-    """Operands of the score chain, deduplicated by node (one mask read by two steps is one input)."""
+    """Operands of the score chain, deduplicated by node (one mask read by two steps is one input).
+
+    kind "tensor": a tensor node; "scalar": a 0-dim tensor node read as a number; "symnum": a
+    symbolic number node (e.g. ``math.sqrt(q.size(-1))`` under dynamic shapes), which the rewriter
+    wraps into a 0-dim float64 tensor and the spec reads as a "scalar".
+    """
 
     def __init__(self):
         self.nodes: List[fx.Node] = []
@@ -73,6 +79,10 @@ class _Captured:
         self.nodes.append(node)
         self.kinds.append(kind)
         return len(self.nodes) - 1
+
+    @property
+    def spec_kinds(self):
+        return tuple("scalar" if k == "symnum" else k for k in self.kinds)
 
 
 def _number(x) -> bool:
@@ -154,10 +164,10 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         v_dtype = out_dtype
 
     spec = AttentionSpec(
-        score_ops=tuple(ops), captured=tuple(captured.kinds), qk_dtype=dtype_name(qk_dtype),
+        score_ops=tuple(ops), captured=captured.spec_kinds, qk_dtype=dtype_name(qk_dtype),
         softmax_dtype=dtype_name(softmax_dtype), prob_dtype=dtype_name(prob_dtype),
         out_dtype=dtype_name(out_dtype), dropout_p=dropout_p)
-    return Analysis(region=region, spec=spec, captured=captured.nodes, q_dtype=qk_dtype, v_dtype=v_dtype)
+    return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds, q_dtype=qk_dtype, v_dtype=v_dtype)
 
 
 def describe_value(x) -> str:
@@ -204,8 +214,7 @@ def _operand_op(kind, other, dt, captured, score_shape, site, node) -> Union[Sco
             src = view(other)
             if src is not None and src.name == "item" and isinstance(src.args[0], fx.Node):
                 return ScoreOp(kind, "scalar", index=captured.add(src.args[0], "scalar"), dtype=dt)
-            return NearMiss(site, node.name, f"operand {other.name} is a symbolic number not read "
-                            "from a tensor")
+            return ScoreOp(kind, "scalar", index=captured.add(other, "symnum"), dtype=dt)
         if isinstance(ov, torch.Tensor):
             if not _broadcasts_into(tuple(ov.shape), score_shape):
                 return NearMiss(site, node.name, f"operand {other.name} of shape {tuple(ov.shape)} does "

@@ -9,12 +9,18 @@ default backend (so a model without attention compiles as it always did).
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import threading
+from pathlib import Path
 from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from fusion_pass import kernels as _kernels
 
 from .analyze import analyse
 from .match import NearMiss, find_sites, match_site
@@ -81,8 +87,34 @@ def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Ma
     if not opts.inductor:
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
-    patches = torch._inductor.list_mode_options(mode) if mode else None
+    patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
+    if torch._inductor.config.post_grad_custom_post_pass is None:
+        patches["post_grad_custom_post_pass"] = _CacheKeyPass()
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+@functools.lru_cache(maxsize=None)
+def source_hash() -> str:
+    """Hash of this package's source (pass and kernels): part of Inductor's cache key, so a change
+    to a fake implementation or a kernel never reuses code compiled against the old one."""
+    h = hashlib.sha256()
+    roots = [Path(__file__).parent, Path(_kernels.__file__).parent]
+    for root in roots:
+        for f in sorted(root.rglob("*.py")):
+            h.update(f.name.encode())
+            h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class _CacheKeyPass(CustomGraphPass):
+    """A no-op post-grad pass whose ``uuid`` carries ``source_hash()`` into Inductor's cache key
+    (Inductor's ``CustomGraphPass.uuid`` protocol); set only for our compiles, never globally."""
+
+    def __call__(self, graph):
+        return None
+
+    def uuid(self):
+        return "fusion_pass-" + source_hash()
 
 
 class collect_reports:

@@ -72,7 +72,13 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
         q = _cast(graph, r.q, a.q_dtype, fake_mode)
         k = _cast(graph, k, a.q_dtype, fake_mode)
         v = _cast(graph, r.v, a.v_dtype, fake_mode)
-        call = graph.call_function(ATTENTION_OP, (q, k, v, list(a.captured), a.spec.to_key()))
+        captured = []
+        for node, kind in zip(a.captured, a.captured_kinds):
+            if kind == "symnum":  # a symbolic number becomes a 0-dim tensor the op can take
+                node = graph.call_function(torch.scalar_tensor, (node,), {"dtype": torch.float64})
+                _meta(node, fake_mode)
+            captured.append(node)
+        call = graph.call_function(ATTENTION_OP, (q, k, v, captured, a.spec.to_key()))
         _meta(call, fake_mode)
         out = graph.call_function(operator.getitem, (call, 0))
         _meta(out, fake_mode)

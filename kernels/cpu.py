@@ -194,7 +194,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
     sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
     p_drop = spec.dropout_p
 
-    dq = torch.zeros_like(q)
+    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     # accumulate dK, dV over query tiles in at least fp32
     dk = torch.zeros(k.shape, dtype=_acc(k.dtype), device=k.device)
     dv = torch.zeros(v.shape, dtype=_acc(v.dtype), device=v.device)

@@ -47,9 +47,15 @@ def _check(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: At
         if kind == "scalar":
             if c.numel() != 1:
                 raise ValueError(f"scalar operand must have one element, got shape {tuple(c.shape)}")
-        elif torch.broadcast_shapes(tuple(c.shape), score_shape) != score_shape:
+        elif not _broadcasts(tuple(c.shape), score_shape):
             raise ValueError(f"captured tensor of shape {tuple(c.shape)} does not broadcast to the "
                              f"scores' shape {score_shape}")
+
+
+def _broadcasts(shape, target) -> bool:
+    if len(shape) > len(target):
+        return False
+    return all(a in (1, b) for a, b in zip(shape[::-1], target[::-1]))
 
 
 def _use_triton(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
@@ -70,7 +76,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
         out, lse = triton_attention.forward(q, k, v, captured, s, int(seed.item()))
     else:
         out, lse = cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
-    return out, lse, seed
+    return out.contiguous(), lse.contiguous(), seed
 
 
 @attention.register_fake
@@ -94,13 +100,15 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
     else:
         dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
                                                   int(seed.item()), needs_grad)
-    return dq, dk, dv, [g for g in dcap if g is not None]
+    # the fake promises fresh contiguous gradients; keep that promise whatever the path returned
+    return (dq.contiguous(), dk.contiguous(), dv.contiguous(),
+            [g.contiguous() for g in dcap if g is not None])
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad):
-    dcap = [torch.empty_like(c) for c, ng in zip(captured, needs_grad) if ng]
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dcap
+    dcap = [c.new_empty(c.shape) for c, ng in zip(captured, needs_grad) if ng]
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap
 
 
 def _setup_context(ctx, inputs, output):
