@@ -13,3 +13,4 @@ if not torch.cuda.is_available():
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+import sys, os; sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,40 @@
+"""Helpers shared by the tests: counting fused ops as tools see them, comparing gradients."""
+from __future__ import annotations
+
+import torch
+
+FWD = "fusion_pass::attention"
+BWD = "fusion_pass::attention_backward"
+
+
+def profiled_op_counts(fn):
+    """Run fn() under torch.profiler; count top-level calls of our forward and backward ops
+    (an op appears nested under its own dispatcher frames; count only the outermost)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        result = fn()
+    counts = {FWD: 0, BWD: 0}
+    for e in prof.events():
+        if e.name in counts and (e.cpu_parent is None or e.cpu_parent.name != e.name):
+            counts[e.name] += 1
+    return result, counts[FWD], counts[BWD]
+
+
+def graph_op_count(gm: torch.fx.GraphModule) -> int:
+    return sum(1 for n in gm.graph.nodes
+               if n.op == "call_function" and "fusion_pass.attention" in str(n.target))
+
+
+def max_rel_error(got, want) -> float:
+    """Largest |got - want| relative to |want|'s max; tensors whose reference is (numerically)
+    zero, like a key bias's gradient through a softmax, are measured against the overall scale."""
+    got, want = list(got), list(want)
+    scale = max((w.abs().max().item() for w in want if w is not None), default=1.0)
+    worst = 0.0
+    for g, w in zip(got, want):
+        if g is None or w is None:  # an unused parameter: None on one side, zeros on the other
+            other = w if g is None else g
+            assert other is None or not other.any(), "one side has a gradient the other lacks"
+            continue
+        denom = max(w.abs().max().item(), 1e-3 * scale, 1e-30)
+        worst = max(worst, (g.double() - w.double()).abs().max().item() / denom)
+    return worst

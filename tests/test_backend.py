@@ -1,0 +1,294 @@
+"""The backend end to end on hand-written attentions spelled the ways models spell them: each site
+rewritten into one fusion_pass::attention (counted), results and gradients equal to eager, and the
+near misses that must NOT be rewritten, each with its reason."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusion_pass
+from fusion_pass import FusionMissedError, Options
+
+from helpers import graph_op_count, max_rel_error, profiled_op_counts
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _qkv(B=2, H=3, Nq=23, Nk=23, D=16, dtype=torch.float32):
+    return [torch.randn(B, H, n, D, dtype=dtype, requires_grad=True) for n in (Nq, Nk, Nk)]
+
+
+def _check_fused(fn, *inputs, sites=1, dynamic=None, rtol=1e-5):
+    """Compile fn with the backend; assert `sites` fused calls, equal outputs and gradients."""
+    expl = fusion_pass.explain(fn, *inputs, dynamic=dynamic)
+    assert len(expl.fused) == sites, str(expl)
+    ref = fn(*inputs)
+    compiled = torch.compile(fn, backend="fusion_pass", dynamic=dynamic)
+    diff = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    g = torch.randn_like(ref)
+    torch.autograd.grad(compiled(*inputs), diff, g)  # compile forward and backward first
+    out, nf, _ = profiled_op_counts(lambda: compiled(*inputs))
+    assert nf == sites
+    assert max_rel_error([out], [ref]) < rtol
+    got, nf, nb = profiled_op_counts(lambda: torch.autograd.grad(out, diff, g))
+    assert nb == sites
+    assert max_rel_error(got, torch.autograd.grad(ref, diff, g)) < rtol * 10
+    return expl
+
+
+# ---- spellings that must fuse --------------------------------------------------------------------
+
+def test_matmul_transpose_scale():
+    def f(q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+    _check_fused(f, *_qkv())
+
+
+def test_operator_matmul_div_masked_fill_softmax_dtype_cast_dropout_eval():
+    def f(q, k, v, mask):
+        s = q @ k.transpose(2, 3) / math.sqrt(q.size(-1))
+        s = s.masked_fill(mask, float("-inf"))
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        p = F.dropout(p, p=0.1, training=False)
+        return p @ v
+    q, k, v = _qkv(Nq=17, Nk=29)
+    mask = torch.rand(2, 1, 17, 29) < 0.3
+    mask[..., 0] = False  # no fully masked row: eager would give NaN there (tested elsewhere)
+    _check_fused(f, q, k, v, mask)
+
+
+def test_bmm_where_method_softmax_commuted_bias():
+    def f(q, k, v, bias, keep):
+        s = torch.bmm(q, k.transpose(1, 2))
+        s = bias + s                       # commuted: the bias is the left operand
+        s = torch.where(keep, s, -1e9)
+        return torch.bmm(s.softmax(-1), v)
+    q, k, v = (torch.randn(6, 19, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(6, 19, 19, requires_grad=True)  # a learnable bias: its gradient too
+    keep = torch.rand(19, 19) < 0.8
+    keep[:, 0] = True
+    _check_fused(f, q, k, v, bias, keep)
+
+
+def test_permuted_k_is_not_taken_for_a_transpose():
+    """k given as (B, N, H, D) and permuted to (B, H, D, N): not a last-two-dims swap of anything
+    in the graph, so the rewrite must derive k itself (an Inductor bug once got this wrong)."""
+    def f(q, k_bnhd, v):
+        kt = k_bnhd.permute(0, 2, 3, 1)
+        return torch.softmax(q @ kt * 0.25, -1) @ v
+    q = torch.randn(2, 3, 11, 8, requires_grad=True)
+    k = torch.randn(2, 11, 3, 8, requires_grad=True)
+    v = torch.randn(2, 3, 11, 8, requires_grad=True)
+    _check_fused(f, q, k, v)
+
+
+class ScaledByBuffer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.2))
+
+    def forward(self, q, k, v):
+        return torch.softmax(torch.matmul(q, k.mT) * self.scale, -1) @ v
+
+
+def test_scale_from_a_scalar_tensor():
+    _check_fused(ScaledByBuffer(), *_qkv())
+
+
+def test_two_sites_in_one_graph_and_a_plain_softmax_elsewhere():
+    def f(q, k, v):
+        a = torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+        b = torch.softmax(a @ k.transpose(-1, -2) * 0.5, -1) @ v
+        return b + torch.softmax(b, -1)  # not an attention: reported, not a miss
+    expl = _check_fused(f, *_qkv(), sites=2)
+    assert len(expl.missed) == 0
+    assert any(s.status == "not attention" for s in expl.sites)
+
+
+def test_dynamic_lengths_stay_fused_with_one_compile():
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.size(-1)), -1) @ v
+    compiled = torch.compile(f, backend="fusion_pass", dynamic=True)
+    compiled(*_qkv(Nq=9, Nk=9))
+    for n in (31, 57):
+        q, k, v = _qkv(Nq=n, Nk=n)
+        out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v))
+        assert nf == 1 and max_rel_error([out], [f(q, k, v)]) < 1e-5
+    # a second length after a static first compile also stays fused (Dynamo recompiles dynamic)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="fusion_pass")
+    for n in (13, 41, 66):
+        q, k, v = _qkv(Nq=n, Nk=n)
+        compiled(q, k, v)
+        out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v))
+        assert nf == 1 and max_rel_error([out], [f(q, k, v)]) < 1e-5
+
+
+def test_autocast_bf16_on_cpu_stays_fused_and_matches():
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s, -1) @ v
+    q, k, v = _qkv()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = f(q, k, v)
+        compiled = torch.compile(f, backend="fusion_pass")
+        compiled(q, k, v)
+        out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v))
+    assert nf == 1 and out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max().item() <= 1e-2
+    g = torch.randn_like(ref)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    assert all(a.dtype == torch.float32 for a in got)
+    assert max_rel_error(got, want) < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_dtypes(dtype):
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.3, -1) @ v
+    q, k, v = _qkv(dtype=dtype)
+    out = torch.compile(f, backend="fusion_pass")(q, k, v)
+    ref = f(q, k, v)
+    assert out.dtype == dtype
+    assert torch.allclose(out.double(), ref.double(), atol={torch.float64: 1e-12}.get(dtype, 1e-2))
+
+
+def test_training_dropout_fuses_and_keeps_expectation():
+    def f(q, k, v):
+        p = F.dropout(torch.softmax(q @ k.transpose(-1, -2), -1), p=0.25, training=True)
+        return p @ v
+    q, k, v = _qkv(Nq=40, Nk=40)
+    expl = fusion_pass.explain(f, q, k, v)
+    assert len(expl.fused) == 1 and expl.fused[0].spec.dropout_p == 0.25
+    compiled = torch.compile(f, backend="fusion_pass")
+    ones = torch.ones(1, 1, 40, 1)
+    # with v = 1 every output row is sum_j keep_j * p_j / (1 - p): mean 1 over many rows
+    rows = torch.cat([compiled(q, k, ones.expand(2, 3, 40, 1)) for _ in range(20)])
+    assert abs(rows.mean().item() - 1.0) < 0.05
+    assert not torch.allclose(compiled(q, k, v), compiled(q, k, v))  # a fresh mask per call
+
+
+# ---- near misses: must NOT rewrite, with the reason -------------------------------------------
+
+def _missed(f, *inputs):
+    expl = fusion_pass.explain(f, *inputs)
+    assert not expl.fused, str(expl)
+    # and the compiled graph is still right
+    ref = f(*inputs)
+    out = torch.compile(f, backend="fusion_pass")(*inputs)
+    for a, b in zip(out if isinstance(out, tuple) else [out], ref if isinstance(ref, tuple) else [ref]):
+        assert torch.allclose(a, b, atol=1e-5)
+    return expl
+
+
+def test_probabilities_returned_are_not_fused():
+    def f(q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2), -1)
+        return p @ v, p
+    expl = _missed(f, *_qkv())
+    assert "also used outside the region" in expl.missed[0].reason
+
+
+def test_scores_reused_are_not_fused():
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        return torch.softmax(s, -1) @ v, s.sum()
+    expl = _missed(f, *_qkv())
+    assert "also used outside the region" in expl.missed[0].reason
+
+
+def test_softmax_over_queries_is_not_fused():
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v
+    expl = _missed(f, *_qkv())
+    assert "not the key dim" in expl.missed[0].reason
+
+
+def test_broadcasting_heads_are_not_fused():
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    q = torch.randn(2, 4, 9, 8)
+    k, v = torch.randn(2, 1, 9, 8), torch.randn(2, 1, 9, 8)
+    expl = _missed(f, q, k, v)
+    assert "batch dims" in expl.missed[0].reason
+
+
+def test_non_elementwise_score_op_is_not_fused():
+    def f(q, k, v):
+        s = (q @ k.transpose(-1, -2)).cumsum(-1)
+        return torch.softmax(s, -1) @ v
+    expl = _missed(f, *_qkv())
+    assert "cumsum" in expl.sites[0].reason
+
+
+def test_strict_mode_makes_a_miss_an_error():
+    def f(q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2), -1)
+        return p @ v, p
+    with pytest.raises(Exception) as err:
+        torch.compile(f, backend="fusion_pass", options={"strict": True})(*_qkv())
+    assert isinstance(getattr(err.value, "inner_exception", err.value), FusionMissedError)
+    assert "not fused" in str(err.value)
+
+
+# ---- options, report, plain models -----------------------------------------------------------
+
+@pytest.mark.parametrize("options, message", [
+    ({"bogus": 1}, "unknown fusion_pass option"),
+    ({"strict": "yes"}, "must be True or False"),
+    ({"report": 3}, "folder path"),
+])
+def test_bad_options_are_value_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        Options.parse(options)
+    m = torch.nn.Linear(4, 4)
+    with pytest.raises(Exception) as err:
+        torch.compile(m, backend="fusion_pass", options=options)(torch.randn(2, 4))
+    assert isinstance(getattr(err.value, "inner_exception", err.value), ValueError)
+    assert message in str(err.value)
+
+
+def test_report_folder(tmp_path):
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    torch.compile(f, backend="fusion_pass", options={"report": str(tmp_path)})(*_qkv())
+    text = (tmp_path / "graph_0.txt").read_text()
+    assert "fused" in text and "fusion_pass.attention" in text and "score_mod" in text
+
+
+def test_model_without_attention_compiles_as_the_default_backend():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8))
+    x = torch.randn(5, 16)
+    ours = torch.compile(m, backend="fusion_pass")(x)
+    torch._dynamo.reset()
+    stock = torch.compile(m)(x)
+    assert torch.equal(ours, stock)
+    expl = fusion_pass.explain(m, x)
+    assert expl.sites == [] and "0 attention site(s) fused" in str(expl)
+
+
+def test_disabled_pass_leaves_the_graph_alone():
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    compiled = torch.compile(f, backend="fusion_pass", options={"enable": False})
+    compiled(*_qkv())
+    _, nf, _ = profiled_op_counts(lambda: compiled(*_qkv()))
+    assert nf == 0
+
+
+def test_rewritten_graph_has_one_op_per_site():
+    def f(q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.1, -1) @ v
+    q, k, v = _qkv()
+    gm = torch.fx.symbolic_trace(f)  # no fake values: analysis must refuse cleanly
+    report = fusion_pass.run_pass(gm)
+    assert graph_op_count(gm) == 0 and "no example value" in report.sites[0].reason
