@@ -22,10 +22,11 @@ import torch
 from .dropout import keep_mask
 from .spec import AttentionSpec, ScoreOp, to_dtype
 
-# Elements of one score tile: ~2 MiB in fp32 keeps a tile, its probabilities and their gradient in
-# the L2/L3 caches of the CPUs we run on, while each tile's matmul is still large enough to be
-# efficient (measured in benchmarks/cpu_bench.py: 2^17..2^20 are within a few % of each other).
-TILE_ELEMENTS = 1 << 19
+# Elements of one score tile (1 MiB in fp32). Larger tiles amortise the per-tile Python and op
+# launch cost, smaller ones keep the peak memory near SDPA's: measured at N = 4096, 12 heads, d 64
+# (benchmarks/RESULTS.md), 2^18 costs 1.14x SDPA's peak where 2^19 costs 1.37x; 2^18 is the
+# largest tile that keeps the peak within 1.3x of SDPA's.
+TILE_ELEMENTS = 1 << 18
 
 
 def _tiles(nh: int, nq: int, nk: int):
@@ -86,25 +87,48 @@ def _apply(op: ScoreOp, s: torch.Tensor, x, mask=None) -> torch.Tensor:
     if k == "cast":
         return s.to(to_dtype(op.dtype))
     if k == "fill":
-        return s.masked_fill(mask, op.value)
+        return s.masked_fill(mask, x)
     if k == "fill_not":
-        return s.masked_fill(~mask, op.value)
+        return s.masked_fill(~mask, x)
     raise AssertionError(k)
 
 
+_INPLACE = {
+    "mul": lambda s, x, m: s.mul_(x), "div": lambda s, x, m: s.div_(x),
+    "add": lambda s, x, m: s.add_(x), "sub": lambda s, x, m: s.sub_(x),
+    "rsub": lambda s, x, m: s.neg_().add_(x),  # -s + x == x - s exactly (negation is exact)
+    "tanh": lambda s, x, m: s.tanh_(), "fill": lambda s, x, m: s.masked_fill_(m, x),
+    "fill_not": lambda s, x, m: s.masked_fill_(~m, x),
+}
+
+
 def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False):
-    """Run the score chain on one tile; optionally keep each step's input for the backward."""
+    """Run the score chain on one tile; optionally keep each step's input for the backward.
+
+    Without ``keep_inputs`` the tile is updated in place wherever the step keeps its dtype (the
+    same kernels as the out-of-place ops, so the same bits), so a tile costs one buffer, not one
+    per step."""
     inputs = []
     for op in spec.score_ops:
         if keep_inputs:
             inputs.append(s)
-        if op.kind in ("fill", "fill_not"):
-            s = _apply(op, s, None, mask=ops.tile(op.index, *where))
+        mask = ops.tile(op.index, *where) if op.kind in ("fill", "fill_not") else None
+        x = op.value if mask is not None else ops.operand(op, *where)
+        target = to_dtype(op.dtype)
+        if not keep_inputs and op.kind in _INPLACE and s.dtype == target and _keeps_dtype(s, x):
+            s = _INPLACE[op.kind](s, x, mask)
         else:
-            s = _apply(op, s, ops.operand(op, *where))
-        if s.dtype != to_dtype(op.dtype):  # the graph's dtype for this step (e.g. under autocast)
-            s = s.to(to_dtype(op.dtype))
+            s = _apply(op, s, x, mask=mask)
+        if s.dtype != target:  # the graph's dtype for this step (e.g. under autocast)
+            s = s.to(target)
     return s, inputs
+
+
+def _keeps_dtype(s: torch.Tensor, x) -> bool:
+    """In place is only the same op when the operand does not promote the result."""
+    if isinstance(x, torch.Tensor):
+        return torch.result_type(s, x) == s.dtype
+    return True
 
 
 def _batch_indices(batch_shape):
@@ -158,10 +182,11 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                 where = (bidx, h0, h1, q0, q1)
                 s = torch.matmul(qb[h0:h1, q0:q1], kb[h0:h1].transpose(-1, -2))
                 s, _ = _score_chain(spec, ops, s, where)
+                m, arg = s.max(-1, keepdim=True)
                 p = torch.softmax(s, -1, dtype=sm_dtype)
-                # lse = max + log(sum exp(s - max)), and max(p) = 1 / sum exp(s - max)
-                m = s.amax(-1).float()
-                lse[bidx][h0:h1, q0:q1] = m - torch.log(p.amax(-1).float())
+                del s
+                # lse = max + log(sum exp(s - max)), and p at the argmax is 1 / sum exp(s - max)
+                lse[bidx][h0:h1, q0:q1] = (m.float() - torch.log(p.gather(-1, arg).float())).squeeze(-1)
                 if p.dtype != p_dtype:
                     p = p.to(p_dtype)
                 if p_drop:
