@@ -1,0 +1,58 @@
+"""Measuring helpers shared by the demo and the benchmarks: median wall time and peak memory.
+
+Peak memory on CPU is read from torch.profiler's allocation events: the running sum of every
+allocation and free torch makes during the call, from the moment the call starts; its maximum is
+the peak bytes the call held *on top of what was already live* (inputs, weights): the output is
+included, the inputs are not. On CUDA, ``torch.cuda.max_memory_allocated`` minus the memory
+allocated before the call, which counts the same thing.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def median_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1e3
+
+
+def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch._C._profiler import _EventType
+
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        fn()
+    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    allocs = []
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+        stack.extend(e.children)
+    allocs.sort()
+    live = peak = 0
+    for _, size in allocs:
+        live += size
+        peak = max(peak, live)
+    return peak
