@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from fusion_pass import kernels as _kernels
+from fusion_pass.kernels.ops import kernel_summary
 
 from .analyze import analyse
 from .match import NearMiss, find_sites, match_site
@@ -58,7 +59,8 @@ def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
         old = set(gm.graph.nodes)
         rewrite_region(gm, res, fake_mode)
         new = [n.name for n in gm.graph.nodes if n not in old]
-        report.sites.append(SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new)))
+        report.sites.append(SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new),
+                                       kernels=kernel_summary(res.spec)))
         log.info("fusion_pass: site %s fused: %s", site, res.spec)
     gm.graph.lint()
     gm.recompile()

@@ -24,6 +24,7 @@ class SiteReport:
     spec: Optional[AttentionSpec] = None
     before: str = ""                # graph code of the region before the rewrite
     after: str = ""                 # and after
+    kernels: str = ""               # which kernels the site runs on
 
     @property
     def status(self) -> str:
@@ -35,6 +36,8 @@ class SiteReport:
         lines = [f"site {self.site}: {self.status}"]
         if self.fused:
             lines.append(f"  spec: {self.spec}")
+            if self.kernels:
+                lines.append(f"  kernels: {self.kernels}")
         else:
             lines.append(f"  why: {self.reason} (at node {self.node})")
         if self.before:

@@ -11,9 +11,11 @@ masks, 0-dim scale tensors), in the spec's order. ``seed`` is the dropout seed d
 Shapes: q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv) with equal batch dims "...";
 captured tensors broadcastable to (..., Nq, Nk). Results: out (..., Nq, Dv), lse (..., Nq) float32.
 
-On CUDA tensors the generated Triton kernels run (``triton_attention.py``); elsewhere, and for
-shapes the Triton kernels do not cover, the tiled implementation of ``cpu.py`` (device-agnostic
-torch ops, never an N x N buffer).
+Which kernel runs: on CUDA tensors the generated Triton kernels (``triton_attention.py``); on CPU,
+ATen's fused flash kernel when the spec is exactly its function (``cpu_flash.py`` says when);
+everywhere else the tiled implementation of ``cpu.py`` (device-agnostic torch ops, never an N x N
+buffer), which covers every spec. Forward and backward decide independently and consistently:
+both compute the same function, and the tiled backward does not read the forward's lse.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu
+from . import cpu, cpu_flash
 from .dropout import new_seed
 from .spec import AttentionSpec, to_dtype
 
@@ -74,6 +76,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
     if _use_triton(q, k, v, s):
         from . import triton_attention
         out, lse = triton_attention.forward(q, k, v, captured, s, int(seed.item()))
+    elif (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
+        out, lse = cpu_flash.forward(q, k, v, *fast)
     else:
         out, lse = cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
     return out.contiguous(), lse.contiguous(), seed
@@ -97,6 +101,9 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
         from . import triton_attention
         dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, captured, out, lse, s,
                                                      int(seed.item()), needs_grad)
+    elif not any(needs_grad) and (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
+        dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, *fast)
+        dcap = []
     else:
         dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
                                                   int(seed.item()), needs_grad)
@@ -133,6 +140,13 @@ def _backward(ctx, grad_out, grad_lse, grad_seed):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+
+def kernel_summary(spec: AttentionSpec) -> str:
+    """Which kernels a spec runs on, in words, for the report."""
+    cpu_kind = ("ATen flash kernel (tiled implementation for rows with no key and for bias "
+                "gradients)" if cpu_flash.plan(spec) is not None else "tiled implementation")
+    return f"CUDA: generated Triton kernels; CPU: {cpu_kind}"
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor],

@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from fusion_pass.kernels import AttentionSpec, ScoreOp, cpu, fused_attention
+from fusion_pass.kernels import AttentionSpec, ScoreOp, cpu, cpu_flash, fused_attention
+from fusion_pass.kernels.ops import kernel_summary
 from fusion_pass.kernels.dropout import keep_mask, threshold
 
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
@@ -15,6 +16,14 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.fl
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
     monkeypatch.setattr(cpu, "TILE_ELEMENTS", 16 * 40)
+
+
+@pytest.fixture(params=["fast-path", "tiled"])
+def cpu_path(request, monkeypatch):
+    """Run a test on ATen's flash kernel where the spec allows it, and again on the tiled path."""
+    if request.param == "tiled":
+        monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
+    return request.param
 
 
 def _spec(ops, captured, dtype, **kw):
@@ -60,7 +69,7 @@ PATTERNS = {
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(2, 3, 37, 53, 16), (1, 2, 1, 97, 40), (2, 2, 65, 17, 8)],
                          ids=["odd", "decode", "short-keys"])
-def test_matches_float64_reference(pattern, dtype, shape):
+def test_matches_float64_reference(pattern, dtype, shape, cpu_path):
     B, H, Nq, Nk, D = shape
     ops, kinds, make, fn = PATTERNS[pattern]
     q = torch.randn(B, H, Nq, D, dtype=dtype, requires_grad=True)
@@ -100,7 +109,7 @@ def test_float64_is_exact_and_bias_gradient():
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)
 
 
-def test_fully_masked_rows_match_eager():
+def test_fully_masked_rows_match_eager(cpu_path):
     """-inf on a whole row: eager's softmax gives NaN there; so must we (never a silent 0)."""
     q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
     mask = torch.zeros(9, 9, dtype=torch.bool)
@@ -169,7 +178,7 @@ def test_dropout_statistics_and_mask_regeneration():
     assert int(seed2) != int(seed)
 
 
-def test_backward_is_deterministic():
+def test_backward_is_deterministic(cpu_path):
     q, k, v = (torch.randn(2, 2, 45, 16, requires_grad=True) for _ in range(3))
     bias = torch.randn(1, 2, 45, 45, requires_grad=True)
     spec = _spec([dict(kind="add", operand="tensor", index=0)], ("tensor",), torch.float32)
@@ -195,3 +204,36 @@ def test_tiles_never_hold_the_full_score_matrix(monkeypatch):
     for h0, h1, q0, q1 in cpu._tiles(12, 4096, 4096):
         seen.append((h1 - h0) * (q1 - q0) * 4096)
     assert max(seen) <= cpu.TILE_ELEMENTS and max(seen) < 4096 * 4096
+
+
+def test_fast_path_is_taken_only_for_its_exact_function():
+    f32 = torch.float32
+    q = torch.randn(2, 3, 8, 16)
+    scale_bias = _spec([dict(kind="mul", operand="const", value=0.25),
+                        dict(kind="add", operand="tensor", index=0)], ("tensor",), f32)
+    assert cpu_flash.usable(scale_bias, q, q, q, [torch.zeros(2, 1, 1, 8)]) is not None
+    # a mask that removes every key of a row: eager gives NaN, ATen's kernel 0 -> tiled path
+    assert cpu_flash.usable(scale_bias, q, q, q, [torch.full((8,), -math.inf)]) is None
+    # bias after a soft-cap, a finite replacing fill, dropout: not ATen's function
+    softcap = _spec([dict(kind="tanh"), dict(kind="add", operand="tensor", index=0)], ("tensor",), f32)
+    fill = _spec([dict(kind="fill", index=0, value=-1e4)], ("tensor",), f32)
+    drop = _spec([], (), f32, dropout_p=0.1)
+    for spec, caps in ((softcap, [torch.zeros(8, 8)]), (fill, [torch.zeros(8, 8, dtype=torch.bool)]),
+                       (drop, [])):
+        assert cpu_flash.usable(spec, q, q, q, caps) is None
+    assert "ATen flash" in kernel_summary(scale_bias) and "tiled" in kernel_summary(softcap)
+
+
+def test_fast_path_with_learnable_bias_uses_tiled_backward():
+    """ATen's backward has no bias gradient: the tiled backward takes over, same function."""
+    q, k, v = (torch.randn(2, 3, 19, 8, dtype=torch.float32, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 3, 19, 19, requires_grad=True)
+    spec = _spec([dict(kind="div", operand="const", value=3.0), dict(kind="add", operand="tensor", index=0)],
+                 ("tensor",), torch.float32)
+    out = fused_attention(q, k, v, [bias], spec)
+    ref = torch.softmax(q.double() @ k.double().transpose(-1, -2) / 3.0 + bias.double(), -1) @ v.double()
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, bias), g)
+    want = torch.autograd.grad(ref, (q, k, v, bias), g.double())
+    for a, b in zip(got, want):
+        assert (a.double() - b).abs().max().item() < 1e-4

@@ -1,0 +1,132 @@
+"""CPU fast path: ATen's fused flash-attention CPU kernel, for the specs it expresses exactly.
+
+PyTorch ships an IO-aware, blocked, multi-threaded C++ flash-attention kernel for CPU
+(``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward). It computes
+``softmax(q @ k^T * scale + mask) @ v`` and never materialises the scores. When a spec is exactly
+that function, we call it: it is 2-3x faster than tiles of ATen ops driven from Python
+(benchmarks/RESULTS.md). Everything else (soft-capping, replacing fills, dropout, gradients of a
+learnable bias, mixed dtypes) runs on the tiled implementation in ``cpu.py``.
+
+"Exactly" is checked, not assumed:
+* the score chain is scale steps (``* c``, ``/ c``, constants or 0-dim tensors) followed by at
+  most one mask step: ``+ tensor`` (additive mask or bias) or a fill with -inf (a boolean mask);
+* one dtype throughout (scores, softmax, probabilities and output: no casts, no promotion);
+* no dropout; 2-D to 4-D operands with equal head dims for q, k and v;
+* rows whose mask removes every key: eager's softmax gives NaN there, ATen's kernel gives 0, so
+  when such a row exists (checked on the mask at run time, reading it once) the call goes to the
+  tiled implementation, which reproduces eager.
+Rounding differs from eager only in where the scale is applied (one fp32 rounding).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from .spec import AttentionSpec
+
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
+# float64 stays on the tiled path: our lse output is float32, too coarse for a float64 backward
+_SAME_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a spec maps onto ATen's kernel: scale factors and the mask operand."""
+
+    scales: tuple        # (kind, value-or-index, divide?) for each scale step, in order
+    mask_index: Optional[int] = None
+    mask_kind: str = ""  # "add": additive tensor; "fill": bool, masked where True; "fill_not": where False
+
+
+def plan(spec: AttentionSpec) -> Optional[Plan]:
+    dts = {spec.qk_dtype, spec.softmax_dtype, spec.prob_dtype, spec.out_dtype}
+    dts |= {op.dtype for op in spec.score_ops}
+    if len(dts) != 1 or spec.qk_dtype not in _SAME_DTYPES or spec.dropout_p:
+        return None
+    scales, mask_index, mask_kind = [], None, ""
+    for op in spec.score_ops:
+        if mask_index is not None:
+            return None  # a step after the mask (e.g. scaling the mask) is not SDPA's function
+        if op.kind in ("mul", "div") and op.operand in ("const", "scalar"):
+            scales.append((op.operand, op.value if op.operand == "const" else op.index, op.kind == "div"))
+        elif op.kind == "add" and op.operand == "tensor":
+            mask_index, mask_kind = op.index, "add"
+        elif op.kind in ("fill", "fill_not") and op.value == -math.inf:
+            mask_index, mask_kind = op.index, op.kind
+        else:
+            return None
+    return Plan(tuple(scales), mask_index, mask_kind)
+
+
+def _scale(p: Plan, captured: Sequence[torch.Tensor]) -> float:
+    scale = 1.0
+    for kind, x, divide in p.scales:
+        value = x if kind == "const" else captured[x].item()
+        scale = scale / value if divide else scale * value
+    return scale
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _unexpand(t: torch.Tensor) -> torch.Tensor:
+    """t without its expanded (stride 0) dims: same values under broadcasting, fewer elements."""
+    for d in range(t.dim()):
+        if t.stride(d) == 0 and t.shape[d] > 1:
+            t = t.narrow(d, 0, 1)
+    return t
+
+
+def _mask(p: Plan, captured, dtype):
+    """The attn_mask argument, and whether some row of it masks every key."""
+    if p.mask_index is None:
+        return None, False
+    m = _as_4d(captured[p.mask_index])
+    if p.mask_kind == "add":
+        if m.dtype != dtype:
+            return None, True  # a promoting mask: not this kernel's function
+        return m, bool(torch.isneginf(m).all(-1).any())
+    if m.dtype != torch.bool:
+        return None, True
+    keep = ~m if p.mask_kind == "fill" else m
+    if bool((~keep).all(-1).any()):
+        return None, True
+    # ATen's kernel takes a mask of the query's dtype: -inf where masked, 0 where kept (s + 0 == s
+    # and s + -inf == -inf exactly, so this is the same function). Broadcast dims stay broadcast.
+    keep = _unexpand(keep)
+    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -math.inf), False
+
+
+def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
+    """(scale, attn_mask) when ATen's kernel computes this call exactly as eager would."""
+    p = plan(spec)
+    if p is None or not (2 <= q.dim() <= 4) or q.device.type != "cpu":
+        return None
+    if q.shape[-1] != v.shape[-1] or q.shape[-2] == 0 or k.shape[-2] == 0:
+        return None
+    if any(t.dtype != q.dtype for t in (k, v)) or str(q.dtype).replace("torch.", "") != spec.qk_dtype:
+        return None
+    mask, has_empty_rows = _mask(p, captured, q.dtype)
+    if has_empty_rows:
+        return None
+    return _scale(p, captured), mask
+
+
+def forward(q, k, v, scale, mask):
+    shape = q.shape
+    out, lse = _FLASH(_as_4d(q), _as_4d(k), _as_4d(v), 0.0, False, attn_mask=mask, scale=scale)
+    return out.reshape(shape[:-1] + (v.shape[-1],)), lse.reshape(shape[:-1]).float()
+
+
+def backward(grad_out, q, k, v, out, lse, scale, mask):
+    q4 = _as_4d(q)
+    dq, dk, dv = _FLASH_BWD(_as_4d(grad_out).to(q.dtype), q4, _as_4d(k), _as_4d(v), _as_4d(out),
+                            lse.reshape(q4.shape[:-1]), 0.0, False, attn_mask=mask, scale=scale)
+    return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
