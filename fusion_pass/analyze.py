@@ -92,6 +92,8 @@ def _number(x) -> bool:
 def analyse(region: Region) -> Union[Analysis, NearMiss]:
     site = region.site
     qv, ktv, vv = value(region.q), value(region.kt), value(region.v)
+    if region.group > 1:  # the checks below are on the products' own (repeated) operands
+        vv = value(region.repeats[1])
     sv, pvv = value(region.softmax), value(region.pv)
     for name, t in (("q", qv), ("k^T", ktv), ("v", vv), ("softmax", sv), ("P @ V", pvv)):
         if not isinstance(t, torch.Tensor):

@@ -198,3 +198,70 @@ def value(x: Any):
     if isinstance(x, fx.Node):
         return x.meta.get("example_value", x.meta.get("val"))
     return x
+
+
+def _is_unsqueeze_at(node, x, dim: int) -> bool:
+    """node is x with a new size-1 axis at ``dim``: ``x[:, :, None]`` or ``x.unsqueeze(dim)``."""
+    if not isinstance(node, fx.Node):
+        return False
+    if node.op == "call_function" and node.target is operator.getitem and node.args[0] is x:
+        idx = node.args[1]
+        if not isinstance(idx, tuple):
+            return False
+        full = slice(None, None, None)
+        pos = [i for i, it in enumerate(idx) if it is None]
+        return pos == [dim] and all(it == full for i, it in enumerate(idx) if i != dim)
+    if (node.op == "call_method" and node.target == "unsqueeze") or \
+            (node.op == "call_function" and node.target is torch.unsqueeze):
+        d = _get(node, 1, "dim")
+        xv = value(x)
+        return node.args[0] is x and isinstance(d, int) and xv is not None and d % (xv.dim() + 1) == dim
+    return False
+
+
+def repeated_heads(node) -> Optional[Tuple[fx.Node, int]]:
+    """(x, G) when ``node`` is x with each head (dim -3) repeated G times in place, head h of the
+    result being head h // G of x: Llama's ``repeat_kv`` (x[:, :, None].expand(..., G, N, D)
+    .reshape(..., H * G, N, D)) or ``x.repeat_interleave(G, dim=-3)``. The shapes are checked on
+    the recorded values, so a look-alike that moves data differently does not qualify."""
+    if not isinstance(node, fx.Node):
+        return None
+    out = value(node)
+    if out is None or not hasattr(out, "dim") or out.dim() < 3:
+        return None
+    rank = out.dim()
+    if node.op in ("call_method", "call_function") and (
+            node.target in ("repeat_interleave",) or node.target is torch.repeat_interleave):
+        x = node.args[0]
+        reps = _get(node, 1, "repeats")
+        dim = _get(node, 2, "dim")
+        if isinstance(x, fx.Node) and isinstance(reps, int) and isinstance(dim, int) \
+                and dim % rank == rank - 3 and reps >= 1:
+            return x, reps
+        return None
+    if not (node.op == "call_method" and node.target in ("reshape", "view")):
+        return None
+    e = node.args[0]
+    if not (isinstance(e, fx.Node) and e.op == "call_method" and e.target == "expand"):
+        return None
+    u = e.args[0]
+    ev, uv = value(e), value(u)
+    if ev is None or uv is None or ev.dim() != rank + 1 or not isinstance(u, fx.Node) or not u.args:
+        return None
+    x = u.args[0]
+    xv = value(x)
+    if not isinstance(x, fx.Node) or xv is None or xv.dim() != rank:
+        return None
+    if not _is_unsqueeze_at(u, x, rank - 2):
+        return None
+    g = ev.shape[rank - 2]
+    try:
+        same = list(ev.shape[:rank - 2]) == list(xv.shape[:rank - 2]) and \
+            list(ev.shape[rank - 1:]) == list(xv.shape[rank - 2:]) and \
+            list(out.shape[:rank - 3]) == list(xv.shape[:rank - 3]) and \
+            out.shape[rank - 3] == xv.shape[rank - 3] * g and list(out.shape[-2:]) == list(xv.shape[-2:])
+    except Exception:  # noqa: BLE001 - symbolic comparison that cannot be decided
+        return None
+    if not same or not isinstance(g, int):
+        return None
+    return x, g

@@ -15,7 +15,7 @@ from typing import List, Optional, Tuple, Union
 
 import torch.fx as fx
 
-from .canonicalize import CanonicalOp, value, view
+from .canonicalize import CanonicalOp, repeated_heads, value, view
 
 # ops that may sit between QK and softmax (each reads the running score and at most one operand)
 SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity"}
@@ -50,6 +50,8 @@ class Region:
     kt: fx.Node                           # second operand of the QK product, (..., D, Nk)
     k: Optional[fx.Node]                  # kt's source when kt is exactly a transpose of its last two dims
     v: fx.Node
+    group: int = 1                        # > 1: k and v are heads repeated G times (GQA / MQA)
+    repeats: List[fx.Node] = field(default_factory=list)  # the repeat nodes, removed when unused
     score_chain: List[Tuple[CanonicalOp, int]] = field(default_factory=list)  # QK -> softmax, (op, chain arg)
     prob_chain: List[CanonicalOp] = field(default_factory=list)             # softmax -> PV
 
@@ -185,8 +187,14 @@ def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
         if not isinstance(n, fx.Node):
             return NearMiss(site, qk.name if name != "v" else pv.name, f"{name} is not a graph tensor")
     k = _untransposed(kt)
-    return Region(softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, k=k, v=v, score_chain=chain,
-                  prob_chain=prob_chain)
+    region = Region(softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, k=k, v=v, score_chain=chain,
+                    prob_chain=prob_chain)
+    # grouped heads: read each K/V head once instead of the repeated copies
+    rk, rv = (repeated_heads(k) if k is not None else None), repeated_heads(v)
+    if rk is not None and rv is not None and rk[1] == rv[1] and rk[1] > 1:
+        region.repeats = [k, v]
+        region.k, region.v, region.group = rk[0], rv[0], rk[1]
+    return region
 
 
 def _untransposed(kt: fx.Node) -> Optional[fx.Node]:

@@ -92,7 +92,19 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
             graph.erase_node(n)
     if r.k is not None and not r.kt.users:
         graph.erase_node(r.kt)
+    for rep in r.repeats:  # the K/V head copies, when nothing else reads them
+        _erase_unused_chain(graph, rep)
     return out
+
+
+def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase node and then its inputs while they have no users left (view chains only)."""
+    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function") \
+            and node.target in ("reshape", "view", "expand", "repeat_interleave", operator.getitem,
+                                torch.repeat_interleave, "unsqueeze", torch.unsqueeze):
+        src = node.args[0]
+        graph.erase_node(node)
+        node = src
 
 
 def find_fake_mode(gm: fx.GraphModule) -> Optional[object]:

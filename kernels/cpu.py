@@ -29,13 +29,16 @@ from .spec import AttentionSpec, ScoreOp, to_dtype
 TILE_ELEMENTS = 1 << 18
 
 
-def _tiles(nh: int, nq: int, nk: int):
-    """Yield (h0, h1, q0, q1): head ranges and query row ranges of one batch entry."""
+def _tiles(nh: int, nq: int, nk: int, group: int = 1):
+    """Yield (h0, h1, q0, q1): head ranges and query row ranges of one batch entry. A head range
+    never crosses a group of query heads that share one key/value head."""
     rows = max(1, TILE_ELEMENTS // max(nk, 1))
+    span = group if group > 1 else max(nh, 1)
     if rows >= nq:
-        hstep = max(1, rows // max(nq, 1))
-        for h0 in range(0, nh, hstep):
-            yield h0, min(nh, h0 + hstep), 0, nq
+        hstep = max(1, min(rows // max(nq, 1), span))
+        for g0 in range(0, nh, span):
+            for h0 in range(g0, min(nh, g0 + span), hstep):
+                yield h0, min(nh, g0 + span, h0 + hstep), 0, nq
     else:
         # round query blocks to 16 rows so matmuls stay aligned
         bq = max(16, (rows // 16) * 16)
@@ -152,6 +155,17 @@ def _dropout_tile(seed, p, bidx, batch_shape, h0, h1, q0, q1, nq, nk, device):
     return keep_mask(seed, index, p)
 
 
+def _group(q: torch.Tensor, k: torch.Tensor) -> int:
+    """Query heads per key/value head (grouped-query attention); 1 for ordinary attention."""
+    return q.shape[-3] // k.shape[-3] if k.shape[-3] else 1
+
+
+def _kv_heads(h0: int, h1: int, group: int) -> slice:
+    """The key/value heads of query heads h0:h1 (one shared head when grouped: tiles stay
+    inside a group, and the products broadcast it over the tile's query heads)."""
+    return slice(h0, h1) if group == 1 else slice(h0 // group, h0 // group + 1)
+
+
 def _as_3d(t: torch.Tensor) -> torch.Tensor:
     """(..., N, D) with at least one batch dim (the heads dim the tiles walk)."""
     return t if t.dim() >= 3 else t.unsqueeze(0)
@@ -167,6 +181,7 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     ops = _Operands(spec, captured, score_shape)
     out = torch.empty(batch + (nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
     lse = torch.empty(batch + (nq,), dtype=torch.float32, device=q.device)
+    group = _group(q, k)
     sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
     p_drop = spec.dropout_p
     if nq == 0 or math.prod(batch) == 0:
@@ -178,9 +193,10 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     with torch.autocast(q.device.type, enabled=False):
         for bidx in _batch_indices(batch):
             qb, kb, vb = q[bidx], k[bidx], v[bidx]
-            for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk):
+            for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group):
                 where = (bidx, h0, h1, q0, q1)
-                s = torch.matmul(qb[h0:h1, q0:q1], kb[h0:h1].transpose(-1, -2))
+                kh = _kv_heads(h0, h1, group)
+                s = torch.matmul(qb[h0:h1, q0:q1], kb[kh].transpose(-1, -2))
                 s, _ = _score_chain(spec, ops, s, where)
                 m, arg = s.max(-1, keepdim=True)
                 p = torch.softmax(s, -1, dtype=sm_dtype)
@@ -192,8 +208,13 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                 if p_drop:
                     keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
                     p = p * keep * (1.0 / (1.0 - p_drop))
-                torch.matmul(p, vb[h0:h1], out=out[bidx][h0:h1, q0:q1])
+                torch.matmul(p, vb[kh], out=out[bidx][h0:h1, q0:q1])
     return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
+
+
+def _heads_sum(t: torch.Tensor, group: int) -> torch.Tensor:
+    """Grouped heads: the query heads of a tile all feed one key/value head; sum their parts."""
+    return t if group == 1 else t.sum(0, keepdim=True)
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -215,6 +236,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
     nq, nk = q.shape[-2], k.shape[-2]
     score_shape = batch + (nq, nk)
     needs_grad = list(needs_grad) if needs_grad is not None else [False] * len(captured)
+    group = _group(q, k)
     ops = _Operands(spec, captured, score_shape)
     sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
     p_drop = spec.dropout_p
@@ -237,9 +259,10 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
         with torch.autocast(q.device.type, enabled=False):
             for bidx in _batch_indices(batch):
                 qb, kb, vb, dob = q[bidx], k[bidx], v[bidx], grad_out[bidx]
-                for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk):
+                for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group):
                     where = (bidx, h0, h1, q0, q1)
-                    qt, kt, vt, dot = qb[h0:h1, q0:q1], kb[h0:h1], vb[h0:h1], dob[h0:h1, q0:q1]
+                    kh = _kv_heads(h0, h1, group)
+                    qt, kt, vt, dot = qb[h0:h1, q0:q1], kb[kh], vb[kh], dob[h0:h1, q0:q1]
                     s0 = torch.matmul(qt, kt.transpose(-1, -2))
                     s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=True)
                     p = torch.softmax(s, -1, dtype=sm_dtype)
@@ -250,7 +273,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         pd = pc * scale
                     else:
                         pd = pc
-                    dv[bidx][h0:h1] += torch.matmul(pd.transpose(-1, -2), dot).to(dv.dtype)
+                    dv[bidx][kh] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dot), group).to(dv.dtype)
                     dpd = torch.matmul(dot, vt.transpose(-1, -2))
                     dpc = dpd * scale if p_drop else dpd
                     dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
@@ -258,7 +281,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                     ds = _chain_backward(spec, ops, inputs, s, ds, where, dcap)
                     ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                     dq[bidx][h0:h1, q0:q1] = torch.matmul(ds, kt)
-                    dk[bidx][h0:h1] += torch.matmul(ds.transpose(-1, -2), qt).to(dk.dtype)
+                    dk[bidx][kh] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qt), group).to(dk.dtype)
 
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     grads = []

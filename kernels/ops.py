@@ -1,5 +1,8 @@
 """The custom ops the pass rewrites attention into, with their fake implementations and autograd.
 
+Grouped-query attention: k and v may have fewer heads (dim -3) than q, G = Hq / Hkv; query head h
+reads key/value head h // G, as after Llama's ``repeat_kv``, without the repeated copies.
+
     fusion_pass::attention(q, k, v, captured, spec) -> (out, lse, seed)
     fusion_pass::attention_backward(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad)
         -> (dq, dk, dv, dcaptured)
@@ -36,9 +39,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: At
     if q.dim() < 2 or k.dim() != q.dim() or v.dim() != q.dim():
         raise ValueError(f"fusion_pass::attention expects q, k, v of equal rank >= 2, got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[:-2] != k.shape[:-2] or q.shape[:-2] != v.shape[:-2]:
-        raise ValueError(f"fusion_pass::attention expects equal batch dims, got q {tuple(q.shape)}, "
-                         f"k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[:-2] != v.shape[:-2] or not _grouped(q.shape[:-2], k.shape[:-2]):
+        raise ValueError(f"fusion_pass::attention expects equal batch dims (k and v may have fewer "
+                         f"heads, dim -3, dividing q's), got q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     if q.shape[-1] != k.shape[-1] or k.shape[-2] != v.shape[-2]:
         raise ValueError(f"fusion_pass::attention: q @ k^T needs equal head dims and k, v equal "
                          f"lengths; got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -52,6 +56,16 @@ def _check(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: At
         elif not _broadcasts(tuple(c.shape), score_shape):
             raise ValueError(f"captured tensor of shape {tuple(c.shape)} does not broadcast to the "
                              f"scores' shape {score_shape}")
+
+
+def _grouped(qb, kb) -> bool:
+    """Equal batch dims, except that the last (heads) may be a divisor of q's (grouped-query)."""
+    if len(qb) != len(kb):
+        return False
+    if not qb:
+        return True
+    return tuple(qb[:-1]) == tuple(kb[:-1]) and kb[-1] > 0 and qb[-1] % kb[-1] == 0 \
+        or (kb[-1] == 0 and qb[-1] == 0 and tuple(qb[:-1]) == tuple(kb[:-1]))
 
 
 def _broadcasts(shape, target) -> bool:

@@ -292,3 +292,44 @@ def test_rewritten_graph_has_one_op_per_site():
     gm = torch.fx.symbolic_trace(f)  # no fake values: analysis must refuse cleanly
     report = fusion_pass.run_pass(gm)
     assert graph_op_count(gm) == 0 and "no example value" in report.sites[0].reason
+
+
+# ---- grouped heads --------------------------------------------------------------------------
+
+def _repeat_kv(x, n_rep):
+    """Llama's helper, verbatim in spirit: expand a new axis, then merge it into the heads."""
+    b, h, n, d = x.shape
+    return x[:, :, None, :, :].expand(b, h, n_rep, n, d).reshape(b, h * n_rep, n, d)
+
+
+@pytest.mark.parametrize("spelling", ["repeat_kv", "repeat_interleave"])
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention_reads_kv_heads_once(spelling, kv_heads):
+    def f(q, k, v):
+        if spelling == "repeat_kv":
+            k, v = _repeat_kv(k, 4 // kv_heads), _repeat_kv(v, 4 // kv_heads)
+        else:
+            k, v = k.repeat_interleave(4 // kv_heads, dim=1), v.repeat_interleave(4 // kv_heads, dim=1)
+        s = torch.matmul(q, k.transpose(2, 3)) * 0.25
+        p = F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
+        return torch.matmul(p, v)
+    q = torch.randn(2, 4, 13, 8, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 13, 8, requires_grad=True) for _ in range(2))
+    expl = _check_fused(f, q, k, v)
+    after = expl.fused[0].after
+    # the op reads the un-repeated k and v: no expand/reshape/repeat_interleave copies remain
+    assert "l_k_" in after and "l_v_" in after
+    assert "expand" not in expl.graphs[0].code_after and "repeat_interleave" not in expl.graphs[0].code_after
+
+
+def test_unequal_repeats_of_k_and_v_are_left_as_copies():
+    def f(q, k, v):
+        k = k.repeat_interleave(4, dim=1)
+        v = v.repeat_interleave(2, dim=1)
+        return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
+    q = torch.randn(2, 4, 9, 8)
+    k, v = torch.randn(2, 1, 9, 8), torch.randn(2, 2, 9, 8)
+    expl = fusion_pass.explain(f, q, k, v)
+    assert len(expl.fused) == 1  # still fused, on the repeated tensors
+    out = torch.compile(f, backend="fusion_pass")(q, k, v)
+    assert torch.allclose(out, f(q, k, v), atol=1e-6)

@@ -237,3 +237,24 @@ def test_fast_path_with_learnable_bias_uses_tiled_backward():
     want = torch.autograd.grad(ref, (q, k, v, bias), g.double())
     for a, b in zip(got, want):
         assert (a.double() - b).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_heads_read_each_kv_head_once(kv_heads, cpu_path):
+    """k, v with fewer heads than q: head h reads kv head h // G, as after repeat_kv."""
+    B, H, N, D = 2, 4, 23, 8
+    q = torch.randn(B, H, N, D, requires_grad=True)
+    k, v = (torch.randn(B, kv_heads, N, D, requires_grad=True) for _ in range(2))
+    pad = torch.where(torch.rand(B, 1, 1, N) < 0.2, -1e9, 0.0)
+    spec = _spec([dict(kind="mul", operand="const", value=0.3), dict(kind="add", operand="tensor", index=0)],
+                 ("tensor",), torch.float32)
+    out = fused_attention(q, k, v, [pad], spec)
+    G = H // kv_heads
+    kr, vr = k.double().repeat_interleave(G, 1), v.double().repeat_interleave(G, 1)
+    ref = torch.softmax(q.double() @ kr.transpose(-1, -2) * 0.3 + pad.double(), -1) @ vr
+    assert (out.double() - ref).abs().max().item() < 1e-5
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g.double())
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and (a.double() - b).abs().max().item() < 1e-4
