@@ -35,8 +35,10 @@ class Analysis:
     spec: AttentionSpec
     captured: List[fx.Node]            # operand nodes, in the spec's order
     captured_kinds: List[str]          # "tensor", "scalar" or "symnum" (see _Captured)
+    captured_preps: List[tuple]        # what the rewriter does to each operand first
     q_dtype: torch.dtype               # dtypes the products compute in (cast q/k/v to these)
     v_dtype: torch.dtype
+    frames: "Frames" = None
 
 
 def _same(a, b) -> bool:
@@ -61,28 +63,50 @@ def _broadcasts_into(operand_shape, score_shape) -> bool:
 
 
 class _Captured:
-    """Operands of the score chain, deduplicated by node (one mask read by two steps is one input).
+    """Operands of the score chain, deduplicated (one mask read by two steps is one input).
 
     kind "tensor": a tensor node; "scalar": a 0-dim tensor node read as a number; "symnum": a
     symbolic number node (e.g. ``math.sqrt(q.size(-1))`` under dynamic shapes), which the rewriter
-    wraps into a 0-dim float64 tensor and the spec reads as a "scalar".
+    wraps into a 0-dim float64 tensor and the spec reads as a "scalar". ``prep`` lists what the
+    rewriter does to the node first: ("mul", beta) for baddbmm's input, ("to_frame",) to move a
+    tensor from the batch layout of its step to the region's (see ``Frames``).
     """
 
     def __init__(self):
         self.nodes: List[fx.Node] = []
         self.kinds: List[str] = []
+        self.preps: List[tuple] = []
 
-    def add(self, node: fx.Node, kind: str) -> int:
-        for i, (n, k) in enumerate(zip(self.nodes, self.kinds)):
-            if n is node and k == kind:
+    def add(self, node: fx.Node, kind: str, prep: tuple = ()) -> int:
+        for i, (n, k, p) in enumerate(zip(self.nodes, self.kinds, self.preps)):
+            if n is node and k == kind and p == prep:
                 return i
         self.nodes.append(node)
         self.kinds.append(kind)
+        self.preps.append(prep)
         return len(self.nodes) - 1
 
     @property
     def spec_kinds(self):
         return tuple("scalar" if k == "symnum" else k for k in self.kinds)
+
+
+@dataclass
+class Frames:
+    """Batch layouts. Models may view the scores between batch layouts inside the region, e.g.
+    BLOOM's (B*H, Nq, Nk) product viewed as (B, H, Nq, Nk) for the mask, then back to (B*H, ...)
+    for the PV product. A view that keeps the last two dims is exactly a row-major reshape of the
+    leading dims, so the op works in one layout, the softmax's ("canonical"), and the rewriter
+    reshapes q, k, v, the operands and the output to and from it.
+
+    ``sizes``: the canonical batch sizes as graph arguments (ints or size nodes), taken from the
+    last view before the softmax; None when the canonical layout is the QK product's own.
+    """
+
+    sizes: Optional[list] = None
+    reshape_qk: bool = False
+    reshape_v: bool = False
+    reshape_out: bool = False
 
 
 def _number(x) -> bool:
@@ -121,27 +145,62 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     if not isinstance(dim, int) or dim % sv.dim() != sv.dim() - 1:
         return NearMiss(site, site, f"softmax over dim {dim}, not the key dim (last)")
 
-    # -- the score chain ---------------------------------------------------------------------------
+    # -- the score chain, with the batch layout ("frame") each step works in ---------------------
     qk_dtype = value(region.qk).dtype
-    score_shape = tuple(value(region.qk).shape)
+    qk_shape = tuple(value(region.qk).shape)
+    cur = qk_shape
     captured = _Captured()
     ops: List[ScoreOp] = []
+    frames = Frames()
+    steps = []  # (op, pos, frame shape at the step)
     for op, pos in region.score_chain:
         out = value(op.node)
-        if not isinstance(out, torch.Tensor) or not _same_shape(out.shape, score_shape):
+        if not isinstance(out, torch.Tensor):
+            return NearMiss(site, op.node.name, f"no example value recorded for {op.node.name}")
+        if op.name == "reshape":
+            if not _same_shape(out.shape[-2:], cur[-2:]):
+                return NearMiss(site, op.node.name, "a reshape of the scores that moves the query or "
+                                "key dims")
+            sizes = list(op.args[1])
+            if any(isinstance(x, int) and x == -1 for x in sizes[:-2]):
+                return NearMiss(site, op.node.name, "a batch reshape with an inferred (-1) batch size")
+            frames.sizes = sizes[:-2]
+            cur = tuple(out.shape)
+            continue
+        if not _same_shape(out.shape, cur):
             return NearMiss(site, op.node.name, f"{op.name} changes the scores' shape")
-        res = _score_op(op, pos, out.dtype, captured, score_shape, site)
+        steps.append((op, pos, cur))
+    canonical = cur
+    qk_moved = not _same_shape(qk_shape[:-2], canonical[:-2])
+    if not qk_moved:
+        frames.sizes = None
+    if region.qk_input is not None:
+        res = _baddbmm_ops(region, captured, qk_shape, site, qk_moved, canonical)
+        if isinstance(res, NearMiss):
+            return res
+        ops += res
+    for op, pos, frame in steps:
+        moved = not _same_shape(frame[:-2], canonical[:-2])
+        res = _score_op(op, pos, value(op.node).dtype, captured, frame, site, moved, canonical)
         if isinstance(res, NearMiss):
             return res
         if res is not None:
             ops.append(res)
+    frames.reshape_qk = qk_moved
 
     # -- softmax -> PV ---------------------------------------------------------------------------
     softmax_dtype = sv.dtype
     prob_dtype = softmax_dtype
     dropout_p = 0.0
+    p_frame = canonical
     for op in region.prob_chain:
-        if op.name == "cast":
+        if op.name == "reshape":
+            pv_ = value(op.node)
+            if pv_ is None or not _same_shape(pv_.shape[-2:], p_frame[-2:]):
+                return NearMiss(site, op.node.name, "a reshape of the probabilities that moves the "
+                                "query or key dims")
+            p_frame = tuple(pv_.shape)
+        elif op.name == "cast":
             prob_dtype = value(op.node).dtype
         elif op.name == "dropout":
             p, training = op.args[1], op.args[2]
@@ -157,6 +216,14 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                     return NearMiss(site, op.node.name, "dropout with p >= 1 zeroes everything")
                 dropout_p = float(p)
             prob_dtype = value(op.node).dtype
+    if not _same_shape(p_frame[:-2], vv.shape[:-2]) or not _same(p_frame[-1], vv.shape[-2]):
+        return NearMiss(site, region.pv.name, f"P {p_frame} and v {tuple(vv.shape)} do not multiply "
+                        "without broadcasting")
+    frames.reshape_v = frames.reshape_out = not _same_shape(p_frame[:-2], canonical[:-2])
+    if (frames.reshape_qk or frames.reshape_v) and region.group > 1:
+        # grouped heads across a batch reshape: keep the repeated copies (still fused)
+        region.k, region.v, region.group = region.repeats[0], region.repeats[1], 1
+        region.repeats = []
     out_dtype = pvv.dtype
     v_dtype = vv.dtype
     if out_dtype != prob_dtype or out_dtype != v_dtype:
@@ -169,14 +236,56 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         score_ops=tuple(ops), captured=captured.spec_kinds, qk_dtype=dtype_name(qk_dtype),
         softmax_dtype=dtype_name(softmax_dtype), prob_dtype=dtype_name(prob_dtype),
         out_dtype=dtype_name(out_dtype), dropout_p=dropout_p)
-    return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds, q_dtype=qk_dtype, v_dtype=v_dtype)
+    return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
+                    captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames)
 
 
 def describe_value(x) -> str:
     return x.name if isinstance(x, fx.Node) else repr(x)
 
 
-def _score_op(op, pos, dtype, captured: _Captured, score_shape, site) -> Union[ScoreOp, NearMiss, None]:
+def _baddbmm_ops(region: Region, captured: _Captured, shape, site, moved, canonical
+                 ) -> Union[List[ScoreOp], NearMiss]:
+    """baddbmm(input, q, k^T, beta, alpha) = alpha * (q @ k^T) + beta * input, as score steps."""
+    beta, alpha, inp = region.qk_beta, region.qk_alpha, region.qk_input
+    dt = dtype_name(value(region.qk).dtype)
+    if not (_number(beta) and _number(alpha)):
+        return NearMiss(site, region.qk.name, "baddbmm with run-time beta or alpha")
+    ops = []
+    if alpha != 1:
+        ops.append(ScoreOp("mul", "const", value=float(alpha), dtype=dt))
+    if beta != 0:
+        iv = value(inp)
+        if not isinstance(inp, fx.Node) or not isinstance(iv, torch.Tensor) \
+                or not _broadcasts_into(tuple(iv.shape), shape):
+            return NearMiss(site, region.qk.name, "baddbmm's input does not broadcast into the scores")
+        prep = (("mul", float(beta)),) if beta != 1 else ()
+        if moved:
+            fp = _frame_prep(inp, shape, canonical, site, region.qk.name)
+            if isinstance(fp, NearMiss):
+                return fp
+            prep += fp
+        ops.append(ScoreOp("add", "tensor", index=captured.add(inp, "tensor", prep), dtype=dt))
+    return ops
+
+
+def _frame_prep(node: fx.Node, frame, canonical, site, where) -> Union[tuple, NearMiss]:
+    """How an operand read in another batch layout than the canonical one gets there."""
+    ov = value(node)
+    batch = (1,) * (len(frame) - ov.dim()) + tuple(ov.shape[:-2]) if ov.dim() <= len(frame) \
+        else None
+    if batch is None:
+        return NearMiss(site, where, f"operand {node.name} has more dims than the scores")
+    if all(_same(b, 1) for b in batch[:len(frame) - 2]) and ov.dim() <= len(canonical):
+        return ()  # broadcast over every batch dim: reads the same in any layout
+    if ov.dim() == len(frame) and _same_shape(batch[:len(frame) - 2], frame[:-2]):
+        return (("to_frame",),)
+    return NearMiss(site, where, f"operand {node.name} {tuple(ov.shape)} broadcasts over part of a "
+                    "batch layout the region reshapes")
+
+
+def _score_op(op, pos, dtype, captured: _Captured, score_shape, site, moved=False, canonical=None
+              ) -> Union[ScoreOp, NearMiss, None]:
     dt = dtype_name(dtype)
     if dtype not in FLOAT_DTYPES:
         return NearMiss(site, op.node.name, f"the scores become {dtype}")
@@ -195,19 +304,20 @@ def _score_op(op, pos, dtype, captured: _Captured, score_shape, site) -> Union[S
                 kind = "rsub"
             elif name == "div":
                 return NearMiss(site, op.node.name, "the scores are the divisor (x / s)")
-        return _operand_op(kind, other, dt, captured, score_shape, site, op.node)
+        return _operand_op(kind, other, dt, captured, score_shape, site, op.node, moved, canonical)
     if name == "masked_fill":
         mask, fill = op.args[1], op.args[2]
-        return _fill_op("fill", mask, fill, dt, captured, score_shape, site, op.node)
+        return _fill_op("fill", mask, fill, dt, captured, score_shape, site, op.node, moved, canonical)
     if name == "where":
         cond = op.args[0]
         other = op.args[2] if pos == 1 else op.args[1]
         return _fill_op("fill_not" if pos == 1 else "fill", cond, other, dt, captured, score_shape,
-                        site, op.node)
+                        site, op.node, moved, canonical)
     return NearMiss(site, op.node.name, f"{name} in the score chain")
 
 
-def _operand_op(kind, other, dt, captured, score_shape, site, node) -> Union[ScoreOp, NearMiss]:
+def _operand_op(kind, other, dt, captured, score_shape, site, node, moved=False, canonical=None
+                ) -> Union[ScoreOp, NearMiss]:
     if _number(other):
         return ScoreOp(kind, "const", value=float(other), dtype=dt)
     if isinstance(other, fx.Node):
@@ -221,11 +331,15 @@ def _operand_op(kind, other, dt, captured, score_shape, site, node) -> Union[Sco
             if not _broadcasts_into(tuple(ov.shape), score_shape):
                 return NearMiss(site, node.name, f"operand {other.name} of shape {tuple(ov.shape)} does "
                                 f"not broadcast into the scores {score_shape}")
-            return ScoreOp(kind, "tensor", index=captured.add(other, "tensor"), dtype=dt)
+            prep = _frame_prep(other, score_shape, canonical, site, node.name) if moved else ()
+            if isinstance(prep, NearMiss):
+                return prep
+            return ScoreOp(kind, "tensor", index=captured.add(other, "tensor", prep), dtype=dt)
     return NearMiss(site, node.name, f"operand {describe_value(other)} is neither a number nor a tensor")
 
 
-def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node) -> Union[ScoreOp, NearMiss]:
+def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node, moved=False, canonical=None
+             ) -> Union[ScoreOp, NearMiss]:
     mv = value(mask)
     if not isinstance(mask, fx.Node) or not isinstance(mv, torch.Tensor) or mv.dtype != torch.bool:
         return NearMiss(site, node.name, "the mask is not a boolean tensor")
@@ -234,4 +348,7 @@ def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node) -> Union[S
                         f"the scores {score_shape}")
     if not _number(fill):
         return NearMiss(site, node.name, f"the fill value {describe_value(fill)} is not a constant")
-    return ScoreOp(kind, "none", value=float(fill), index=captured.add(mask, "tensor"), dtype=dt)
+    prep = _frame_prep(mask, score_shape, canonical, site, node.name) if moved else ()
+    if isinstance(prep, NearMiss):
+        return prep
+    return ScoreOp(kind, "none", value=float(fill), index=captured.add(mask, "tensor", prep), dtype=dt)

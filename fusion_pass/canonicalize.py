@@ -140,6 +140,28 @@ def _noise(node: fx.Node):
     return CanonicalOp("identity", (node.args[0],))
 
 
+def _reshape(node: fx.Node):
+    """x.view(*sizes) / x.reshape(sizes) / torch.reshape(x, sizes); ``x.view(dtype)`` is a bit
+    cast, not a reshape."""
+    x = node.args[0]
+    sizes = node.args[1:] if node.op == "call_method" else (_get(node, 1, "shape"),)
+    if not sizes:
+        sizes = (node.kwargs.get("size", node.kwargs.get("shape")),)
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple, torch.Size)):
+        sizes = tuple(sizes[0])
+    if any(isinstance(s, torch.dtype) for s in sizes) or not sizes:
+        return None
+    return CanonicalOp("reshape", (x, tuple(sizes)))
+
+
+def _baddbmm(node: fx.Node):
+    """baddbmm(input, b1, b2, beta=1, alpha=1) = beta * input + alpha * (b1 @ b2)."""
+    inp = _get(node, 0, "input")
+    b1, b2 = _get(node, 1, "batch1"), _get(node, 2, "batch2")
+    beta, alpha = node.kwargs.get("beta", 1), node.kwargs.get("alpha", 1)
+    return CanonicalOp("baddbmm", (inp, b1, b2), {"beta": beta, "alpha": alpha})
+
+
 def _item(node: fx.Node):
     return CanonicalOp("item", (node.args[0],))
 
@@ -157,6 +179,7 @@ FUNCTIONS: Dict[Any, Callable] = {
     torch.tanh: _unary("tanh"), F.tanh: _unary("tanh"),
     torch.transpose: _transpose, torch.permute: _permute,
     torch.masked_fill: _masked_fill, torch.where: _where,
+    torch.reshape: _reshape, torch.baddbmm: _baddbmm,
 }
 METHODS: Dict[str, Callable] = {
     "matmul": _matmul, "bmm": _matmul, "__matmul__": _matmul,
@@ -167,6 +190,7 @@ METHODS: Dict[str, Callable] = {
     "double": _cast_method, "type_as": _cast_method, "type": _cast_method,
     "transpose": _transpose, "permute": _permute, "masked_fill": _masked_fill,
     "contiguous": _noise, "clone": _noise, "item": _item,
+    "view": _reshape, "reshape": _reshape, "baddbmm": _baddbmm,
 }
 
 

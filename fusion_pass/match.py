@@ -18,9 +18,11 @@ import torch.fx as fx
 from .canonicalize import CanonicalOp, repeated_heads, value, view
 
 # ops that may sit between QK and softmax (each reads the running score and at most one operand)
-SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity"}
+SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity", "reshape"}
 # ops that may sit between softmax and PV
-PROB_OPS = {"cast", "identity", "dropout"}
+PROB_OPS = {"cast", "identity", "dropout", "reshape"}
+# the QK product: a plain product, or baddbmm's beta * input + alpha * (q @ k^T)
+PRODUCTS = {"matmul", "baddbmm"}
 # a chain longer than this is not a score_mod a model writes; stop walking
 MAX_CHAIN = 64
 
@@ -52,6 +54,9 @@ class Region:
     v: fx.Node
     group: int = 1                        # > 1: k and v are heads repeated G times (GQA / MQA)
     repeats: List[fx.Node] = field(default_factory=list)  # the repeat nodes, removed when unused
+    qk_input: Optional[fx.Node] = None    # baddbmm's input (added to the scores), else None
+    qk_beta: object = 1
+    qk_alpha: object = 1
     score_chain: List[Tuple[CanonicalOp, int]] = field(default_factory=list)  # QK -> softmax, (op, chain arg)
     prob_chain: List[CanonicalOp] = field(default_factory=list)             # softmax -> PV
 
@@ -108,7 +113,7 @@ def _leads_to_product(n, depth=0) -> bool:
     op = view(n)
     if op is None:
         return False
-    if op.name == "matmul":
+    if op.name in PRODUCTS:
         return True
     if op.name not in SCORE_OPS:
         return False
@@ -153,7 +158,7 @@ def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
         if not isinstance(cur, fx.Node):
             return NearMiss(site, site, "the softmax input is not a graph value", attention_like=False)
         op = view(cur)
-        if op is not None and op.name == "matmul":
+        if op is not None and op.name in PRODUCTS:
             if len(cur.users) != 1:
                 return NearMiss(site, cur.name, f"the raw scores Q @ K^T are also used outside the "
                                 f"region (by {_users_text(cur)})")
@@ -181,7 +186,8 @@ def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
         return NearMiss(site, site, "no Q @ K^T product within reach", attention_like=False)
     chain.reverse()
 
-    q, kt = view(qk).args
+    qk_op = view(qk)
+    q, kt = qk_op.args if qk_op.name == "matmul" else qk_op.args[1:]
     v = view(pv).args[1]
     for name, n in (("q", q), ("k^T", kt), ("v", v)):
         if not isinstance(n, fx.Node):
@@ -189,6 +195,9 @@ def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     k = _untransposed(kt)
     region = Region(softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, k=k, v=v, score_chain=chain,
                     prob_chain=prob_chain)
+    if qk_op.name == "baddbmm":
+        region.qk_input = qk_op.args[0]
+        region.qk_beta, region.qk_alpha = qk_op.kwargs["beta"], qk_op.kwargs["alpha"]
     # grouped heads: read each K/V head once instead of the repeated copies
     rk, rv = (repeated_heads(k) if k is not None else None), repeated_heads(v)
     if rk is not None and rv is not None and rk[1] == rv[1] and rk[1] > 1:

@@ -59,29 +59,61 @@ def _cast(graph: fx.Graph, node: fx.Node, dtype: torch.dtype, fake_mode) -> fx.N
     return n
 
 
+def _size(graph, node, dim, fake_mode):
+    n = graph.call_method("size", (node, dim))
+    _meta(n, fake_mode)
+    return n
+
+
+def _to_frame(graph, node, sizes, fake_mode) -> fx.Node:
+    """node (..., X, Y) reshaped to the canonical batch sizes, keeping its last two dims."""
+    n = graph.call_method("reshape", (node, *sizes, _size(graph, node, -2, fake_mode),
+                                      _size(graph, node, -1, fake_mode)))
+    _meta(n, fake_mode)
+    return n
+
+
 def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     """Replace one region; returns the node holding the attention output."""
     r = a.region
+    f = a.frames
     graph = gm.graph
     with graph.inserting_before(r.pv):
-        if r.k is not None:
+        sizes = f.sizes
+        if sizes is None:  # canonical layout = the QK product's: read its batch sizes off q
+            sizes = [_size(graph, r.q, d, fake_mode) for d in range(value(r.q).dim() - 2)]
+        if r.k is not None and not f.reshape_qk:
             k = r.k
         else:
-            k = graph.call_method("transpose", (r.kt, -2, -1))
+            kt = _to_frame(graph, r.kt, sizes, fake_mode) if f.reshape_qk else r.kt
+            k = graph.call_method("transpose", (kt, -2, -1))
             _meta(k, fake_mode)
-        q = _cast(graph, r.q, a.q_dtype, fake_mode)
+        q = _to_frame(graph, r.q, sizes, fake_mode) if f.reshape_qk else r.q
+        v = _to_frame(graph, r.v, sizes, fake_mode) if f.reshape_v else r.v
+        q = _cast(graph, q, a.q_dtype, fake_mode)
         k = _cast(graph, k, a.q_dtype, fake_mode)
-        v = _cast(graph, r.v, a.v_dtype, fake_mode)
+        v = _cast(graph, v, a.v_dtype, fake_mode)
         captured = []
-        for node, kind in zip(a.captured, a.captured_kinds):
+        for node, kind, prep in zip(a.captured, a.captured_kinds, a.captured_preps):
             if kind == "symnum":  # a symbolic number becomes a 0-dim tensor the op can take
                 node = graph.call_function(torch.scalar_tensor, (node,), {"dtype": torch.float64})
                 _meta(node, fake_mode)
+            for step in prep:
+                if step[0] == "mul":
+                    node = graph.call_function(operator.mul, (node, step[1]))
+                    _meta(node, fake_mode)
+                elif step[0] == "to_frame":
+                    node = _to_frame(graph, node, sizes, fake_mode)
             captured.append(node)
         call = graph.call_function(ATTENTION_OP, (q, k, v, captured, a.spec.to_key()))
         _meta(call, fake_mode)
         out = graph.call_function(operator.getitem, (call, 0))
         _meta(out, fake_mode)
+        if f.reshape_out:  # back to the PV product's layout, which is v's
+            vb = [_size(graph, r.v, d, fake_mode) for d in range(value(r.v).dim() - 2)]
+            out = graph.call_method("reshape", (out, *vb, _size(graph, out, -2, fake_mode),
+                                                _size(graph, out, -1, fake_mode)))
+            _meta(out, fake_mode)
     for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
         if key in r.pv.meta:
             call.meta[key] = r.pv.meta[key]
