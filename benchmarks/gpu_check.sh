@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU check in one command, hard-capped under 8 minutes (the whole script re-runs itself under
+# `timeout`): environment, the GPU tests (compiled Triton kernels, not the interpreter), then
+# benchmarks/gpu_bench.py and its table.
+#
+#   bash benchmarks/gpu_check.sh            # from anywhere; results go to $OUT if set
+#
+# Expects the project installed (pip install --no-deps --no-build-isolation -e .) and a CUDA GPU.
+# Budget: tests <= 170 s, benchmark <= 270 s (it stops starting rows after 230 s), total <= 470 s.
+set -u
+if [ -z "${GPU_CHECK_INNER:-}" ]; then
+    GPU_CHECK_INNER=1 exec timeout -k 5 470 bash "$0" "$@"
+fi
+cd "$(dirname "$0")/.."
+RES="${OUT:-benchmarks/results}"
+mkdir -p "$RES"
+start=$(date +%s)
+unset TRITON_INTERPRET  # the tests must run compiled on the GPU
+
+echo "== environment"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
+python - <<'EOF' || true
+import torch, triton
+print("torch", torch.__version__, "triton", triton.__version__, "cuda", torch.version.cuda,
+      "device", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+import fusion_pass.kernels.ops as ops
+try:
+    import fusion_pass.kernels.triton_attention as ta
+    print("triton_attention:", ta.__file__)
+except Exception as e:
+    print("triton_attention NOT importable:", type(e).__name__, e)
+EOF
+
+echo "== GPU tests"
+if [ -f tests/test_triton_kernels.py ]; then
+    timeout -k 5 170 python -m pytest tests/test_triton_kernels.py -q --maxfail=10 -p no:cacheprovider \
+        -o addopts="" 2>&1 | tail -25
+    echo "tests rc=${PIPESTATUS[0]} (124: timed out)"
+else
+    timeout -k 5 170 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25
+    echo "tests rc=${PIPESTATUS[0]} (5: no gpu tests collected; 124: timed out)"
+fi
+echo "tests took $(( $(date +%s) - start )) s"
+
+echo "== benchmark"
+left=$(( 460 - ($(date +%s) - start) ))
+budget=$(( left - 50 ))
+[ "$budget" -gt 230 ] && budget=230
+if [ "$budget" -lt 30 ]; then
+    echo "no time left for the benchmark"
+    exit 1
+fi
+timeout -k 5 $(( budget + 40 )) python benchmarks/gpu_bench.py --budget-s "$budget" \
+    --json "$RES/gpu_bench.json" 2>&1 | tee "$RES/gpu_bench.log" | grep -v '^  File\|^    ' | tail -80
+echo "bench rc=${PIPESTATUS[0]} (124: timed out; the per-row log is in $RES/gpu_bench.log)"
+echo "total $(( $(date +%s) - start )) s"
