@@ -187,12 +187,12 @@ def attn_bwd_preprocess(
 
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, DK, DV_,@@OPERAND_ARGS@@
+    Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_,@@OPERAND_ARGS@@
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
@@ -224,6 +224,8 @@ def attn_bwd_dkdv(
         # padding is zeroed by where, not by a 0/1 product: a fully masked row's NaN must reach
         # dV as in eager, while the padding's must not
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        if ROW_STATS:
+            p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
         dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
 @@BWD_DROPOUT@@
         dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST_DOT, ALLOW_TF32)
@@ -239,12 +241,12 @@ def attn_bwd_dkdv(
 
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, DQ,@@OPERAND_ARGS@@@@DC_ARGS@@
+    Q, K, V, DO, LSE, DELTA, INV_R, DQ,@@OPERAND_ARGS@@@@DC_ARGS@@
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,@@GRAD_FLAGS@@
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,@@GRAD_FLAGS@@
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
@@ -259,7 +261,38 @@ def attn_bwd_dq(
     do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(V.dtype.element_ty)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+    if ROW_STATS:
+        # One extra pass over the keys for two per-row statistics:
+        # * r = sum_j exp(s - lse), normally 1: when the row max is huge (a fully masked row
+        #   filled with finfo.min or -1e9), log(l) vanishes in lse = m + log(l) and
+        #   exp(s - lse) alone would not sum to 1; p = exp(s - lse) / r is then exact;
+        # * delta = rowsum(dP * P) from fp32 P and dP, instead of rowsum(dO * O) with O rounded
+        #   to fp16/bf16: that rounding is shared by a whole row and adds up in a learnable
+        #   scalar's gradient (2% off in bf16) where eager's errors cancel.
+        r = tl.zeros([BLOCK_M], tl.float32)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for start_n in range(0, N_K, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < N_K
+            valid = m_valid[:, None] & n_valid[None, :]
+            k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+                        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+            v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+                        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+@@LOAD_OPERANDS_12@@
+            s = score_mod(s0@@CARGS@@)
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
+@@BWD_DROPOUT_12@@
+            r += tl.sum(p, 1)
+            delta += tl.sum(p * dp, 1)
+        inv_r = 1.0 / tl.where(m_valid, r, 1.0)  # padding rows have r = 0
+        delta = delta * inv_r
+        tl.store(DELTA + off_bh * N_Q + offs_m, delta, mask=m_valid)
+        tl.store(INV_R + off_bh * N_Q + offs_m, inv_r, mask=m_valid)
+    else:
+        delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
     for start_n in range(0, N_K, BLOCK_N):
@@ -274,6 +307,8 @@ def attn_bwd_dq(
 @@LOAD_OPERANDS@@
         s = score_mod(s0@@CARGS@@)
         p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        if ROW_STATS:
+            p = p * inv_r[:, None]
         dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
 @@BWD_DROPOUT@@
         ds = p * (dp - delta[:, None])
@@ -388,6 +423,10 @@ def _chain_backward_lines(spec: AttentionSpec) -> List[str]:
     return lines
 
 
+def _reindent(text: str, n: int) -> str:
+    return "\n".join(" " * n + line for line in text.split("\n"))
+
+
 def _indent(lines: Sequence[str], n: int) -> str:
     return "\n".join(" " * n + line for line in lines) if lines else " " * n + "pass"
 
@@ -442,6 +481,8 @@ def generate_source(spec: AttentionSpec) -> str:
         "@@DC_ARGS@@": dc_args,
         "@@GRAD_FLAGS@@": grad_flags,
         "@@LOAD_OPERANDS@@": _indent(loads, 8) if loads else "",
+        "@@LOAD_OPERANDS_12@@": _indent(loads, 12) if loads else "",
+        "@@BWD_DROPOUT_12@@": _reindent(_BWD_DROPOUT, 4) if drop else "",
         "@@CARGS@@": cparams,
         "@@FWD_DROPOUT@@": _FWD_DROPOUT if drop else "",
         "@@BWD_DROPOUT@@": _BWD_DROPOUT if drop else "        pd = p",
@@ -634,15 +675,13 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     ops = _operands(spec, captured, (B, H, nq, nk))
     bm, bn, warps, stages = _blocks(d, dv, backward=True)
     bdv = _pow2(dv)
-    mod.attn_bwd_preprocess[(triton.cdiv(nq, bm), B * H)](
-        o4, do4, delta, *o4.stride(), *do4.stride(), H, nq, dv, BLOCK_M=bm, BLOCK_DV=bdv)
+    row_stats = _needs_row_stats(spec, o4.dtype)
+    inv_r = torch.empty((B, H, nq) if row_stats else (1,), dtype=torch.float32, device=q.device)
+    if not row_stats:
+        mod.attn_bwd_preprocess[(triton.cdiv(nq, bm), B * H)](
+            o4, do4, delta, *o4.stride(), *do4.stride(), H, nq, dv, BLOCK_M=bm, BLOCK_DV=bdv)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv,
                   num_warps=warps, num_stages=stages, **_flags())
-    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn), B * H)](
-        q4, k4, v4, do4, lse3, delta, dk, dvt, *ops,
-        *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
-        H, nq, nk, d, dv, _seed32(seed), **common)
-
     grads = _grad_indices(spec)
     n_mb, n_nb = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
     bufs, flags = {}, {}
@@ -657,9 +696,14 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
         else:
             bufs[i] = torch.empty((B * H, n_mb, n_nb), dtype=torch.float32, device=q.device)
     mod.attn_bwd_dq[(n_mb, B * H)](
-        q4, k4, v4, do4, lse3, delta, dq, *ops, *[bufs[i] for i in grads],
+        q4, k4, v4, do4, lse3, delta, inv_r, dq, *ops, *[bufs[i] for i in grads],
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
-        H, nq, nk, d, dv, _seed32(seed), **common, **flags)
+        H, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common, **flags)
+    # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
+    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn), B * H)](
+        q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, *ops,
+        *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
+        H, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common)
 
     dcap: List[Optional[torch.Tensor]] = []
     for i, (kind, c) in enumerate(zip(spec.captured, captured)):
@@ -675,6 +719,20 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
             g = bufs[i].sum(dim=dims, keepdim=True) if dims else bufs[i]
             dcap.append(g.reshape(c.shape).to(c.dtype))
     return dq.reshape(q.shape), dk.reshape(k.shape), dvt.reshape(v.shape), dcap
+
+
+def _needs_row_stats(spec: AttentionSpec, out_dtype: torch.dtype) -> bool:
+    """Whether the backward takes the extra pass for exact per-row statistics (see attn_bwd_dq):
+    when O is rounded to 16 bits (delta), or when the chain can make a row's maximum huge (a
+    finite fill value, or a tensor operand that may carry finfo.min), so lse loses log(l)."""
+    if out_dtype != torch.float32:
+        return True
+    for op in spec.score_ops:
+        if op.kind in ("fill", "fill_not") and math.isfinite(op.value):
+            return True
+        if op.kind in _ARITH_KINDS and op.operand == "tensor":
+            return True
+    return False
 
 
 def _pow2(n: int) -> int:
