@@ -123,14 +123,17 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         if not isinstance(t, torch.Tensor):
             return NearMiss(site, region.qk.name, f"no example value recorded for {name}")
     rank = qv.dim()
+    kt_shape = tuple(ktv.shape)
+    if region.kt_is_k and len(kt_shape) >= 2:
+        kt_shape = kt_shape[:-2] + (kt_shape[-1], kt_shape[-2])
     if rank < 2 or ktv.dim() != rank or vv.dim() != rank:
         return NearMiss(site, region.qk.name, f"q, k^T, v have ranks {qv.dim()}, {ktv.dim()}, "
                         f"{vv.dim()}; the fused op needs equal ranks >= 2 (no broadcasting products)")
-    if not (_same_shape(qv.shape[:-2], ktv.shape[:-2]) and _same_shape(qv.shape[:-2], vv.shape[:-2])):
+    if not (_same_shape(qv.shape[:-2], kt_shape[:-2]) and _same_shape(qv.shape[:-2], vv.shape[:-2])):
         return NearMiss(site, region.qk.name, f"batch dims of q {tuple(qv.shape)}, k^T "
-                        f"{tuple(ktv.shape)} and v {tuple(vv.shape)} are not provably equal "
+                        f"{kt_shape} and v {tuple(vv.shape)} are not provably equal "
                         "(the products would broadcast)")
-    if not (_same(qv.shape[-1], ktv.shape[-2]) and _same(ktv.shape[-1], vv.shape[-2])):
+    if not (_same(qv.shape[-1], kt_shape[-2]) and _same(kt_shape[-1], vv.shape[-2])):
         return NearMiss(site, region.pv.name, "inner dims of the products are not provably equal")
     for name, t in (("q", qv), ("k", ktv), ("v", vv)):
         if t.dtype not in FLOAT_DTYPES:
@@ -338,6 +341,19 @@ def _operand_op(kind, other, dt, captured, score_shape, site, node, moved=False,
     return NearMiss(site, node.name, f"operand {describe_value(other)} is neither a number nor a tensor")
 
 
+def _literal(x):
+    """A Python number, or the value of a 0-dim tensor built in the graph from a literal
+    (``torch.tensor(finfo.min, dtype=...)``, GPT-Neo's mask value), rounded through its dtype."""
+    if _number(x):
+        return x
+    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in (torch.tensor, torch.scalar_tensor) \
+            and x.args and _number(x.args[0]) and set(x.kwargs) <= {"dtype", "device", "requires_grad"} \
+            and not x.kwargs.get("requires_grad", False):
+        dtype = x.kwargs.get("dtype")
+        return torch.tensor(x.args[0], dtype=dtype).item()
+    return None
+
+
 def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node, moved=False, canonical=None
              ) -> Union[ScoreOp, NearMiss]:
     mv = value(mask)
@@ -346,8 +362,10 @@ def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node, moved=Fals
     if not _broadcasts_into(tuple(mv.shape), score_shape):
         return NearMiss(site, node.name, f"mask of shape {tuple(mv.shape)} does not broadcast into "
                         f"the scores {score_shape}")
-    if not _number(fill):
+    value_ = _literal(fill)
+    if value_ is None:
         return NearMiss(site, node.name, f"the fill value {describe_value(fill)} is not a constant")
+    fill = value_
     prep = _frame_prep(mask, score_shape, canonical, site, node.name) if moved else ()
     if isinstance(prep, NearMiss):
         return prep

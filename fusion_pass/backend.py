@@ -27,7 +27,8 @@ from .analyze import analyse
 from .match import NearMiss, find_sites, match_site
 from .options import Options
 from .report import Explanation, GraphReport, SiteReport, code_lines
-from .rewrite import find_fake_mode, rewrite_region
+from .canonicalize import canonicalize_graph
+from .rewrite import fill_meta, find_fake_mode, rewrite_region
 
 log = logging.getLogger("fusion_pass")
 
@@ -47,6 +48,10 @@ def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
     """Rewrite every provable attention region of ``gm`` in place; report every softmax site."""
     report = GraphReport(index=index, code_before=gm.code)
     fake_mode = find_fake_mode(gm)
+    report.canonicalized = canonicalize_graph(gm, lambda n: fill_meta(n, fake_mode))
+    if report.canonicalized:
+        gm.recompile()
+        report.code_before = gm.code
     for softmax in find_sites(gm):
         site = softmax.name
         m = match_site(softmax)

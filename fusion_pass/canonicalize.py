@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -162,6 +162,40 @@ def _baddbmm(node: fx.Node):
     return CanonicalOp("baddbmm", (inp, b1, b2), {"beta": beta, "alpha": alpha})
 
 
+def _einsum(node: fx.Node):
+    """torch.einsum of two operands that is a batched product with identical batch subscripts:
+    "...id,...jd->...ij" is a @ b^T (read as matmul with ``b_transposed``), "...id,...dj->...ij"
+    is a @ b. Any other equation (heads moved, reductions) is not read as a product."""
+    eq = node.args[0]
+    ops = node.args[1:]
+    if len(ops) == 1 and isinstance(ops[0], (list, tuple)):
+        ops = tuple(ops[0])
+    if not isinstance(eq, str) or len(ops) != 2 or "->" not in eq:
+        return None
+    lhs, out = eq.replace(" ", "").split("->")
+    parts = lhs.split(",")
+    if len(parts) != 2:
+        return None
+    a, b = (p.replace("...", "*") for p in parts)
+    o = out.replace("...", "*")
+    if len(a) < 2 or len(a) != len(b) or len(a) != len(o) or len(set(a)) != len(a) or len(set(b)) != len(b):
+        return None
+    batch = a[:-2]
+    if b[:-2] != batch or o[:-2] != batch:
+        return None
+    i, d = a[-2], a[-1]
+    if len({i, d} & set(batch)) or o[-2] != i:
+        return None
+    j = o[-1]
+    if j in (i, d) or j in batch:
+        return None
+    if b[-2:] == j + d:
+        return CanonicalOp("matmul", (ops[0], ops[1]), {"b_transposed": True})
+    if b[-2:] == d + j:
+        return CanonicalOp("matmul", (ops[0], ops[1]))
+    return None
+
+
 def _item(node: fx.Node):
     return CanonicalOp("item", (node.args[0],))
 
@@ -179,7 +213,7 @@ FUNCTIONS: Dict[Any, Callable] = {
     torch.tanh: _unary("tanh"), F.tanh: _unary("tanh"),
     torch.transpose: _transpose, torch.permute: _permute,
     torch.masked_fill: _masked_fill, torch.where: _where,
-    torch.reshape: _reshape, torch.baddbmm: _baddbmm,
+    torch.reshape: _reshape, torch.baddbmm: _baddbmm, torch.einsum: _einsum,
 }
 METHODS: Dict[str, Callable] = {
     "matmul": _matmul, "bmm": _matmul, "__matmul__": _matmul,
@@ -289,3 +323,119 @@ def repeated_heads(node) -> Optional[Tuple[fx.Node, int]]:
     if not same or not isinstance(g, int):
         return None
     return x, g
+
+
+# ---- graph rules: rewrite equivalent subgraphs into one form before matching -----------------------
+
+def _call(node, fn=None, method=None) -> bool:
+    return isinstance(node, fx.Node) and (
+        (fn is not None and node.op == "call_function" and node.target in fn)
+        or (method is not None and node.op == "call_method" and node.target in method))
+
+
+def _last_dim(node: fx.Node, dim) -> bool:
+    v = value(node)
+    return isinstance(dim, int) and v is not None and hasattr(v, "dim") and dim % max(v.dim(), 1) == v.dim() - 1
+
+
+def _row_max_of(m) -> Optional[fx.Node]:
+    """x when m is x's row max with keepdim: amax(x, -1, True), max(x, -1, True)[0] / .values,
+    optionally detached (the softmax is shift-invariant, so stopping its gradient changes nothing)."""
+    if _call(m, method={"detach"}) or _call(m, fn={torch.detach}):
+        m = m.args[0]
+    if _call(m, fn={torch.amax}, method={"amax"}):
+        x, dim = m.args[0], _get(m, 1, "dim")
+        dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+        if _get(m, 2, "keepdim", False) and _last_dim(x, dim):
+            return x
+        return None
+    if isinstance(m, fx.Node) and m.op == "call_function" and m.target is operator.getitem and m.args[1] == 0 \
+            or (isinstance(m, fx.Node) and m.op == "call_function" and m.target is getattr and m.args[1] == "values"):
+        mx = m.args[0]
+        if _call(mx, fn={torch.max}, method={"max"}) and len(mx.args) + len(mx.kwargs) >= 2:
+            x, dim = mx.args[0], _get(mx, 1, "dim")
+            if _get(mx, 2, "keepdim", False) and _last_dim(x, dim):
+                return x
+    return None
+
+
+def _is_exp(n) -> bool:
+    return _call(n, fn={torch.exp}, method={"exp"})
+
+
+def rule_decomposed_softmax(node: fx.Node) -> Optional[Tuple[fx.Node, int, Any, List[fx.Node]]]:
+    """e / e.sum(-1, keepdim=True) with e = exp(x - rowmax(x))  ==  softmax(x, -1)."""
+    op = view(node)
+    if op is None or op.name != "div":
+        return None
+    e, total = op.args
+    if not (_is_exp(e) and _call(total, fn={torch.sum}, method={"sum"}) and total.args[0] is e):
+        return None
+    dim = _get(total, 1, "dim")
+    dim = dim[0] if isinstance(dim, (list, tuple)) and len(dim) == 1 else dim
+    if not (_get(total, 2, "keepdim", False) and _last_dim(e, dim)) or total.kwargs.get("dtype") is not None:
+        return None
+    if set(e.users) != {node, total} or len(total.users) != 1:
+        return None
+    d = view(e.args[0])
+    if d is None or d.name != "sub" or len(d.node.users) != 1:
+        return None
+    x = _row_max_of(d.args[1])
+    if x is None or x is not d.args[0]:
+        return None
+    dead = [total, e, d.node]
+    m = d.args[1]
+    while isinstance(m, fx.Node) and m is not x:
+        dead.append(m)
+        m = m.args[0]
+    return x, -1, None, dead
+
+
+def rule_exp_log_softmax(node: fx.Node) -> Optional[Tuple[fx.Node, int, Any, List[fx.Node]]]:
+    """exp(log_softmax(x, dim, dtype))  ==  softmax(x, dim, dtype)."""
+    if not _is_exp(node):
+        return None
+    ls = node.args[0]
+    if not (_call(ls, fn={torch.log_softmax, F.log_softmax}, method={"log_softmax"}) and len(ls.users) == 1):
+        return None
+    dim = _get(ls, 1, "dim")
+    dtype = ls.kwargs.get("dtype")
+    if dtype is None and len(ls.args) > 2 and not (ls.target is F.log_softmax):
+        dtype = ls.args[2]
+    if not isinstance(dim, int):
+        return None
+    return ls.args[0], dim, dtype, [ls]
+
+
+GRAPH_RULES = (rule_decomposed_softmax, rule_exp_log_softmax)
+
+
+def canonicalize_graph(gm: fx.GraphModule, meta_fn=None) -> List[str]:
+    """Apply GRAPH_RULES until none fires; returns one line per rewrite, for the report."""
+    applied = []
+    changed = True
+    while changed:
+        changed = False
+        for node in list(gm.graph.nodes):
+            for rule in GRAPH_RULES:
+                hit = rule(node)
+                if hit is None:
+                    continue
+                x, dim, dtype, dead = hit
+                with gm.graph.inserting_before(node):
+                    kwargs = {"dim": dim} if dtype is None else {"dim": dim, "dtype": dtype}
+                    sm = gm.graph.call_function(F.softmax, (x,), kwargs)
+                if meta_fn is not None:
+                    meta_fn(sm)
+                for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+                    if key in node.meta:
+                        sm.meta[key] = node.meta[key]
+                node.replace_all_uses_with(sm)
+                gm.graph.erase_node(node)
+                for n in dead:
+                    if not n.users:
+                        gm.graph.erase_node(n)
+                applied.append(f"{rule.__name__[5:]}: {node.name} -> {sm.name} = softmax({x.name}, dim={dim})")
+                changed = True
+                break
+    return applied

@@ -49,11 +49,13 @@ class Region:
     qk: fx.Node                           # the Q @ K^T product
     pv: fx.Node                           # the P @ V product
     q: fx.Node
-    kt: fx.Node                           # second operand of the QK product, (..., D, Nk)
+    kt: fx.Node                           # second operand of the QK product: (..., D, Nk), or k
+                                          # itself when ``kt_is_k`` (einsum "...id,...jd->...ij")
     k: Optional[fx.Node]                  # kt's source when kt is exactly a transpose of its last two dims
     v: fx.Node
     group: int = 1                        # > 1: k and v are heads repeated G times (GQA / MQA)
     repeats: List[fx.Node] = field(default_factory=list)  # the repeat nodes, removed when unused
+    kt_is_k: bool = False
     qk_input: Optional[fx.Node] = None    # baddbmm's input (added to the scores), else None
     qk_beta: object = 1
     qk_alpha: object = 1
@@ -188,13 +190,21 @@ def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
 
     qk_op = view(qk)
     q, kt = qk_op.args if qk_op.name == "matmul" else qk_op.args[1:]
-    v = view(pv).args[1]
+    pv_op = view(pv)
+    v = pv_op.args[1]
+    if pv_op.kwargs.get("b_transposed"):
+        return NearMiss(site, pv.name, "the P @ V product multiplies by V^T (einsum)")
     for name, n in (("q", q), ("k^T", kt), ("v", v)):
         if not isinstance(n, fx.Node):
             return NearMiss(site, qk.name if name != "v" else pv.name, f"{name} is not a graph tensor")
-    k = _untransposed(kt)
+    kt_is_k = bool(qk_op.kwargs.get("b_transposed"))
+    if kt_is_k:  # einsum "...id,...jd->...ij": the operand is k itself
+        k = kt
+    else:
+        k = _untransposed(kt)
     region = Region(softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, k=k, v=v, score_chain=chain,
                     prob_chain=prob_chain)
+    region.kt_is_k = kt_is_k
     if qk_op.name == "baddbmm":
         region.qk_input = qk_op.args[0]
         region.qk_beta, region.qk_alpha = qk_op.kwargs["beta"], qk_op.kwargs["alpha"]

@@ -55,12 +55,14 @@ class GraphReport:
     sites: List[SiteReport] = field(default_factory=list)
     code_before: str = ""
     code_after: str = ""
+    canonicalized: List[str] = field(default_factory=list)  # graph rules that fired
 
     def __str__(self) -> str:
         fused = sum(s.fused for s in self.sites)
         att = sum(s.attention_like or s.fused for s in self.sites)
-        head = f"graph {self.index}: {fused} of {att} attention site(s) fused"
-        return "\n".join([head] + [str(s) for s in self.sites])
+        head = [f"graph {self.index}: {fused} of {att} attention site(s) fused"]
+        head += [f"  canonicalised {c}" for c in self.canonicalized]
+        return "\n".join(head + [str(s) for s in self.sites])
 
 
 @dataclass

@@ -82,8 +82,8 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
         sizes = f.sizes
         if sizes is None:  # canonical layout = the QK product's: read its batch sizes off q
             sizes = [_size(graph, r.q, d, fake_mode) for d in range(value(r.q).dim() - 2)]
-        if r.k is not None and not f.reshape_qk:
-            k = r.k
+        if r.k is not None:
+            k = _to_frame(graph, r.k, sizes, fake_mode) if f.reshape_qk else r.k
         else:
             kt = _to_frame(graph, r.kt, sizes, fake_mode) if f.reshape_qk else r.kt
             k = graph.call_method("transpose", (kt, -2, -1))
@@ -141,3 +141,8 @@ def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
 
 def find_fake_mode(gm: fx.GraphModule) -> Optional[object]:
     return _fake_mode(gm)
+
+
+def fill_meta(node: fx.Node, fake_mode) -> None:
+    """example_value of a node another stage inserted (canonicalisation rules)."""
+    _meta(node, fake_mode)

@@ -384,3 +384,46 @@ def test_partially_broadcast_operand_across_a_batch_view_is_not_fused():
     q, k, v = (torch.randn(6, 7, 8) for _ in range(3))
     expl = _missed(f, q, k, v, torch.randn(1, 3, 7, 7))
     assert "broadcasts over part of a batch layout" in expl.missed[0].reason
+
+
+# ---- canonical forms: einsum, decomposed softmax ----------------------------------------------
+
+def _einsum_decomposed(q, k, v):
+    s = torch.einsum("bhid,bhjd->bhij", q, k) * 0.3
+    m = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - m)
+    return torch.einsum("bhij,bhjd->bhid", e / e.sum(dim=-1, keepdim=True), v)
+
+
+def _max_detached(q, k, v):
+    s = q @ k.transpose(-1, -2)
+    e = (s - s.max(dim=-1, keepdim=True)[0].detach()).exp()
+    return (e / e.sum(-1, keepdim=True)) @ v
+
+
+def _exp_log_softmax(q, k, v):
+    return torch.log_softmax(q @ k.transpose(-1, -2) / 3.0, dim=-1).exp() @ v
+
+
+@pytest.mark.parametrize("fn", [_einsum_decomposed, _max_detached, _exp_log_softmax])
+def test_canonical_forms_fuse(fn):
+    expl = _check_fused(fn, *_qkv(Nq=9, Nk=14), rtol=1e-5)
+    assert expl.graphs[0].canonicalized or "einsum" in expl.graphs[0].code_before
+
+
+def test_unstabilised_softmax_is_not_rewritten():
+    """exp(s) / sum(exp(s)) overflows where softmax does not: rewriting it would change results."""
+    def f(q, k, v):
+        e = torch.exp(q @ k.transpose(-1, -2))
+        return (e / e.sum(-1, keepdim=True)) @ v
+    expl = fusion_pass.explain(f, *_qkv())
+    assert not expl.fused and not expl.graphs[0].canonicalized
+
+
+def test_einsum_with_moved_heads_is_not_a_product_we_read():
+    def f(q, k, v):  # (B, N, H, D) operands: heads move in the equation
+        s = torch.einsum("bihd,bjhd->bhij", q, k)
+        return torch.einsum("bhij,bjhd->bihd", torch.softmax(s, -1), v)
+    q, k, v = (torch.randn(2, 7, 3, 8) for _ in range(3))
+    expl = _missed(f, q, k, v)
+    assert not expl.fused
