@@ -51,7 +51,9 @@ def explain_main(argv) -> int:
     ap.add_argument("--config", default="", help="comma-separated key=value overrides")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=16)
-    ap.add_argument("--dump", default=None, help="also write the report files to this folder")
+    ap.add_argument("--dump", default=None, help="also write the report, each site's generated kernel "
+                    "source and a picture of each region to this folder")
+    ap.add_argument("--kernels", action="store_true", help="print each fused site's generated kernel source")
     args = ap.parse_args(argv)
 
     import fusion_pass
@@ -70,8 +72,11 @@ def explain_main(argv) -> int:
     with torch.no_grad():
         expl = fusion_pass.explain(model, **inputs)
     print(expl)
+    if args.kernels:
+        for site in expl.fused:
+            print(f"\n# ---- generated kernels of site {site.site} ----\n{site.kernel_source()}")
     if args.dump:
-        for p in expl.write(args.dump):
+        for p in expl.dump(args.dump):
             print(f"wrote {p}")
     return 0
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import threading
 from pathlib import Path
@@ -26,7 +27,7 @@ from fusion_pass.kernels.ops import kernel_summary
 from .analyze import analyse
 from .match import NearMiss, find_sites, match_site
 from .options import Options
-from .report import Explanation, GraphReport, SiteReport, code_lines
+from .report import Explanation, GraphReport, SiteReport, code_lines, dump, region_dot
 from .canonicalize import canonicalize_graph
 from .rewrite import fill_meta, find_fake_mode, rewrite_region
 
@@ -38,6 +39,7 @@ class FusionMissedError(RuntimeError):
 
 
 _state = threading.local()
+_graph_counter = itertools.count()  # names report files of graphs compiled outside explain()
 
 
 def _sink() -> Optional[List[GraphReport]]:
@@ -61,11 +63,12 @@ def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
             log.info("fusion_pass: site %s not fused: %s", site, res)
             continue
         before = code_lines(report.code_before, [n.name for n in res.region.nodes])
+        dot = region_dot(site, res.region.nodes, [])
         old = set(gm.graph.nodes)
         rewrite_region(gm, res, fake_mode)
         new = [n.name for n in gm.graph.nodes if n not in old]
         report.sites.append(SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new),
-                                       kernels=kernel_summary(res.spec)))
+                                       kernels=kernel_summary(res.spec), dot=dot))
         log.info("fusion_pass: site %s fused: %s", site, res.spec)
     gm.graph.lint()
     gm.recompile()
@@ -81,11 +84,13 @@ def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Ma
     opts = Options.parse(options)
     if opts.enable:
         sink = _sink()
-        report = run_pass(gm, index=len(sink) if sink is not None else 0)
+        report = run_pass(gm, index=len(sink) if sink is not None else next(_graph_counter))
         if sink is not None:
             sink.append(report)
         if opts.report:
             Explanation([report]).write(opts.report)
+        if opts.dump:
+            dump(Explanation([report]), opts.dump)
         missed = [s for s in report.sites if not s.fused and s.attention_like]
         if opts.strict and missed:
             raise FusionMissedError("fusion_pass (strict): attention site(s) not fused:\n"

@@ -16,6 +16,7 @@ class Options:
     strict: bool = False          # True: an attention site that is not fused is an error
     report: Optional[str] = None  # a folder: write each graph's report (sites, specs, code) there
     inductor: bool = True         # False: run the rewritten graph without Inductor (debugging)
+    dump: Optional[str] = None    # a folder: the report plus each site's kernel source and picture
 
     @staticmethod
     def parse(options: Optional[Mapping[str, Any]]) -> "Options":
@@ -32,10 +33,11 @@ class Options:
             if key in options and not isinstance(options[key], bool):
                 raise ValueError(f"fusion_pass option {key!r} must be True or False, got "
                                  f"{options[key]!r}")
-        rep = options.get("report")
-        if rep is not None and not isinstance(rep, (str, os.PathLike)):
-            raise ValueError(f"fusion_pass option 'report' must be a folder path, got {rep!r}")
         kw = dict(options)
-        if rep is not None:
-            kw["report"] = os.fspath(rep)
+        for key in ("report", "dump"):
+            folder = options.get(key)
+            if folder is not None and not isinstance(folder, (str, os.PathLike)):
+                raise ValueError(f"fusion_pass option {key!r} must be a folder path, got {folder!r}")
+            if folder is not None:
+                kw[key] = os.fspath(folder)
         return Options(**kw)

@@ -25,6 +25,14 @@ class SiteReport:
     before: str = ""                # graph code of the region before the rewrite
     after: str = ""                 # and after
     kernels: str = ""               # which kernels the site runs on
+    dot: str = ""                   # the region as a graphviz graph (dump option)
+
+    def kernel_source(self) -> str:
+        """The generated Triton source of this site's kernels (empty when not fused)."""
+        if not self.fused:
+            return ""
+        from fusion_pass.kernels.triton_attention import generate_source
+        return generate_source(self.spec)
 
     @property
     def status(self) -> str:
@@ -89,6 +97,10 @@ class Explanation:
     def __str__(self) -> str:
         return "\n\n".join([self.summary()] + [str(g) for g in self.graphs])
 
+    def dump(self, folder: str) -> List[str]:
+        """The report, kernel sources and region pictures as files (see ``dump``)."""
+        return dump(self, folder)
+
     def write(self, folder: str) -> List[str]:
         os.makedirs(folder, exist_ok=True)
         paths = []
@@ -99,6 +111,60 @@ class Explanation:
                         + "\n\n# graph code after\n" + g.code_after + "\n")
             paths.append(p)
         return paths
+
+
+def dump(expl: "Explanation", folder: str) -> List[str]:
+    """Everything about each graph and site, as files: the report, and per fused site its
+    generated kernel source and a picture of the matched region (SVG when graphviz's ``dot`` is
+    installed; the .dot text always, with a note in the report when it could not be rendered)."""
+    import shutil
+    import subprocess
+
+    paths = expl.write(folder)
+    dot_exe = shutil.which("dot")
+    notes = []
+    for g in expl.graphs:
+        for site in g.sites:
+            stem = os.path.join(folder, f"graph_{g.index}_{site.site}")
+            if site.fused:
+                with open(stem + ".kernel.py", "w") as f:
+                    f.write(site.kernel_source())
+                paths.append(stem + ".kernel.py")
+            if site.dot:
+                with open(stem + ".dot", "w") as f:
+                    f.write(site.dot)
+                paths.append(stem + ".dot")
+                if dot_exe:
+                    subprocess.run([dot_exe, "-Tsvg", stem + ".dot", "-o", stem + ".svg"], check=True)
+                    paths.append(stem + ".svg")
+    if any(s.dot for s in expl.sites) and not dot_exe:
+        notes.append("graphviz's `dot` is not installed: region pictures were written as .dot files; "
+                     "install graphviz (e.g. `apt-get install graphviz`) to get SVG")
+    if notes:
+        with open(os.path.join(folder, "NOTES.txt"), "w") as f:
+            f.write("\n".join(notes) + "\n")
+        paths.append(os.path.join(folder, "NOTES.txt"))
+    return paths
+
+
+def region_dot(name: str, nodes, inputs) -> str:
+    """A graphviz picture of one region: its nodes (filled) and the tensors it reads."""
+    import torch.fx as fx
+
+    inside = set(nodes)
+    lines = [f'digraph "{name}" {{', "  rankdir=TB;", '  node [fontname="monospace", fontsize=10];']
+    seen = set()
+    for n in nodes:
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        lines.append(f'  "{n.name}" [shape=box, style=filled, fillcolor="#dbe9ff", '
+                     f'label="{n.name}\\n{target}"];')
+        for a in n.all_input_nodes:
+            if a not in inside and a.name not in seen:
+                seen.add(a.name)
+                lines.append(f'  "{a.name}" [shape=ellipse, label="{a.name}"];')
+            lines.append(f'  "{a.name}" -> "{n.name}";')
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 _ASSIGN = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*) = ")

@@ -80,7 +80,8 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     graph = gm.graph
     with graph.inserting_before(r.pv):
         sizes = f.sizes
-        if sizes is None:  # canonical layout = the QK product's: read its batch sizes off q
+        moves = f.reshape_qk or f.reshape_v or any(st[0] == "to_frame" for p in a.captured_preps for st in p)
+        if sizes is None and moves:  # canonical layout = the QK product's: read its batch sizes off q
             sizes = [_size(graph, r.q, d, fake_mode) for d in range(value(r.q).dim() - 2)]
         if r.k is not None:
             k = _to_frame(graph, r.k, sizes, fake_mode) if f.reshape_qk else r.k

@@ -427,3 +427,44 @@ def test_einsum_with_moved_heads_is_not_a_product_we_read():
     q, k, v = (torch.randn(2, 7, 3, 8) for _ in range(3))
     expl = _missed(f, q, k, v)
     assert not expl.fused
+
+
+# ---- inspection: dump, command line, logging -------------------------------------------------
+
+def _plain(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.5, -1) @ v
+
+
+@pytest.mark.parametrize("graphviz", [True, False], ids=["with-dot", "without-dot"])
+def test_dump_writes_report_kernel_source_and_picture(tmp_path, monkeypatch, graphviz):
+    import shutil
+    if not graphviz:
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    elif shutil.which("dot") is None:
+        pytest.skip("graphviz is not installed here")
+    torch.compile(_plain, backend="fusion_pass", options={"dump": str(tmp_path)})(*_qkv())
+    files = sorted(p.name for p in tmp_path.iterdir())
+    kernel = next(p for p in tmp_path.iterdir() if p.name.endswith(".kernel.py")).read_text()
+    assert "@triton.jit" in kernel and "def attn_fwd" in kernel and "score_mod" in kernel
+    assert any(f.endswith(".dot") for f in files)
+    if graphviz:
+        assert any(f.endswith(".svg") for f in files)
+    else:
+        assert "install graphviz" in (tmp_path / "NOTES.txt").read_text()
+
+
+def test_command_line_explain(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    from fusion_pass.__main__ import main
+    rc = main(["explain", "transformers:GPT2Model", "--config", "n_layer=2,n_embd=32,n_head=2,vocab_size=50",
+               "--dump", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "2 attention site(s) fused" in out and "score_mod" in out
+    assert (tmp_path / "graph_0.txt").exists()
+
+
+def test_logging_goes_through_the_fusion_pass_logger(caplog):
+    import logging
+    with caplog.at_level(logging.INFO, logger="fusion_pass"):
+        fusion_pass.explain(_plain, *_qkv())
+    assert any(r.name == "fusion_pass" and "fused" in r.getMessage() for r in caplog.records)
