@@ -44,6 +44,8 @@ class SiteReport:
         lines = [f"site {self.site}: {self.status}"]
         if self.fused:
             lines.append(f"  spec: {self.spec}")
+            lines.append(f"  score_mod (sympy): {self.spec.score_mod_expr()};  d/ds: "
+                         f"{self.spec.score_mod_grad_expr()}")
             if self.kernels:
                 lines.append(f"  kernels: {self.kernels}")
         else:

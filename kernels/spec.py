@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import sympy
 import torch
 
 # The elementwise steps a score chain may contain, with the identity each one computes.
@@ -164,9 +165,56 @@ class AttentionSpec:
     def from_key(key: str) -> "AttentionSpec":
         return _from_key(key)
 
+    # -- symbolic form (sympy): what the chain computes, and its derivative in s --------------------
+    def score_mod_expr(self):
+        """The score chain as a sympy expression of the score ``s``, the indices ``b, h, i, j`` and
+        the captured operands (``c0`` ... as numbers, ``c0(b, h, i, j)`` as tensors, masks as
+        Piecewise conditions). Casts are identities here: they change rounding, not the function."""
+        return _symbolic(self)[0]
+
+    def score_mod_grad_expr(self):
+        """d score_mod / d s, obtained symbolically (what the backward kernels evaluate per step)."""
+        expr, s = _symbolic(self)
+        return sympy.simplify(sympy.diff(expr, s))
+
     @property
     def tensor_operands(self) -> tuple:
         return tuple(i for i, kind in enumerate(self.captured) if kind == "tensor")
+
+
+def _symbolic(spec: "AttentionSpec"):
+    s, b, h, i, j = sympy.symbols("s b h i j", real=True)
+    expr = s
+    for op in spec.score_ops:
+        if op.operand == "const":
+            x = sympy.Float(op.value) if op.value not in (math.inf, -math.inf) else \
+                (sympy.oo if op.value > 0 else -sympy.oo)
+        elif op.operand == "scalar":
+            x = sympy.Symbol(f"c{op.index}", real=True)
+        elif op.operand == "tensor":
+            x = sympy.Function(f"c{op.index}", real=True)(b, h, i, j)
+        else:
+            x = None
+        k = op.kind
+        if k == "mul":
+            expr = expr * x
+        elif k == "div":
+            expr = expr / x
+        elif k == "add":
+            expr = expr + x
+        elif k == "sub":
+            expr = expr - x
+        elif k == "rsub":
+            expr = x - expr
+        elif k == "tanh":
+            expr = sympy.tanh(expr)
+        elif k in ("fill", "fill_not"):
+            m = sympy.Function(f"c{op.index}")(b, h, i, j)
+            fill = sympy.Float(op.value) if math.isfinite(op.value) else (
+                sympy.oo if op.value > 0 else -sympy.oo)
+            cond = sympy.Eq(m, 1) if k == "fill" else sympy.Eq(m, 0)
+            expr = sympy.Piecewise((fill, cond), (expr, True))
+    return expr, s
 
 
 @functools.lru_cache(maxsize=None)

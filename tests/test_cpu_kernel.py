@@ -258,3 +258,21 @@ def test_grouped_heads_read_each_kv_head_once(kv_heads, cpu_path):
     want = torch.autograd.grad(ref, (q, k, v), g.double())
     for a, b in zip(got, want):
         assert a.shape == b.shape and (a.double() - b).abs().max().item() < 1e-4
+
+
+def test_chain_backward_is_the_symbolic_derivative():
+    """The reverse walk of the score chain (what the backward evaluates) equals d score_mod / ds
+    obtained by sympy from the spec, on soft-capping with scaling."""
+    import sympy
+    spec = _spec([dict(kind="mul", operand="const", value=0.125), dict(kind="div", operand="const", value=30.0),
+                  dict(kind="tanh"), dict(kind="mul", operand="const", value=30.0)], (), torch.float64)
+    s = (torch.randn(1, 8, 8, dtype=torch.float64) * 200)
+    ops = cpu._Operands(spec, [], (1, 8, 8))
+    where = ((), 0, 1, 0, 8)
+    out, inputs = cpu._score_chain(spec, ops, s, where, keep_inputs=True)
+    ds = cpu._chain_backward(spec, ops, inputs, out, torch.ones_like(out), where, [])
+    sym = [x for x in spec.score_mod_grad_expr().free_symbols if x.name == "s"][0]
+    deriv = sympy.lambdify(sym, spec.score_mod_grad_expr(), "math")
+    want = torch.tensor([deriv(x) for x in s.flatten().tolist()], dtype=torch.float64).view_as(s)
+    assert torch.allclose(ds, want, rtol=1e-10, atol=1e-14)
+    assert "tanh" in str(spec.score_mod_expr())
