@@ -12,9 +12,13 @@ Kernels (one generated module per spec; ``generate_source(spec)`` returns its te
 * ``attn_fwd``: one program per (query block, batch*head); online softmax over key blocks with
   fp32 accumulators; saves the row log-sum-exp for the backward.
 * ``attn_bwd_preprocess``: ``delta = rowsum(dO * O)`` (equals rowsum(dP * P) even with dropout).
-* ``attn_bwd_dkdv``: one program per key block, looping over query blocks; ``attn_bwd_dq``: one
-  program per query block, looping over key blocks. Neither uses atomics, so gradients are
+* ``attn_bwd_dq``: one program per query block, looping over key blocks; then ``attn_bwd_dkdv``:
+  one program per key block, looping over query blocks. Neither uses atomics, so gradients are
   bitwise deterministic; the price is recomputing the scores twice in the backward.
+* ``ROW_STATS`` (a constexpr of both backward kernels, chosen by ``_needs_row_stats``): instead of
+  the preprocess kernel, the dq kernel first takes one more pass over the keys for exact per-row
+  statistics, needed when O is stored in 16 bits or when a row's maximum can be huge (a fully
+  masked row filled with finfo.min, where lse = m + log(l) loses log(l)); see ``attn_bwd_dq``.
 
 The score chain is emitted as ``score_mod(s, c0, ...)`` and its reverse-mode derivative as
 ``score_mod_backward(ds, s, c0, ...)``. Everything in the kernels is fp32 except the dot operands
@@ -70,7 +74,9 @@ def _dot(a, b, UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr):
     if UPCAST_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if a.dtype == tl.float32 and not ALLOW_TF32:
+    if ALLOW_TF32:
+        r = tl.dot(a, b)
+    elif a.dtype == tl.float32:
         r = tl.dot(a, b, input_precision="ieee")
     else:
         r = tl.dot(a, b)

@@ -235,9 +235,9 @@ def test_low_rank_inputs(rank):
     _run(bias_2d, torch.float32, make_qkv=make)
 
 
-def _dropout_case(p=0.3, B=2, H=3, nq=37, nk=53, d=40, dv=40):
+def _dropout_case(p=0.3, B=2, H=3, nq=37, nk=53, d=40, dv=40, pattern=_pattern_bias):
     torch.manual_seed(1)
-    ops, kinds, captured, needs_grad, _ = _pattern_bias(B, H, nq, nk, d, torch.float32)
+    ops, kinds, captured, needs_grad, _ = pattern(B, H, nq, nk, d, torch.float32)
     spec = _spec(ops, kinds, torch.float32, dropout_p=p)
     q = torch.randn(B, H, nq, d, device=DEVICE)
     k = torch.randn(B, H, nk, d, device=DEVICE)
@@ -258,8 +258,12 @@ def test_dropout_mask_is_the_cpu_mask(seed):
     assert 0.6 < keep.float().mean().item() < 0.8
 
 
-def test_dropout_matches_cpu():
-    spec, q, k, v, captured, needs_grad = _dropout_case()
+# plain: delta from dO * O; bias: the backward's row-statistics pass (a tensor operand);
+# p = 0.6 puts the keep threshold above 2^31
+@pytest.mark.parametrize("pattern,p", [(_pattern_plain, 0.6), (_pattern_bias, 0.3)],
+                         ids=["plain-p0.6", "bias-p0.3"])
+def test_dropout_matches_cpu(pattern, p):
+    spec, q, k, v, captured, needs_grad = _dropout_case(p=p, pattern=pattern)
     seed = 987654321
     out, lse = ta.forward(q, k, v, captured, spec, seed)
     out_c, lse_c = cpu.attention_forward(q, k, v, captured, spec, seed)
