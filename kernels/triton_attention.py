@@ -556,6 +556,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
     """True when the generated kernels cover this call; otherwise ops.py runs cpu.py."""
     if not (2 <= q.dim() <= 4 and k.dim() == q.dim() and v.dim() == q.dim()):
         return False
+    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
+        return False  # grouped-query attention (fewer K/V heads) is cpu.py's for now
     # one dtype for the three inputs: the dots take like operands, and mixed-dtype calls are rare
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False

@@ -300,6 +300,8 @@ def test_supports_refuses_cleanly():
     assert not ta.supports(big, big, big, spec)  # head dim > 256
     five = torch.randn(1, 1, 2, 8, 32, device=DEVICE)
     assert not ta.supports(five, five, five, spec)  # rank 5
+    kv1 = torch.randn(1, 1, 8, 32, device=DEVICE)
+    assert not ta.supports(q, kv1, kv1, spec)  # grouped-query (fewer K/V heads)
     empty = torch.randn(1, 2, 0, 32, device=DEVICE)
     assert not ta.supports(empty, q, q, spec)  # cpu.py owns empty softmax
     huge_fill = _spec((ScoreOp("fill", "none", value=-1e300, index=0),), ("tensor",), torch.float32)
