@@ -15,6 +15,9 @@ Kernels (one generated module per spec; ``generate_source(spec)`` returns its te
 * ``attn_bwd_dq``: one program per query block, looping over key blocks; then ``attn_bwd_dkdv``:
   one program per key block, looping over query blocks. Neither uses atomics, so gradients are
   bitwise deterministic; the price is recomputing the scores twice in the backward.
+* Grouped-query attention: K/V may have fewer heads (G query heads per K/V head, as after
+  Llama's ``repeat_kv``); the forward and dq kernels read K/V head h // G, and each dK/dV
+  program loops over its G query heads, so no repeated K/V copy and no atomics.
 * ``ROW_STATS`` (a constexpr of both backward kernels, chosen by ``_needs_row_stats``): instead of
   the preprocess kernel, the dq kernel first takes one more pass over the keys for exact per-row
   statistics, needed when O is stored in 16 bits or when a row's maximum can be huge (a fully
@@ -124,7 +127,7 @@ def score_mod_backward(ds, s0@@CPARAMS@@):
 def attn_fwd(
     Q, K, V, Out, LSE,@@OPERAND_ARGS@@
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
-    H, N_Q, N_K, D, DV, seed,
+    H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):
@@ -132,6 +135,7 @@ def attn_fwd(
     off_bh = tl.program_id(1).to(tl.int64)
     off_b = off_bh // H
     off_h = off_bh % H
+    off_hk = off_h // G  # grouped-query: the K/V head this query head reads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -145,7 +149,7 @@ def attn_fwd(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
-        k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
         s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS@@
@@ -159,7 +163,7 @@ def attn_fwd(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
 @@FWD_DROPOUT@@
-        v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
         m_i = m_new
@@ -196,52 +200,57 @@ def attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_,@@OPERAND_ARGS@@
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
-    H, N_Q, N_K, D, DV, seed,
+    H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    off_bh = tl.program_id(1).to(tl.int64)
-    off_b = off_bh // H
-    off_h = off_bh % H
+    off_bk = tl.program_id(1).to(tl.int64)
+    off_b = off_bk // (H // G)
+    off_hk = off_bk % (H // G)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_valid = offs_n < N_K
-    k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+    k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                 mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+    v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                 mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
-    for start_m in range(0, N_Q, BLOCK_M):
-        offs_m = start_m + tl.arange(0, BLOCK_M)
-        m_valid = offs_m < N_Q
-        valid = m_valid[:, None] & n_valid[None, :]
-        q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                     mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(v.dtype)
-        lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
-        s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
-@@LOAD_OPERANDS@@
-        s = score_mod(s0@@CARGS@@)
-        # padding is zeroed by where, not by a 0/1 product: a fully masked row's NaN must reach
-        # dV as in eager, while the padding's must not
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
-        if ROW_STATS:
-            p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
-        dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
-@@BWD_DROPOUT@@
-        dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST_DOT, ALLOW_TF32)
-        ds = p * (dp - delta[:, None])
-        ds@@DC_UNPACK@@ = score_mod_backward(ds, s0@@CARGS@@)
-        ds = tl.where(valid, ds, 0.0)
-        dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST_DOT, ALLOW_TF32)
-    tl.store(DK + off_b * sdkb + off_h * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+    # grouped-query attention: the G query heads that share this K/V head add into one dK/dV,
+    # in a fixed order (no atomics)
+    for g in range(0, G):
+        off_h = off_hk * G + g
+        off_bh = off_b * H + off_h
+        for start_m in range(0, N_Q, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < N_Q
+            valid = m_valid[:, None] & n_valid[None, :]
+            q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                        mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+            do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                         mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(v.dtype)
+            lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+            delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+            s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+@@LOAD_OPERANDS_12@@
+            s = score_mod(s0@@CARGS@@)
+            # padding is zeroed by where, not by a 0/1 product: a fully masked row's NaN must reach
+            # dV as in eager, while the padding's must not
+            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            if ROW_STATS:
+                p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
+            dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
+@@BWD_DROPOUT_12@@
+            dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST_DOT, ALLOW_TF32)
+            ds = p * (dp - delta[:, None])
+            ds@@DC_UNPACK@@ = score_mod_backward(ds, s0@@CARGS@@)
+            ds = tl.where(valid, ds, 0.0)
+            dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST_DOT, ALLOW_TF32)
+    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=n_valid[:, None] & (offs_d[None, :] < D))
-    tl.store(DV_ + off_b * sdvb + off_h * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+    tl.store(DV_ + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
              dv.to(DV_.dtype.element_ty), mask=n_valid[:, None] & (offs_dv[None, :] < DV))
 
 
@@ -250,7 +259,7 @@ def attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, INV_R, DQ,@@OPERAND_ARGS@@@@DC_ARGS@@
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
-    H, N_Q, N_K, D, DV, seed,
+    H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,@@GRAD_FLAGS@@
 ):
@@ -258,6 +267,7 @@ def attn_bwd_dq(
     off_bh = tl.program_id(1).to(tl.int64)
     off_b = off_bh // H
     off_h = off_bh % H
+    off_hk = off_h // G  # grouped-query: the K/V head this query head reads
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -281,9 +291,9 @@ def attn_bwd_dq(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_valid = offs_n < N_K
             valid = m_valid[:, None] & n_valid[None, :]
-            k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+            k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                         mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+            v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                         mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
             s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS_12@@
@@ -305,9 +315,9 @@ def attn_bwd_dq(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
-        k = tl.load(K + off_b * skb + off_h * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
+        k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
                     mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + off_b * svb + off_h * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
+        v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
         s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS@@
@@ -488,7 +498,7 @@ def generate_source(spec: AttentionSpec) -> str:
         "@@GRAD_FLAGS@@": grad_flags,
         "@@LOAD_OPERANDS@@": _indent(loads, 8) if loads else "",
         "@@LOAD_OPERANDS_12@@": _indent(loads, 12) if loads else "",
-        "@@BWD_DROPOUT_12@@": _reindent(_BWD_DROPOUT, 4) if drop else "",
+        "@@BWD_DROPOUT_12@@": _reindent(_BWD_DROPOUT, 4) if drop else "            pd = p",
         "@@CARGS@@": cparams,
         "@@FWD_DROPOUT@@": _FWD_DROPOUT if drop else "",
         "@@BWD_DROPOUT@@": _BWD_DROPOUT if drop else "        pd = p",
@@ -556,8 +566,10 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
     """True when the generated kernels cover this call; otherwise ops.py runs cpu.py."""
     if not (2 <= q.dim() <= 4 and k.dim() == q.dim() and v.dim() == q.dim()):
         return False
-    if k.shape[:-2] != q.shape[:-2] or v.shape[:-2] != q.shape[:-2]:
-        return False  # grouped-query attention (fewer K/V heads) is cpu.py's for now
+    if v.shape[:-2] != k.shape[:-2] or k.shape[:-3] != q.shape[:-3]:
+        return False
+    if q.dim() > 2 and (k.shape[-3] == 0 or q.shape[-3] % k.shape[-3] != 0):
+        return False  # grouped-query attention needs K/V heads dividing the query heads
     # one dtype for the three inputs: the dots take like operands, and mixed-dtype calls are rare
     if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
         return False
@@ -643,15 +655,16 @@ def _flags():
 
 
 def _dims(q, k, v):
+    """(B, H, G, Nq, Nk, D, Dv); G = query heads per K/V head (grouped-query attention)."""
     B, H, nq, d = q.shape
-    return B, H, nq, k.shape[2], d, v.shape[3]
+    return B, H, H // k.shape[1], nq, k.shape[2], d, v.shape[3]
 
 
 def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out (..., Nq, Dv) in spec.out_dtype, lse (..., Nq) float32)."""
     batch = tuple(q.shape[:-2])
     q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
-    B, H, nq, nk, d, dv = _dims(q4, k4, v4)
+    B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
     out = torch.empty((B, H, nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
     lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     mod = kernels(spec)
@@ -660,7 +673,7 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     mod.attn_fwd[grid](
         q4, k4, v4, out, lse, *_operands(spec, captured, (B, H, nq, nk)),
         *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
-        H, nq, nk, d, dv, _seed32(seed),
+        H, G, nq, nk, d, dv, _seed32(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
         num_warps=warps, num_stages=stages, **_flags())
     return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
@@ -672,13 +685,13 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     needs_grad = list(needs_grad) if needs_grad is not None else [False] * len(captured)
     q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
     do4, o4 = _to4d(grad_out), _to4d(out)
-    B, H, nq, nk, d, dv = _dims(q4, k4, v4)
+    B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
     # lse is tiny (B*H*Nq floats): the kernels index it as contiguous rows
     lse3 = lse.reshape(B, H, nq).contiguous()
     mod = kernels(spec)
     dq = torch.empty((B, H, nq, d), dtype=q.dtype, device=q.device)
-    dk = torch.empty((B, H, nk, d), dtype=k.dtype, device=k.device)
-    dvt = torch.empty((B, H, nk, dv), dtype=v.dtype, device=v.device)
+    dk = torch.empty((B, H // G, nk, d), dtype=k.dtype, device=k.device)
+    dvt = torch.empty((B, H // G, nk, dv), dtype=v.dtype, device=v.device)
     delta = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     ops = _operands(spec, captured, (B, H, nq, nk))
     bm, bn, warps, stages = _blocks(d, dv, backward=True)
@@ -706,12 +719,12 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     mod.attn_bwd_dq[(n_mb, B * H)](
         q4, k4, v4, do4, lse3, delta, inv_r, dq, *ops, *[bufs[i] for i in grads],
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
-        H, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common, **flags)
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common, **flags)
     # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
-    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn), B * H)](
+    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn), B * (H // G))](
         q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, *ops,
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
-        H, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common)
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common)
 
     dcap: List[Optional[torch.Tensor]] = []
     for i, (kind, c) in enumerate(zip(spec.captured, captured)):

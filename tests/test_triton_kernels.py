@@ -278,6 +278,38 @@ def test_dropout_matches_cpu(pattern, p):
     assert not torch.allclose(ta.forward(q, k, v, captured, spec, seed + 1)[0], out)
 
 
+def test_grouped_query_matches_cpu():
+    # Llama's repeat_kv without the copies: query head h reads K/V head h // G; dK/dV sum over
+    # the group. With dropout and a learnable bias, against the CPU reference implementation.
+    torch.manual_seed(2)
+    B, H, HK, nq, nk, d = 2, 4, 2, 37, 53, 40
+    ops, kinds, captured, needs_grad, chain = _pattern_bias(B, H, nq, nk, d, torch.float32)
+    spec = _spec(ops, kinds, torch.float32, dropout_p=0.3)
+    q = torch.randn(B, H, nq, d, device=DEVICE)
+    k = torch.randn(B, HK, nk, d, device=DEVICE)
+    v = torch.randn(B, HK, nk, d, device=DEVICE)
+    assert ta.supports(q, k, v, spec)
+    out, lse = ta.forward(q, k, v, captured, spec, 11)
+    out_c, lse_c = cpu.attention_forward(q, k, v, captured, spec, 11)
+    torch.testing.assert_close(out, out_c, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    got = ta.backward(go, q, k, v, captured, out, lse, spec, 11, needs_grad)
+    exp = cpu.attention_backward(go, q, k, v, captured, out_c, lse_c, spec, 11, needs_grad)
+    assert got[1].shape == k.shape and got[2].shape == v.shape
+    for g, e in zip(got[:3] + tuple(got[3]), exp[:3] + tuple(exp[3])):
+        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+    # and against float64 repeat_kv without dropout
+    spec0 = _spec(ops, kinds, torch.float32)
+    out, lse = ta.forward(q, k, v, captured, spec0)
+    dq, dk, dv, _ = ta.backward(go, q, k, v, captured, out, lse, spec0, 0, [False])
+    qr, kr, vr = (t.double().requires_grad_() for t in (q, k, v))
+    ref = torch.softmax(chain(qr @ kr.repeat_interleave(2, 1).transpose(-1, -2),
+                              [captured[0].double()]), -1) @ vr.repeat_interleave(2, 1)
+    ref.backward(go.double())
+    for g, r in ((out, ref), (dq, qr.grad), (dk, kr.grad), (dv, vr.grad)):
+        torch.testing.assert_close(g.double(), r.detach(), atol=2e-5, rtol=1e-4)
+
+
 def test_backward_is_deterministic():
     spec, q, k, v, captured, needs_grad = _dropout_case()
     out, lse = ta.forward(q, k, v, captured, spec, 7)
@@ -301,7 +333,9 @@ def test_supports_refuses_cleanly():
     five = torch.randn(1, 1, 2, 8, 32, device=DEVICE)
     assert not ta.supports(five, five, five, spec)  # rank 5
     kv1 = torch.randn(1, 1, 8, 32, device=DEVICE)
-    assert not ta.supports(q, kv1, kv1, spec)  # grouped-query (fewer K/V heads)
+    assert ta.supports(q, kv1, kv1, spec)  # grouped-query: 2 query heads per K/V head
+    kv3 = torch.randn(1, 3, 8, 32, device=DEVICE)
+    assert not ta.supports(q, kv3, kv3, spec)  # K/V heads must divide the query heads
     empty = torch.randn(1, 2, 0, 32, device=DEVICE)
     assert not ta.supports(empty, q, q, spec)  # cpu.py owns empty softmax
     huge_fill = _spec((ScoreOp("fill", "none", value=-1e300, index=0),), ("tensor",), torch.float32)
