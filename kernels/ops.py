@@ -121,15 +121,32 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
     else:
         dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
                                                   int(seed.item()), needs_grad)
-    # the fake promises fresh contiguous gradients; keep that promise whatever the path returned
-    return (dq.contiguous(), dk.contiguous(), dv.contiguous(),
+    # the fake promises a layout; keep that promise whatever the path returned
+    return (_in_grad_layout(dq), _in_grad_layout(dk), _in_grad_layout(dv),
             [g.contiguous() for g in dcap if g is not None])
 
 
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad):
     dcap = [c.new_empty(c.shape) for c, ng in zip(captured, needs_grad) if ng]
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dcap
+    return _grad_empty(q), _grad_empty(k), _grad_empty(v), dcap
+
+
+def _grad_empty(t: Tensor) -> Tensor:
+    """Gradients of q, k, v come in the (..., N, H, D) memory layout (viewed as (..., H, N, D)):
+    the layout ATen's CPU flash backward produces and models' own q/k/v usually have (heads split
+    off a (B, N, H*D) projection), so the common path returns its result without a copy."""
+    if t.dim() < 3:
+        return t.new_empty(t.shape)
+    shape = tuple(t.shape)
+    return t.new_empty(shape[:-3] + (shape[-2], shape[-3], shape[-1])).transpose(-3, -2)
+
+
+def _in_grad_layout(g: Tensor) -> Tensor:
+    want = _grad_empty(g)
+    if g.stride() == want.stride() or g.numel() == 0:
+        return g
+    return want.copy_(g)
 
 
 def _setup_context(ctx, inputs, output):

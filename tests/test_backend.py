@@ -263,7 +263,7 @@ def test_report_folder(tmp_path):
     def f(q, k, v):
         return torch.softmax(q @ k.transpose(-1, -2), -1) @ v
     torch.compile(f, backend="fusion_pass", options={"report": str(tmp_path)})(*_qkv())
-    text = (tmp_path / "graph_0.txt").read_text()
+    text = next(tmp_path.glob("graph_*.txt")).read_text()
     assert "fused" in text and "fusion_pass.attention" in text and "score_mod" in text
 
 
