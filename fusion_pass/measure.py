@@ -1,9 +1,10 @@
 """Measuring helpers shared by the demo and the benchmarks: median wall time and peak memory.
 
 Peak memory on CPU is read from torch.profiler's allocation events: the running sum of every
-allocation and free torch makes during the call, from the moment the call starts; its maximum is
-the peak bytes the call held *on top of what was already live* (inputs, weights): the output is
-included, the inputs are not. On CUDA, ``torch.cuda.max_memory_allocated`` minus the memory
+allocation torch makes during the call and of the frees of those same blocks (matched by address:
+freeing a block that existed before the call does not lower the count); its maximum is the peak
+bytes the call held *on top of what was already live* (inputs, weights): the output is included,
+the inputs are not. On CUDA, ``torch.cuda.max_memory_allocated`` minus the memory
 allocated before the call, which counts the same thing.
 """
 from __future__ import annotations
@@ -44,15 +45,20 @@ def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
                                 profile_memory=True) as prof:
         fn()
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    allocs = []
+    events = []
     while stack:
         e = stack.pop()
         if e.tag == _EventType.Allocation:
-            allocs.append((e.start_time_ns, e.extra_fields.alloc_size))
+            events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.ptr))
         stack.extend(e.children)
-    allocs.sort()
+    events.sort(key=lambda x: x[0])
     live = peak = 0
-    for _, size in allocs:
-        live += size
+    ours = {}  # blocks allocated during the call, by address: frees of older blocks don't count
+    for _, size, ptr in events:
+        if size > 0:
+            ours[ptr] = size
+            live += size
+        elif ptr in ours:
+            live -= ours.pop(ptr)
         peak = max(peak, live)
     return peak

@@ -132,6 +132,23 @@ def _attention_backward_fake(grad_out, q, k, v, captured, out, lse, seed, spec, 
     return _grad_empty(q), _grad_empty(k), _grad_empty(v), dcap
 
 
+def _grad_strides(shape) -> tuple:
+    """Strides of a dense (..., N, H, D)-layout tensor viewed as (..., H, N, D)."""
+    if len(shape) < 3:
+        return _dense(shape)
+    *batch, h, n, d = shape
+    inner = _dense(tuple(batch) + (n, h, d))
+    return inner[:-3] + (inner[-2], inner[-3], inner[-1])
+
+
+def _dense(shape) -> tuple:
+    strides, acc = [], 1
+    for size in reversed(shape):
+        strides.append(acc)
+        acc *= max(size, 1)
+    return tuple(reversed(strides))
+
+
 def _grad_empty(t: Tensor) -> Tensor:
     """Gradients of q, k, v come in the (..., N, H, D) memory layout (viewed as (..., H, N, D)):
     the layout ATen's CPU flash backward produces and models' own q/k/v usually have (heads split
@@ -143,10 +160,12 @@ def _grad_empty(t: Tensor) -> Tensor:
 
 
 def _in_grad_layout(g: Tensor) -> Tensor:
-    want = _grad_empty(g)
-    if g.stride() == want.stride() or g.numel() == 0:
+    """g itself when it already has the promised layout (strides of size-1 dims do not matter:
+    they address nothing), else a copy in it."""
+    want = _grad_strides(tuple(g.shape))
+    if g.numel() == 0 or all(a == b for a, b, n in zip(g.stride(), want, g.shape) if n > 1):
         return g
-    return want.copy_(g)
+    return _grad_empty(g).copy_(g)
 
 
 def _setup_context(ctx, inputs, output):
