@@ -122,7 +122,30 @@ def _leads_to_product(n, depth=0) -> bool:
     return any(_leads_to_product(op.args[i], depth + 1) for i in _chain_arg(op) if i < len(op.args))
 
 
+def _scores_from_product(n, depth=0) -> bool:
+    """Do the softmax's scores come from a product through elementwise ops (users ignored)? Then a
+    failed match is a missed attention, not some other softmax."""
+    if not isinstance(n, fx.Node) or depth > MAX_CHAIN:
+        return False
+    op = view(n)
+    if op is None:
+        return False
+    if op.name in PRODUCTS:
+        return True
+    if op.name not in SCORE_OPS:
+        return False
+    return any(_scores_from_product(op.args[i], depth + 1) for i in _chain_arg(op) if i < len(op.args))
+
+
 def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
+    res = _match_site(softmax)
+    if isinstance(res, NearMiss) and not res.attention_like:
+        # "not attention" only when the scores do not come from a product either
+        res.attention_like = _scores_from_product(view(softmax).args[0])
+    return res
+
+
+def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     site = softmax.name
     sm = view(softmax)
     # -- down: softmax -> casts/dropout -> P @ V ------------------------------------------------

@@ -12,9 +12,11 @@ learnable bias, mixed dtypes) runs on the tiled implementation in ``cpu.py``.
   most one mask step: ``+ tensor`` (additive mask or bias) or a fill with -inf (a boolean mask);
 * one dtype throughout (scores, softmax, probabilities and output: no casts, no promotion);
 * no dropout; 2-D to 4-D operands with equal head dims for q, k and v;
-* rows whose mask removes every key: eager's softmax gives NaN there, ATen's kernel gives 0, so
-  when such a row exists (checked on the mask at run time, reading it once) the call goes to the
-  tiled implementation, which reproduces eager.
+* rows whose mask removes every key (-inf, or a huge negative value such as finfo.min on every
+  key): eager's softmax gives NaN or a uniform row there, ATen's kernel gives 0 or (through an lse
+  that lost its log-sum to rounding) wrong gradients, so when such a row exists (checked on the
+  mask at run time, reading it once) the call goes to the tiled implementation, which reproduces
+  eager.
 Rounding differs from eager only in where the scale is applied (one fp32 rounding).
 """
 from __future__ import annotations
@@ -31,6 +33,9 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 # float64 stays on the tiled path: our lse output is float32, too coarse for a float64 backward
 _SAME_DTYPES = ("float32", "bfloat16", "float16")
+# mask values at or below this mask a key for any score a model produces; a row of only such keys
+# is "fully masked" (its lse would be dominated by the mask: see _mask)
+_HUGE_NEGATIVE = -1e4
 
 
 @dataclass(frozen=True)
@@ -92,7 +97,12 @@ def _mask(p: Plan, captured, dtype):
     if p.mask_kind == "add":
         if m.dtype != dtype:
             return None, True  # a promoting mask: not this kernel's function
-        return m, bool(torch.isneginf(m).all(-1).any())
+        # A row whose every key carries a huge negative mask (HF's finfo.min on left padding) has
+        # its row max there; ATen saves lse = max + log(sum) in the input dtype, where log(sum)
+        # rounds away next to ~1e38, and its backward then recomputes P = 1 instead of 1 / Nk
+        # (gradients Nk times eager's). -inf rows give NaN in eager and 0 in ATen. Both kinds of
+        # row go to the tiled path, which recomputes the softmax exactly.
+        return m, bool((_unexpand(m).amax(-1) <= _HUGE_NEGATIVE).any())
     if m.dtype != torch.bool:
         return None, True
     keep = ~m if p.mask_kind == "fill" else m

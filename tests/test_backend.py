@@ -468,3 +468,16 @@ def test_logging_goes_through_the_fusion_pass_logger(caplog):
     with caplog.at_level(logging.INFO, logger="fusion_pass"):
         fusion_pass.explain(_plain, *_qkv())
     assert any(r.name == "fusion_pass" and "fused" in r.getMessage() for r in caplog.records)
+
+
+def test_a_softmax_of_products_with_an_unknown_consumer_is_a_miss_not_other():
+    """Scores from a product, probabilities into an op the matcher does not follow: that is a
+    missed attention (strict mode raises), not 'not attention'."""
+    def g(q, k, v):
+        p = torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1).unsqueeze(2)
+        return (p @ v.unsqueeze(2)).squeeze(2)
+    expl = fusion_pass.explain(g, *_qkv())
+    assert len(expl.missed) == 1 and "unsqueeze" in expl.missed[0].reason
+    with pytest.raises(Exception) as err:
+        torch.compile(g, backend="fusion_pass", options={"strict": True})(*_qkv())
+    assert isinstance(getattr(err.value, "inner_exception", err.value), FusionMissedError)

@@ -161,8 +161,8 @@ FAMILIES = {
     "gemma2": (gemma2, 2, None),
     "t5": (t5, 6, None),          # encoder self, decoder self, decoder cross: 2 layers each
     "whisper": (whisper, 6, None),
-    "bloom": (bloom, 2, "BLOOM: baddbmm (ALiBi) on (batch*heads) views not yet matched"),
-    "gpt-neo": (gpt_neo, 2, "GPT-Neo: masked by torch.where with a 0-dim tensor fill value"),
+    "bloom": (bloom, 2, None),     # baddbmm (ALiBi) on (batch*heads) views
+    "gpt-neo": (gpt_neo, 2, None),  # torch.where with a 0-dim tensor fill value
 }
 
 
@@ -180,15 +180,10 @@ def _output(result):
 
 
 def _upstream_gradient(out, inputs):
-    """A random gradient of the output, zero at padded positions, as a loss that ignores padding
-    gives. With left padding and a causal mask the padded queries see no key at all; eager's
-    gradient through those rows is covered (and today not matched) by
-    test_query_rows_that_see_no_key_get_eager_gradients."""
-    g = torch.randn_like(out)
-    mask = inputs.get("attention_mask")
-    if mask is not None and mask.shape[1] == out.shape[1]:
-        g = g * mask[..., None].to(g.dtype)
-    return g
+    """A random gradient of the whole output, padded positions included: with left padding and a
+    causal mask the padded queries see no key at all, and their gradients must match eager's too
+    (see test_query_rows_that_see_no_key_get_eager_gradients)."""
+    return torch.randn_like(out)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -251,12 +246,11 @@ def test_kv_cache_decode_fused_and_equal_to_eager():
         cache = want.past_key_values
 
 
-# ---- a gap found by the families above, pinned at the op level (fast) -----------------------------
+# ---- a bug found by the families above, pinned at the op level (fast) ------------------------------
+# A query row whose additive mask removes every key with a large finite fill (finfo.min, -1e9: GPT-2,
+# Llama, Mistral, NeoX, Granite with left padding) got a gradient Nk times eager's on ATen's flash
+# kernel: its saved log-sum-exp max + log(sum) rounds to max. Such rows now take the tiled path.
 
-@pytest.mark.xfail(strict=False, reason=(
-    "a query row whose additive mask removes every key with a large finite fill (finfo.min, -1e9: "
-    "GPT-2/Llama/Mistral/NeoX/Granite with left padding) gets a gradient Nk times eager's: the saved "
-    "log-sum-exp max + log(sum) rounds to max, so the backward recomputes P = 1, not 1/Nk"))
 @pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -1e9])
 def test_query_rows_that_see_no_key_get_eager_gradients(fill):
     def f(q, k, v, mask):
