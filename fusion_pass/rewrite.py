@@ -123,7 +123,7 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     for n in reversed(r.nodes):
         if not n.users:
             graph.erase_node(n)
-    if r.k is not None and not r.kt.users:
+    if r.k is not None and not r.kt.users and r.kt not in r.repeats:
         graph.erase_node(r.kt)
     for rep in r.repeats:  # the K/V head copies, when nothing else reads them
         _erase_unused_chain(graph, rep)
@@ -132,7 +132,8 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
 
 def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
     """Erase node and then its inputs while they have no users left (view chains only)."""
-    while isinstance(node, fx.Node) and not node.users and node.op in ("call_method", "call_function") \
+    while isinstance(node, fx.Node) and not node.users and not getattr(node, "_erased", False) \
+            and node.op in ("call_method", "call_function") \
             and node.target in ("reshape", "view", "expand", "repeat_interleave", operator.getitem,
                                 torch.repeat_interleave, "unsqueeze", torch.unsqueeze):
         src = node.args[0]

@@ -50,6 +50,8 @@ class Program:
     mask: Optional[str]     # None | fill_1e9 | fill_min | where
     softmax: str            # torch | functional | method | float32_then_cast
     dropout: Optional[str]  # None | eval | p0
+    kv_rep: int = 1         # query heads per K/V head (GQA/MQA when > 1): K/V have H heads, q H*kv_rep
+    repeat: str = "repeat_kv"  # repeat_kv (expand + reshape) | repeat_interleave
 
     @property
     def flat(self) -> bool:
@@ -59,11 +61,14 @@ class Program:
     # ---- shapes of the inputs --------------------------------------------------------------------
 
     def qkv_shapes(self):
-        lead = (self.B * self.H,) if self.flat else (self.B, self.H)
-        return [lead + (n, self.D) for n in (self.Nq, self.Nk, self.Nk)]
+        if self.flat:
+            lead = (self.B * self.H,)
+            return [lead + (n, self.D) for n in (self.Nq, self.Nk, self.Nk)]
+        q = (self.B, self.H * self.kv_rep, self.Nq, self.D)
+        return [q] + [(self.B, self.H, self.Nk, self.D)] * 2
 
     def bias_shape(self):
-        B, H, Nq, Nk = self.B, self.H, self.Nq, self.Nk
+        B, H, Nq, Nk = self.B, self.H * self.kv_rep, self.Nq, self.Nk
         if self.flat:  # the same three kinds, for (B*H, Nq, Nk) scores
             return {"head": (1, Nq, Nk), "key": (B * H, 1, Nk), "qk": (Nq, Nk)}[self.bias]
         return {"head": (1, H, Nq, Nk), "key": (B, 1, 1, Nk), "qk": (Nq, Nk)}[self.bias]
@@ -78,10 +83,23 @@ class Program:
         kt = {"last_two": "k.transpose(-1, -2)", "dims_2_3": f"k.transpose({dims})",
               "mT": "k.mT", "permute": "k.permute(0, 2, 1)" if self.flat else "k.permute(0, 1, 3, 2)"}
         prod = {"matmul": "torch.matmul({}, {})", "operator": "{} @ {}",
-                "method": "{}.matmul({})", "bmm": "torch.bmm({}, {})"}[self.product]
+                "method": "{}.matmul({})", "bmm": "torch.bmm({}, {})",
+                "einsum": "torch.einsum('bhij,bhjd->bhid', {}, {})"}[self.product]
         args = ["q", "k", "v"] + (["bias"] if self.bias else []) + (["mask"] if self.mask else [])
-        lines = [f"def forward(self, {', '.join(args)}):",
-                 f"    s = {prod.format('q', kt[self.transpose])}"]
+        lines = [f"def forward(self, {', '.join(args)}):"]
+        if self.kv_rep > 1:
+            r = self.kv_rep
+            if self.repeat == "repeat_kv":
+                for t in "kv":
+                    lines.append(f"    b_, h_, n_, d_ = {t}.shape")
+                    lines.append(f"    {t} = {t}[:, :, None, :, :].expand(b_, h_, {r}, n_, d_)"
+                                 f".reshape(b_, h_ * {r}, n_, d_)")
+            else:
+                lines += [f"    k = k.repeat_interleave({r}, dim=1)", f"    v = v.repeat_interleave({r}, dim=1)"]
+        if self.product == "einsum":
+            lines.append("    s = torch.einsum('bhid,bhjd->bhij', q, k)")
+        else:
+            lines.append(f"    s = {prod.format('q', kt[self.transpose])}")
         if self.scale != "none":
             by = "self.scale" if self.scale_by == "buffer" else repr(self.scale_value)
             lines.append(f"    s = s {'*' if self.scale == 'mul' else '/'} {by}")
@@ -93,12 +111,17 @@ class Program:
             lines.append("    s = s.masked_fill(mask, torch.finfo(s.dtype).min)")
         elif self.mask == "where":
             lines.append("    s = torch.where(mask, s, -1e9)")  # here mask means keep
-        lines.append("    p = " + {
-            "torch": "torch.softmax(s, dim=-1)",
-            "functional": "F.softmax(s, dim=-1)",
-            "method": "s.softmax(-1)",
-            "float32_then_cast": "F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)",
-        }[self.softmax])
+        if self.softmax == "decomposed":
+            lines += ["    e = torch.exp(s - s.amax(dim=-1, keepdim=True))",
+                      "    p = e / e.sum(dim=-1, keepdim=True)"]
+        else:
+            lines.append("    p = " + {
+                "torch": "torch.softmax(s, dim=-1)",
+                "functional": "F.softmax(s, dim=-1)",
+                "method": "s.softmax(-1)",
+                "float32_then_cast": "F.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)",
+                "log_softmax_exp": "torch.log_softmax(s, dim=-1).exp()",
+            }[self.softmax])
         if self.dropout == "eval":
             lines.append("    p = F.dropout(p, p=0.1, training=False)")
         elif self.dropout == "p0":
@@ -159,7 +182,7 @@ def _gradient_error(got, want) -> float:
 
 @st.composite
 def programs(draw):
-    product = draw(st.sampled_from(["matmul", "operator", "method", "bmm"]))
+    product = draw(st.sampled_from(["matmul", "operator", "method", "bmm", "einsum"]))
     scale = draw(st.sampled_from(["none", "mul", "div"]))
     bias = draw(st.sampled_from([None, "head", "key", "qk"]))
     D = draw(st.sampled_from([8, 16]))
@@ -177,8 +200,11 @@ def programs(draw):
         bias=bias,
         bias_first=draw(st.booleans()) if bias else False,
         mask=draw(st.sampled_from([None, "fill_1e9", "fill_min", "where"])),
-        softmax=draw(st.sampled_from(["torch", "functional", "method", "float32_then_cast"])),
+        softmax=draw(st.sampled_from(["torch", "functional", "method", "float32_then_cast",
+                                      "decomposed", "log_softmax_exp"])),
         dropout=draw(st.sampled_from([None, "eval", "p0"])),
+        kv_rep=1 if product == "bmm" else draw(st.sampled_from([1, 1, 2, 3])),
+        repeat=draw(st.sampled_from(["repeat_kv", "repeat_interleave"])),
     )
 
 
