@@ -14,6 +14,8 @@ Hands on: ``Analysis`` (spec + graph operands) to the rewriter.
 from __future__ import annotations
 
 import numbers
+
+import sympy
 from dataclasses import dataclass
 from typing import List, Optional, Union
 
@@ -39,6 +41,7 @@ class Analysis:
     q_dtype: torch.dtype               # dtypes the products compute in (cast q/k/v to these)
     v_dtype: torch.dtype
     frames: "Frames" = None
+    masks: List[str] = None            # report lines: each mask operand's proven predicate
 
 
 def _same(a, b) -> bool:
@@ -240,7 +243,53 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         softmax_dtype=dtype_name(softmax_dtype), prob_dtype=dtype_name(prob_dtype),
         out_dtype=dtype_name(out_dtype), dropout_p=dropout_p)
     return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
-                    captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames)
+                    captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames,
+                    masks=_mask_predicates(spec, captured, canonical))
+
+
+def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape) -> List[str]:
+    """For the report: each mask operand's keep-predicate, proven from the graph that builds it
+    (``masks.analyse_mask``), its class and the fraction of 128 x 128 tiles it leaves to compute at
+    the traced lengths. The kernels still read these masks as tensors (no tile skipping yet)."""
+    from .masks import MaskPredicate, analyse_mask
+
+    lines = []
+    for op in spec.score_ops:
+        if op.operand != "tensor" and op.kind not in ("fill", "fill_not"):
+            continue
+        node = captured.nodes[op.index]
+        if captured.preps[op.index]:
+            continue  # moved between batch layouts: the predicate's axes would not be the scores'
+        try:
+            pred = analyse_mask(node, score_shape)
+        except Exception as e:  # noqa: BLE001 - the report must never break compilation
+            lines.append(f"c{op.index}: mask analysis failed ({type(e).__name__}: {e})")
+            continue
+        if not isinstance(pred, MaskPredicate):
+            if op.kind in ("fill", "fill_not") or _looks_like_mask(node):
+                lines.append(f"c{op.index}: data, not a structural mask ({pred})")
+            continue
+        cls = pred.classify()
+        text = f"c{op.index}: keep(b, h, i, j) = {pred.keep}  [{', '.join(cls.kinds) or 'other'}]"
+        if pred.kind == "additive":
+            text += f"; masked value {pred.masked_value}"
+        try:
+            nq, nk = (int(pred.sizes.get(x, x)) if not isinstance(x, int) else x for x in score_shape[-2:])
+            tiles = pred.block_sparsity(128, 128, nq, nk)
+            computed = float((tiles != 0).mean()) if tiles.size else 0.0
+            text += f"; tiles computed (128 x 128) at Nq={nq}, Nk={nk}: {computed:.0%}"
+            if pred.structural() != sympy.true:
+                big = pred.block_sparsity(128, 128, 4096, 4096)
+                text += f", at Nq = Nk = 4096: {float((big != 0).mean()):.1%}"
+        except Exception:  # noqa: BLE001 - density is informative only
+            pass
+        lines.append(text)
+    return lines
+
+
+def _looks_like_mask(node: fx.Node) -> bool:
+    v = value(node)
+    return isinstance(v, torch.Tensor) and v.dtype == torch.bool
 
 
 def describe_value(x) -> str:

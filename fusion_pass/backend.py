@@ -68,7 +68,8 @@ def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
         rewrite_region(gm, res, fake_mode)
         new = [n.name for n in gm.graph.nodes if n not in old]
         report.sites.append(SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new),
-                                       kernels=kernel_summary(res.spec), dot=dot))
+                                       kernels=kernel_summary(res.spec), dot=dot,
+                                       masks=list(res.masks or [])))
         log.info("fusion_pass: site %s fused: %s", site, res.spec)
     gm.graph.lint()
     gm.recompile()

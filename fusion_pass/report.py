@@ -26,6 +26,7 @@ class SiteReport:
     after: str = ""                 # and after
     kernels: str = ""               # which kernels the site runs on
     dot: str = ""                   # the region as a graphviz graph (dump option)
+    masks: List[str] = field(default_factory=list)  # mask operands as proven predicates
 
     def kernel_source(self) -> str:
         """The generated Triton source of this site's kernels (empty when not fused)."""
@@ -48,6 +49,8 @@ class SiteReport:
                          f"{self.spec.score_mod_grad_expr()}")
             if self.kernels:
                 lines.append(f"  kernels: {self.kernels}")
+            for m in self.masks:
+                lines.append(f"  mask {m}")
         else:
             lines.append(f"  why: {self.reason} (at node {self.node})")
         if self.before:
