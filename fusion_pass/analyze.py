@@ -13,6 +13,7 @@ Hands on: ``Analysis`` (spec + graph operands) to the rewriter.
 """
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import sympy
@@ -242,19 +243,39 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         score_ops=tuple(ops), captured=captured.spec_kinds, qk_dtype=dtype_name(qk_dtype),
         softmax_dtype=dtype_name(softmax_dtype), prob_dtype=dtype_name(prob_dtype),
         out_dtype=dtype_name(out_dtype), dropout_p=dropout_p)
+    lines, causal = _mask_predicates(spec, captured, canonical)
+    if causal:
+        spec = dataclasses.replace(spec, causal=True)
     return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
                     captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames,
-                    masks=_mask_predicates(spec, captured, canonical))
+                    masks=lines)
 
 
-def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape) -> List[str]:
+def _implies_causal(op: ScoreOp, pred, is_last: bool) -> bool:
+    """keep(b, h, i, j) implies j <= i (its band's upper end is 0), the masked elements end at <= -1e4
+    or -inf, and nothing after this step can lift them (it is the chain's last step)."""
+    if not is_last:
+        return False
+    band = pred.classify().band
+    if band[1] is None or sympy.simplify(band[1]) != 0:
+        return False
+    if op.kind == "add" and pred.kind == "additive":
+        return pred.masked_value is not None and pred.masked_value <= -1e4 \
+            and pred.kept_value == 0
+    if op.kind in ("fill", "fill_not") and pred.kind == "bool":
+        # fill: c is True where masked, so keep = ~c; fill_not: keep = c (pred.keep is c itself)
+        return op.kind == "fill_not" and op.value is not None and op.value <= -1e4
+    return False
+
+
+def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape):
     """For the report: each mask operand's keep-predicate, proven from the graph that builds it
     (``masks.analyse_mask``), its class and the fraction of 128 x 128 tiles it leaves to compute at
     the traced lengths. The kernels still read these masks as tensors (no tile skipping yet)."""
     from .masks import MaskPredicate, analyse_mask
 
-    lines = []
-    for op in spec.score_ops:
+    lines, causal = [], False
+    for pos, op in enumerate(spec.score_ops):
         if op.operand != "tensor" and op.kind not in ("fill", "fill_not"):
             continue
         node = captured.nodes[op.index]
@@ -270,6 +291,10 @@ def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape) ->
                 lines.append(f"c{op.index}: data, not a structural mask ({pred})")
             continue
         cls = pred.classify()
+        try:
+            causal = causal or _implies_causal(op, pred, pos == len(spec.score_ops) - 1)
+        except Exception:  # noqa: BLE001 - unprovable stays unproven
+            pass
         text = f"c{op.index}: keep(b, h, i, j) = {pred.keep}  [{', '.join(cls.kinds) or 'other'}]"
         if pred.kind == "additive":
             text += f"; masked value {pred.masked_value}"
@@ -284,7 +309,7 @@ def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape) ->
         except Exception:  # noqa: BLE001 - density is informative only
             pass
         lines.append(text)
-    return lines
+    return lines, causal
 
 
 def _looks_like_mask(node: fx.Node) -> bool:

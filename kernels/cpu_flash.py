@@ -115,7 +115,7 @@ def _mask(p: Plan, captured, dtype):
 
 
 def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
-    """(scale, attn_mask) when ATen's kernel computes this call exactly as eager would."""
+    """(scale, attn_mask, is_causal) when ATen's kernel computes this call exactly as eager would."""
     p = plan(spec)
     if p is None or not (2 <= q.dim() <= 4) or q.device.type != "cpu":
         return None
@@ -126,17 +126,21 @@ def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
     mask, has_empty_rows = _mask(p, captured, q.dtype)
     if has_empty_rows:
         return None
-    return _scale(p, captured), mask
+    # spec.causal: the mask keeps no element above the diagonal (proven by the pass), so ATen's
+    # is_causal, which skips those tiles, removes only elements the mask removes; every row here
+    # keeps a key (checked above), so their exp underflows to exactly 0 either way
+    causal = spec.causal and mask is not None and q.shape[-2] <= k.shape[-2]
+    return _scale(p, captured), mask, causal
 
 
-def forward(q, k, v, scale, mask):
+def forward(q, k, v, scale, mask, causal=False):
     shape = q.shape
-    out, lse = _FLASH(_as_4d(q), _as_4d(k), _as_4d(v), 0.0, False, attn_mask=mask, scale=scale)
+    out, lse = _FLASH(_as_4d(q), _as_4d(k), _as_4d(v), 0.0, causal, attn_mask=mask, scale=scale)
     return out.reshape(shape[:-1] + (v.shape[-1],)), lse.reshape(shape[:-1]).float()
 
 
-def backward(grad_out, q, k, v, out, lse, scale, mask):
+def backward(grad_out, q, k, v, out, lse, scale, mask, causal=False):
     q4 = _as_4d(q)
     dq, dk, dv = _FLASH_BWD(_as_4d(grad_out).to(q.dtype), q4, _as_4d(k), _as_4d(v), _as_4d(out),
-                            lse.reshape(q4.shape[:-1]), 0.0, False, attn_mask=mask, scale=scale)
+                            lse.reshape(q4.shape[:-1]), 0.0, causal, attn_mask=mask, scale=scale)
     return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)

@@ -194,8 +194,9 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 def kernel_summary(spec: AttentionSpec) -> str:
     """Which kernels a spec runs on, in words, for the report."""
-    cpu_kind = ("ATen flash kernel (tiled implementation for rows with no key and for bias "
-                "gradients)" if cpu_flash.plan(spec) is not None else "tiled implementation")
+    cpu_kind = ("ATen flash kernel" + (", skipping tiles above the diagonal" if spec.causal else "")
+                + " (tiled implementation for rows with no key and for bias gradients)"
+                if cpu_flash.plan(spec) is not None else "tiled implementation")
     return f"CUDA: generated Triton kernels; CPU: {cpu_kind}"
 
 

@@ -131,6 +131,11 @@ class AttentionSpec:
     prob_dtype: str = "float32"
     out_dtype: str = "float32"
     dropout_p: float = 0.0
+    # proven from the mask operand that ends the score chain: every kept element has key index
+    # j <= query index i (causal, possibly with padding or a window); its other elements reach the
+    # softmax at <= -1e4 or -inf. A kernel may then skip tiles above the diagonal on rows that keep
+    # at least one key (rows that keep none must still be computed as eager does).
+    causal: bool = False
 
     def __post_init__(self):
         for op in self.score_ops:
@@ -154,6 +159,8 @@ class AttentionSpec:
                  f"probs={self.prob_dtype} out={self.out_dtype}"]
         if self.dropout_p:
             parts.append(f"dropout p={self.dropout_p}")
+        if self.causal:
+            parts.append("causal (proven from the mask)")
         return "; ".join(parts)
 
     # -- serialisation: the string the custom op carries ----------------------------------------

@@ -495,3 +495,43 @@ def test_report_shows_structural_masks_as_proven_predicates():
     expl = _check_fused(f, *_qkv(Nq=19, Nk=19))
     (line,) = expl.fused[0].masks
     assert "j <= i" in line and "causal" in line and "at Nq = Nk = 4096: 51.6%" in line
+
+
+def _causal_mask(n, past=0):
+    i = torch.arange(n)[:, None] + past
+    j = torch.arange(n + past)[None, :]
+    return torch.where(j <= i, 0.0, torch.finfo(torch.float32).min)
+
+
+def test_proven_causal_mask_lets_the_kernel_skip_tiles_and_changes_nothing():
+    def f(q, k, v, attention_mask):
+        n = q.shape[-2]  # causal & padding, built as Hugging Face builds it
+        i, j = torch.arange(n)[None, None, :, None], torch.arange(n)[None, None, None, :]
+        b = torch.arange(q.shape[0])[:, None, None, None]
+        keep = (j <= i) & attention_mask[b, j]
+        mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + mask, -1) @ v
+    pad = torch.ones(2, 21, dtype=torch.bool)
+    pad[1, 15:] = False  # right padding: every row keeps a key
+    expl = _check_fused(f, *_qkv(Nq=21, Nk=21), pad)
+    assert expl.fused[0].spec.causal and "skipping tiles above the diagonal" in expl.fused[0].kernels
+
+
+def test_causality_is_not_claimed_without_proof():
+    def softcap_after_mask(q, k, v):  # tanh lifts the masked scores back to -30: not masked any more
+        s = q @ k.transpose(-1, -2) + _causal_mask(q.shape[-2])
+        return torch.softmax(torch.tanh(s / 30.0) * 30.0, -1) @ v
+
+    def kv_cache(q, k, v):  # j <= i + past: not the diagonal
+        return torch.softmax(q @ k.transpose(-1, -2) + _causal_mask(q.shape[-2], past=4), -1) @ v
+
+    def bidirectional(q, k, v, pad):
+        return torch.softmax(q @ k.transpose(-1, -2) + pad, -1) @ v
+
+    q, k, v = _qkv(Nq=9, Nk=9)
+    for fn, args in ((softcap_after_mask, (q, k, v)), (kv_cache, (q, *_qkv(Nq=13, Nk=13)[1:])),
+                     (bidirectional, (q, k, v, torch.zeros(2, 1, 1, 9)))):
+        if fn is kv_cache:
+            args = (q, *[t[..., :13, :] for t in _qkv(Nq=13, Nk=13)[1:]])
+        expl = _check_fused(fn, *args)
+        assert not expl.fused[0].spec.causal, fn.__name__
