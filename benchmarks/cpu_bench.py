@@ -43,6 +43,7 @@ implementation, computed on the warm-up results.
 
     python benchmarks/cpu_bench.py                       # full run, variant "scale"
     python benchmarks/cpu_bench.py --variants scale mask
+    python benchmarks/cpu_bench.py --variants causal      # GPT-2 style, SDPA anchor is_causal=True
     python benchmarks/cpu_bench.py --quick               # smoke test (small N, 1 repeat)
 
 Results: a markdown table on stdout and a JSON file (``--out``, default
@@ -82,8 +83,25 @@ class CoreAttention(nn.Module):
         return torch.matmul(p, v)
 
 
+class CausalAttention(nn.Module):
+    """GPT-2 / Llama style (variant "causal"): the causal mask built inside the model from aranges,
+    as transformers builds it, added to the scores. Stock Inductor does not recognise it."""
+
+    def forward(self, q, k, v, mask=None):
+        n = q.shape[-2]
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        causal = torch.where(j <= i, 0.0, torch.finfo(q.dtype).min)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + causal
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+
 def sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def sdpa_causal(q, k, v, mask=None):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
 
 # -- measuring -------------------------------------------------------------------------------------
@@ -163,12 +181,12 @@ def make_inputs(n, variant, B=1, H=12, D=64):
 def bench_size(n, variant, args, rows):
     torch._dynamo.reset()
     q0, k0, v0, mask, grad_out = make_inputs(n, variant)
-    module = CoreAttention()
+    module = CausalAttention() if variant == "causal" else CoreAttention()
     impls = {
         "eager": module,
         "stock": torch.compile(module, dynamic=False),
         "ours": torch.compile(module, backend="fusion_pass", dynamic=False),
-        "sdpa": sdpa,
+        "sdpa": sdpa_causal if variant == "causal" else sdpa,
     }
     repeats = args.repeats if n < 4096 else max(1, min(args.repeats, args.repeats_4096))
     for pass_ in args.passes:
@@ -323,7 +341,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    ap.add_argument("--variants", nargs="+", default=["scale"], choices=["scale", "mask"])
+    ap.add_argument("--variants", nargs="+", default=["scale"], choices=["scale", "mask", "causal"])
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--impls", nargs="+", default=["eager", "stock", "ours", "sdpa"],
                     choices=["eager", "stock", "ours", "sdpa"])
@@ -352,7 +370,8 @@ def main(argv=None):
 
     for variant in args.variants:
         q, k, v, mask, _ = make_inputs(256, variant)
-        expl = fusion_pass.explain(CoreAttention(), q, k, v, mask)
+        expl = fusion_pass.explain(CausalAttention() if variant == "causal" else CoreAttention(),
+                                   q, k, v, mask)
         print(f"explain ({variant}): {expl.summary()}")
         for s in expl.sites:
             print(f"  {s.site}: {s.status}  "
