@@ -67,6 +67,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_pass
+from fusion_pass.measure import profile_call
 
 HERE = Path(__file__).resolve().parent
 
@@ -105,35 +106,6 @@ def sdpa_causal(q, k, v, mask=None):
 
 
 # -- measuring -------------------------------------------------------------------------------------
-
-def profile_call(fn):
-    """Run fn once under the profiler; return (peak bytes, {op name: count}); see the docstring."""
-    from torch._C._profiler import _EventType
-
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    allocs, names = [], {}
-    while stack:
-        e = stack.pop()
-        if e.tag == _EventType.Allocation:
-            allocs.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.ptr))
-        else:
-            names[e.name] = names.get(e.name, 0) + 1
-        stack.extend(e.children)
-    allocs.sort(key=lambda a: a[0])
-    live = peak = 0
-    mine = {}  # address -> size of blocks allocated during the call and not yet freed
-    for _, size, ptr in allocs:
-        if size > 0:
-            mine[ptr] = size
-            live += size
-        elif ptr in mine:
-            live -= mine.pop(ptr)
-        peak = max(peak, live)
-    return peak, names
-
 
 def selfcheck():
     """The peak method on calls whose peak is known."""

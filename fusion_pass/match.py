@@ -107,10 +107,11 @@ def _chain_arg(op: CanonicalOp) -> Tuple[int, ...]:
     return (0,)
 
 
-def _leads_to_product(n, depth=0) -> bool:
-    """Does n reach a matmul upward through single-use score-chain ops? (Picks the score operand
-    of ``bias + scores``-style commuted spellings without guessing from shapes.)"""
-    if not isinstance(n, fx.Node) or depth > MAX_CHAIN or len(n.users) != 1:
+def _leads_to_product(n, depth=0, single_use=True) -> bool:
+    """Does n reach a product upward through score-chain ops? With ``single_use`` every node on the
+    way must have one user (picks the score operand of ``bias + scores``-style commuted spellings
+    without guessing from shapes); without, it tells a missed attention from some other softmax."""
+    if not isinstance(n, fx.Node) or depth > MAX_CHAIN or (single_use and len(n.users) != 1):
         return False
     op = view(n)
     if op is None:
@@ -119,29 +120,15 @@ def _leads_to_product(n, depth=0) -> bool:
         return True
     if op.name not in SCORE_OPS:
         return False
-    return any(_leads_to_product(op.args[i], depth + 1) for i in _chain_arg(op) if i < len(op.args))
-
-
-def _scores_from_product(n, depth=0) -> bool:
-    """Do the softmax's scores come from a product through elementwise ops (users ignored)? Then a
-    failed match is a missed attention, not some other softmax."""
-    if not isinstance(n, fx.Node) or depth > MAX_CHAIN:
-        return False
-    op = view(n)
-    if op is None:
-        return False
-    if op.name in PRODUCTS:
-        return True
-    if op.name not in SCORE_OPS:
-        return False
-    return any(_scores_from_product(op.args[i], depth + 1) for i in _chain_arg(op) if i < len(op.args))
+    return any(_leads_to_product(op.args[i], depth + 1, single_use)
+               for i in _chain_arg(op) if i < len(op.args))
 
 
 def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     res = _match_site(softmax)
     if isinstance(res, NearMiss) and not res.attention_like:
         # "not attention" only when the scores do not come from a product either
-        res.attention_like = _scores_from_product(view(softmax).args[0])
+        res.attention_like = _leads_to_product(view(softmax).args[0], single_use=False)
     return res
 
 

@@ -39,17 +39,25 @@ def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - before
+    return profile_call(fn)[0]
+
+
+def profile_call(fn: Callable[[], object]):
+    """Run fn once under torch.profiler; (peak bytes on CPU as the module docstring defines it,
+    {op name: number of calls})."""
     from torch._C._profiler import _EventType
 
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         fn()
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
-    events = []
+    events, names = [], {}
     while stack:
         e = stack.pop()
         if e.tag == _EventType.Allocation:
             events.append((e.start_time_ns, e.extra_fields.alloc_size, e.extra_fields.ptr))
+        else:
+            names[e.name] = names.get(e.name, 0) + 1
         stack.extend(e.children)
     events.sort(key=lambda x: x[0])
     live = peak = 0
@@ -61,4 +69,4 @@ def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
         elif ptr in ours:
             live -= ours.pop(ptr)
         peak = max(peak, live)
-    return peak
+    return peak, names
