@@ -59,18 +59,18 @@ class _Operands:
             else:
                 self.values.append(c.expand(score_shape))
 
-    def operand(self, op: ScoreOp, bidx, h0, h1, q0, q1):
+    def operand(self, op: ScoreOp, bidx, h0, h1, q0, q1, k1):
         if op.operand == "const":
             return op.value
         if op.operand == "none":
             return None
-        return self.tile(op.index, bidx, h0, h1, q0, q1)
+        return self.tile(op.index, bidx, h0, h1, q0, q1, k1)
 
-    def tile(self, index, bidx, h0, h1, q0, q1):
+    def tile(self, index, bidx, h0, h1, q0, q1, k1):
         v = self.values[index]
         if not isinstance(v, torch.Tensor):
             return v
-        return v[bidx][..., h0:h1, q0:q1, :]
+        return v[bidx][..., h0:h1, q0:q1, :k1]
 
 
 def _apply(op: ScoreOp, s: torch.Tensor, x, mask=None) -> torch.Tensor:
@@ -134,6 +134,29 @@ def _keeps_dtype(s: torch.Tensor, x) -> bool:
     return True
 
 
+# spec.causal's contract: the mask leaves masked elements at or below this at the softmax
+_MASKED = -1e4
+
+
+def _key_end(spec: AttentionSpec, q1: int, nk: int) -> int:
+    """Keys a query tile ending at row q1 needs: all, or with a proven causal mask (and no dropout,
+    whose mask is indexed by key) only j < q1: the others are masked, and exp(masked - max) is 0."""
+    return min(nk, q1) if spec.causal and not spec.dropout_p else nk
+
+
+def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
+    """Scores of a tile over its keys [0, k1), through the score chain. When a causal tile leaves
+    a row with no kept key (padding), that row must see every key as eager does (NaN or uniform):
+    the tile is recomputed over all keys, and the returned where says so."""
+    bidx, h0, h1, q0, q1, k1 = where
+    s0 = torch.matmul(qt, kb[kh][..., :k1, :].transpose(-1, -2))
+    s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=keep_inputs)
+    nk = kb.shape[-2]
+    if k1 < nk and bool((s.amax(-1) <= _MASKED).any()):
+        return _tile_scores(spec, ops, qt, kb, kh, (bidx, h0, h1, q0, q1, nk), keep_inputs)
+    return s0, s, inputs, where
+
+
 def _batch_indices(batch_shape):
     """All index tuples over the batch dims except the last (heads), which tiles cover."""
     return itertools.product(*[range(n) for n in batch_shape[:-1]])
@@ -194,10 +217,10 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
         for bidx in _batch_indices(batch):
             qb, kb, vb = q[bidx], k[bidx], v[bidx]
             for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group):
-                where = (bidx, h0, h1, q0, q1)
                 kh = _kv_heads(h0, h1, group)
-                s = torch.matmul(qb[h0:h1, q0:q1], kb[kh].transpose(-1, -2))
-                s, _ = _score_chain(spec, ops, s, where)
+                where = (bidx, h0, h1, q0, q1, _key_end(spec, q1, nk))
+                _, s, _, where = _tile_scores(spec, ops, qb[h0:h1, q0:q1], kb, kh, where)
+                k1 = where[-1]
                 m, arg = s.max(-1, keepdim=True)
                 p = torch.softmax(s, -1, dtype=sm_dtype)
                 del s
@@ -208,7 +231,7 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                 if p_drop:
                     keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
                     p = p * keep * (1.0 / (1.0 - p_drop))
-                torch.matmul(p, vb[kh], out=out[bidx][h0:h1, q0:q1])
+                torch.matmul(p, vb[kh][..., :k1, :], out=out[bidx][h0:h1, q0:q1])
     return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
 
 
@@ -260,11 +283,12 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
             for bidx in _batch_indices(batch):
                 qb, kb, vb, dob = q[bidx], k[bidx], v[bidx], grad_out[bidx]
                 for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group):
-                    where = (bidx, h0, h1, q0, q1)
                     kh = _kv_heads(h0, h1, group)
-                    qt, kt, vt, dot = qb[h0:h1, q0:q1], kb[kh], vb[kh], dob[h0:h1, q0:q1]
-                    s0 = torch.matmul(qt, kt.transpose(-1, -2))
-                    s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=True)
+                    qt, dot = qb[h0:h1, q0:q1], dob[h0:h1, q0:q1]
+                    where = (bidx, h0, h1, q0, q1, _key_end(spec, q1, nk))
+                    s0, s, inputs, where = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=True)
+                    k1 = where[-1]
+                    kt, vt = kb[kh][..., :k1, :], vb[kh][..., :k1, :]
                     p = torch.softmax(s, -1, dtype=sm_dtype)
                     pc = p.to(p_dtype) if p.dtype != p_dtype else p
                     if p_drop:
@@ -273,7 +297,8 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         pd = pc * scale
                     else:
                         pd = pc
-                    dv[bidx][kh] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dot), group).to(dv.dtype)
+                    dv[bidx][kh][..., :k1, :] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dot),
+                                                            group).to(dv.dtype)
                     dpd = torch.matmul(dot, vt.transpose(-1, -2))
                     dpc = dpd * scale if p_drop else dpd
                     dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
@@ -281,7 +306,8 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                     ds = _chain_backward(spec, ops, inputs, s, ds, where, dcap)
                     ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                     dq[bidx][h0:h1, q0:q1] = torch.matmul(ds, kt)
-                    dk[bidx][kh] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qt), group).to(dk.dtype)
+                    dk[bidx][kh][..., :k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qt),
+                                                            group).to(dk.dtype)
 
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     grads = []
@@ -294,7 +320,6 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
 
 def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
     """Reverse-mode through the score chain; accumulates operand gradients into ``dcap``."""
-    bidx, h0, h1, q0, q1 = where
     outs = list(inputs[1:]) + [s_out]
     for op, s_in, s_o in zip(reversed(spec.score_ops), reversed(inputs), reversed(outs)):
         x = None if op.kind in ("fill", "fill_not", "tanh", "cast") else ops.operand(op, *where)
@@ -331,7 +356,7 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
 
 
 def _accumulate(buf: torch.Tensor, g: torch.Tensor, where, kind):
-    bidx, h0, h1, q0, q1 = where
+    bidx, h0, h1, q0, q1, k1 = where
     if kind == "scalar":
         buf += g.to(buf.dtype).sum()
         return
@@ -341,5 +366,6 @@ def _accumulate(buf: torch.Tensor, g: torch.Tensor, where, kind):
         view = view[i if view.shape[0] != 1 else 0]
     hs = slice(h0, h1) if view.shape[0] != 1 else slice(0, 1)
     qs = slice(q0, q1) if view.shape[1] != 1 else slice(0, 1)
-    view = view[hs, qs]
+    ks = slice(0, k1) if view.shape[2] != 1 else slice(0, 1)
+    view = view[hs, qs, ks]
     view += _reduce_to(g.to(buf.dtype), view.shape)

@@ -273,7 +273,7 @@ def test_chain_backward_is_the_symbolic_derivative():
                   dict(kind="tanh"), dict(kind="mul", operand="const", value=30.0)], (), torch.float64)
     s = (torch.randn(1, 8, 8, dtype=torch.float64) * 200)
     ops = cpu._Operands(spec, [], (1, 8, 8))
-    where = ((), 0, 1, 0, 8)
+    where = ((), 0, 1, 0, 8, 8)
     out, inputs = cpu._score_chain(spec, ops, s, where, keep_inputs=True)
     ds = cpu._chain_backward(spec, ops, inputs, out, torch.ones_like(out), where, [])
     sym = [x for x in spec.score_mod_grad_expr().free_symbols if x.name == "s"][0]
@@ -281,3 +281,31 @@ def test_chain_backward_is_the_symbolic_derivative():
     want = torch.tensor([deriv(x) for x in s.flatten().tolist()], dtype=torch.float64).view_as(s)
     assert torch.allclose(ds, want, rtol=1e-10, atol=1e-14)
     assert "tanh" in str(spec.score_mod_expr())
+
+
+@pytest.mark.parametrize("fill", [torch.finfo(torch.float32).min, -math.inf])
+def test_tiled_path_skips_keys_above_the_diagonal_of_a_proven_causal_mask(fill, monkeypatch):
+    """spec.causal (the pass proved keep => j <= i): query tiles read only keys j < their last row;
+    rows that keep no key (left padding) are recomputed over every key, as eager does."""
+    monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
+    seen = []
+    real = cpu._tile_scores
+    monkeypatch.setattr(cpu, "_tile_scores", lambda *a, **k: seen.append(a[5][-1]) or real(*a, **k))
+    B, H, N, D = 2, 2, 70, 8
+    q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    pad = torch.ones(B, N, dtype=torch.bool)
+    if fill == -math.inf:
+        pad[1, 60:] = False  # right padding: every row keeps a key (-inf rows would be NaN)
+    else:
+        pad[1, :9] = False  # left padding: the first 9 queries of batch 1 keep no key
+    keep = torch.ones(N, N, dtype=torch.bool).tril()[None, None] & pad[:, None, None, :]
+    mask = torch.where(keep, 0.0, fill).double()
+    spec = _spec([dict(kind="mul", operand="const", value=0.3), dict(kind="add", operand="tensor", index=0)],
+                 ("tensor",), torch.float64, causal=True)
+    out = fused_attention(q, k, v, [mask], spec)
+    ref = torch.softmax(q @ k.transpose(-1, -2) * 0.3 + mask, -1) @ v
+    assert torch.allclose(out, ref, atol=1e-12, rtol=0)
+    assert min(seen) < N  # some tiles skipped keys
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0)
