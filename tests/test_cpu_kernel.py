@@ -309,3 +309,17 @@ def test_tiled_path_skips_keys_above_the_diagonal_of_a_proven_causal_mask(fill, 
     g = torch.randn_like(out)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
         assert torch.allclose(a, b, atol=1e-10, rtol=0)
+
+
+def test_repository_kernels_folder_imported_top_level_is_inert(monkeypatch):
+    """transformers probes for PyPI's `kernels` by importing it; from the repository root that finds
+    this folder. It must not register the custom ops again from a second copy of the modules (that
+    silently re-bound fusion_pass::attention to the copy)."""
+    import importlib
+    import sys
+    from pathlib import Path
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent))
+    monkeypatch.delitem(sys.modules, "kernels", raising=False)
+    mod = importlib.import_module("kernels")
+    assert mod.__version__ == "0.0.0" and not hasattr(mod, "fused_attention")
+    assert "kernels.ops" not in sys.modules
