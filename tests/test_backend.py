@@ -142,7 +142,10 @@ def test_autocast_bf16_on_cpu_stays_fused_and_matches():
         compiled(q, k, v)
         out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v))
     assert nf == 1 and out.dtype == ref.dtype == torch.bfloat16
-    assert (out.float() - ref.float()).abs().max().item() <= 1e-2
+    # FlashAttention's rule against the fp32 result: at most 2x eager-under-autocast's own error
+    exact = f(q.detach().double(), k.detach().double(), v.detach().double())
+    eager_err = (ref.double() - exact).abs().max().item()
+    assert (out.double() - exact).abs().max().item() <= 2 * eager_err + 1e-3
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, (q, k, v), g)
     want = torch.autograd.grad(ref, (q, k, v), g)
