@@ -204,7 +204,7 @@ def measure(row, args, cache):
 
 
 def table(rows, args):
-    lines = [f"| D | causal | N | B x H | mode | " + " | ".join(f"{i} TFLOP/s" for i in args.impls)
+    lines = ["| D | causal | N | B x H | mode | " + " | ".join(f"{i} TFLOP/s" for i in args.impls)
              + " | ours / flash |", "|---:|---|---:|---|---|" + "---:|" * (len(args.impls) + 1)]
     seen = []
     for r in rows:

@@ -15,7 +15,6 @@ equivalent hand-written ``score_mod`` (forward only: FlexAttention has no CPU ba
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
@@ -85,7 +84,7 @@ def flex(variant, h, n):
     return lambda q, k, v: fa(q, k, v, score_mod=score_mod, scale=SCALE, block_mask=block_mask)
 
 
-def timed(fn, repeats):
+def timed(fn):
     t = time.perf_counter()
     fn()
     return (time.perf_counter() - t) * 1e3
@@ -132,7 +131,7 @@ def main(argv=None):
                 times = {name: [] for name in calls}
                 for _ in range(args.repeats):
                     for name, c in calls.items():
-                        times[name].append(timed(c, 1))
+                        times[name].append(timed(c))
                 med = {name: statistics.median(t) for name, t in times.items()}
                 for name, ms in med.items():
                     fl = med.get("flex (compiled)")

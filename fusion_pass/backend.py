@@ -63,7 +63,7 @@ def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
             log.info("fusion_pass: site %s not fused: %s", site, res)
             continue
         before = code_lines(report.code_before, [n.name for n in res.region.nodes])
-        dot = region_dot(site, res.region.nodes, [])
+        dot = region_dot(site, res.region.nodes)
         old = set(gm.graph.nodes)
         rewrite_region(gm, res, fake_mode)
         new = [n.name for n in gm.graph.nodes if n not in old]

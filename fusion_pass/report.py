@@ -152,9 +152,8 @@ def dump(expl: "Explanation", folder: str) -> List[str]:
     return paths
 
 
-def region_dot(name: str, nodes, inputs) -> str:
+def region_dot(name: str, nodes) -> str:
     """A graphviz picture of one region: its nodes (filled) and the tensors it reads."""
-    import torch.fx as fx
 
     inside = set(nodes)
     lines = [f'digraph "{name}" {{', "  rankdir=TB;", '  node [fontname="monospace", fontsize=10];']
