@@ -31,9 +31,3 @@ def explain(model, *args, dynamic=None, **kwargs) -> Explanation:
     torch._dynamo.reset()
     return Explanation(list(reports))
 
-
-def fused_site_count(gm_or_explanation) -> int:
-    if isinstance(gm_or_explanation, Explanation):
-        return len(gm_or_explanation.fused)
-    return sum(1 for n in gm_or_explanation.graph.nodes
-               if n.op == "call_function" and "fusion_pass.attention" in str(n.target))

@@ -29,7 +29,8 @@ from .canonicalize import value
 ATTENTION_OP = torch.ops.fusion_pass.attention.default
 
 
-def _fake_mode(gm: fx.GraphModule):
+def find_fake_mode(gm: fx.GraphModule) -> Optional[object]:
+    """The fake mode of Dynamo's example values (new nodes get their metadata under it)."""
     for n in gm.graph.nodes:
         v = value(n)
         if isinstance(v, torch.Tensor) and hasattr(v, "fake_mode"):
@@ -140,9 +141,6 @@ def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
         graph.erase_node(node)
         node = src
 
-
-def find_fake_mode(gm: fx.GraphModule) -> Optional[object]:
-    return _fake_mode(gm)
 
 
 def fill_meta(node: fx.Node, fake_mode) -> None:

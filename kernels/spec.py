@@ -107,10 +107,6 @@ class ScoreOp:
 
 
 def _fmt(v: Optional[float]) -> str:
-    if v is None:
-        return "None"
-    if isinstance(v, float) and (math.isinf(v) or math.isnan(v)):
-        return repr(v)
     return repr(v)
 
 
@@ -184,9 +180,6 @@ class AttentionSpec:
         expr, s = _symbolic(self)
         return sympy.simplify(sympy.diff(expr, s))
 
-    @property
-    def tensor_operands(self) -> tuple:
-        return tuple(i for i, kind in enumerate(self.captured) if kind == "tensor")
 
 
 def _symbolic(spec: "AttentionSpec"):
