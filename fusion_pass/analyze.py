@@ -243,9 +243,11 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         score_ops=tuple(ops), captured=captured.spec_kinds, qk_dtype=dtype_name(qk_dtype),
         softmax_dtype=dtype_name(softmax_dtype), prob_dtype=dtype_name(prob_dtype),
         out_dtype=dtype_name(out_dtype), dropout_p=dropout_p)
-    lines, causal = _mask_predicates(spec, captured, canonical)
+    lines, causal, preds = _mask_predicates(spec, captured, canonical)
     if causal:
         spec = dataclasses.replace(spec, causal=True)
+    if preds:
+        spec, captured = _with_predicates(spec, captured, preds, canonical)
     return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
                     captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames,
                     masks=lines)
@@ -269,12 +271,13 @@ def _implies_causal(op: ScoreOp, pred, is_last: bool) -> bool:
 
 
 def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape):
-    """For the report: each mask operand's keep-predicate, proven from the graph that builds it
-    (``masks.analyse_mask``), its class and the fraction of 128 x 128 tiles it leaves to compute at
-    the traced lengths. The kernels still read these masks as tensors (no tile skipping yet)."""
+    """Each mask operand's keep-predicate, proven from the graph that builds it
+    (``masks.analyse_mask``), for the report (its class and the fraction of 128 x 128 tiles it
+    leaves to compute) and for the kernels: ``preds`` maps a score-step position to the
+    ``MaskSpec`` that replaces its N x N mask tensor (see ``_as_mask_spec``)."""
     from .masks import MaskPredicate, analyse_mask
 
-    lines, causal = [], False
+    lines, causal, preds = [], False, {}
     for pos, op in enumerate(spec.score_ops):
         if op.operand != "tensor" and op.kind not in ("fill", "fill_not"):
             continue
@@ -295,6 +298,12 @@ def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape):
             causal = causal or _implies_causal(op, pred, pos == len(spec.score_ops) - 1)
         except Exception:  # noqa: BLE001 - unprovable stays unproven
             pass
+        ms = _as_mask_spec(op, pred, node, score_shape)
+        if isinstance(ms, str):
+            how = f"; read as a tensor ({ms})"
+        else:
+            preds[pos] = (ms, pred.data)
+            how = "; evaluated in the kernel as a predicate (the N x N tensor is not built)"
         text = f"c{op.index}: keep(b, h, i, j) = {pred.keep}  [{', '.join(cls.kinds) or 'other'}]"
         if pred.kind == "additive":
             text += f"; masked value {pred.masked_value}"
@@ -308,8 +317,95 @@ def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape):
                 text += f", at Nq = Nk = 4096: {float((big != 0).mean()):.1%}"
         except Exception:  # noqa: BLE001 - density is informative only
             pass
-        lines.append(text)
-    return lines, causal
+        lines.append(text + how)
+    return lines, causal, preds
+
+
+def _as_mask_spec(op: ScoreOp, pred, node: fx.Node, score_shape):
+    """The ``MaskSpec`` the kernels evaluate instead of reading the mask tensor, or why not (str).
+
+    Only masks that would be N x N tensors are replaced (a (B, 1, 1, Nk) padding mask is cheaper to
+    read than to recompute); the predicate's size symbols must each be one of the scores' sizes
+    (so the kernel binds them from the call's shapes), and the step must use the mask as the graph
+    built it: an additive mask added, a boolean one in a fill."""
+    from fusion_pass.kernels.predicate import MaskSpec
+
+    mv = value(node)
+    if mv.dim() < 2 or _same(mv.shape[-1], 1) or _same(mv.shape[-2], 1):
+        return "it broadcasts over queries or keys: reading it is cheap"
+    if op.kind == "add" and pred.kind != "additive" or op.kind in ("fill", "fill_not") and pred.kind != "bool":
+        return f"a {pred.kind} mask used by {op.kind}"
+    if op.kind not in ("add", "fill", "fill_not"):
+        return f"a mask used by {op.kind}"
+    R = len(score_shape)
+    rename = _size_symbols(pred, score_shape)
+    if isinstance(rename, str):
+        return rename
+    keep = pred.keep.xreplace(rename)
+    for k, f in enumerate(pred.funcs):
+        fk = sympy.Function(f"d{k}")
+        keep = keep.replace(lambda e, f=f: getattr(e, "func", None) == f, lambda e, fk=fk: fk(*e.args))
+    if len(pred.axes) != R:
+        return "its axes are not the scores'"
+    kw = {}
+    if pred.kind == "additive":
+        kw = dict(dtype=dtype_name(pred.dtype), kept=float(pred.kept_value),
+                  masked=float(pred.masked_value) if pred.masked_value is not None else -float("inf"))
+    return MaskSpec(keep=sympy.srepr(keep), axes=tuple(str(a) for a in pred.axes), kind=pred.kind,
+                    text=str(keep), **kw)
+
+
+def _size_symbols(pred, score_shape):
+    """{size symbol: expression in the score sizes n0 .. n{R-1}} for the predicate's size symbols
+    (e.g. a KV cache's past length s1 = n3 - n2 when Nk = s1 + s0 and Nq = s0), or why not."""
+    needed = [sym for sym in pred.keep.free_symbols if sym not in pred.axes]
+    if not needed:
+        return {}
+    ns, eqs = [], []
+    for d, n in enumerate(score_shape):
+        e = getattr(getattr(n, "node", None), "expr", None) if not isinstance(n, int) else None
+        if e is not None:
+            nd = sympy.Symbol(f"n{d}", integer=True, nonnegative=True)
+            ns.append(nd)
+            eqs.append(sympy.Eq(nd, e))
+    unknowns = sorted(set().union(*[eq.rhs.free_symbols for eq in eqs]) if eqs else set(), key=str)
+    if not set(needed) <= set(unknowns):
+        return f"its size symbols {sorted(map(str, needed))} are not functions of the scores' sizes"
+    try:
+        sols = sympy.solve(eqs, unknowns, dict=True)
+    except Exception as e:  # noqa: BLE001 - unsolvable is "not proven"
+        return f"its size symbols could not be solved for ({e})"
+    if len(sols) != 1:
+        return "its size symbols are not determined by the scores' sizes"
+    out = {}
+    for sym in needed:
+        val = sols[0].get(sym)
+        if val is None or not val.free_symbols <= set(ns):
+            return f"its size symbol {sym} is not determined by the scores' sizes"
+        out[sym] = val
+    return out
+
+
+def _with_predicates(spec: AttentionSpec, captured: "_Captured", preds, score_shape):
+    """The spec and captured operands with the masks in ``preds`` read as predicates: the steps
+    become "predicate" steps, their data tensors are captured as "data", and captured operands no
+    step reads any more are dropped (the graph's mask construction then becomes dead code)."""
+    new = _Captured()
+    ops, masks = [], []
+    for pos, op in enumerate(spec.score_ops):
+        if pos in preds:
+            ms, data = preds[pos]
+            idx = tuple(new.add(d, "data") for d in data)
+            masks.append(dataclasses.replace(ms, data=idx))
+            ops.append(dataclasses.replace(op, operand="predicate", index=len(masks) - 1))
+        elif op.index is not None:
+            k = op.index
+            ops.append(dataclasses.replace(
+                op, index=new.add(captured.nodes[k], captured.kinds[k], captured.preps[k])))
+        else:
+            ops.append(op)
+    spec = dataclasses.replace(spec, score_ops=tuple(ops), captured=new.spec_kinds, masks=tuple(masks))
+    return spec, new
 
 
 def _looks_like_mask(node: fx.Node) -> bool:

@@ -71,6 +71,9 @@ def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
                                        kernels=kernel_summary(res.spec), dot=dot,
                                        masks=list(res.masks or [])))
         log.info("fusion_pass: site %s fused: %s", site, res.spec)
+    if any(site.fused for site in report.sites):
+        # masks now read as predicates leave their construction unused
+        gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.recompile()
     report.code_after = gm.code

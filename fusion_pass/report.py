@@ -32,8 +32,20 @@ class SiteReport:
         """The generated Triton source of this site's kernels (empty when not fused)."""
         if not self.fused:
             return ""
+        from fusion_pass.kernels.predicate import keep_source, tensor_mask_spec
         from fusion_pass.kernels.triton_attention import generate_source
-        return generate_source(self.spec)
+        spec = self.spec
+        head = ""
+        for k, m in enumerate(spec.masks):
+            head += (f"# mask m{k} ({m.kind}), evaluated per tile by the CPU kernel:\n"
+                     + "".join(f"#   {line}\n" for line in keep_source(m).splitlines()))
+        if spec.masks and tensor_mask_spec(spec) is not spec:
+            try:
+                return head + generate_source(spec)
+            except Exception:  # noqa: BLE001 - kernels reading the masks as tensors
+                head += "# the Triton kernels read these masks materialised as tensors:\n"
+                spec = tensor_mask_spec(spec)
+        return head + generate_source(spec)
 
     @property
     def status(self) -> str:

@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import predicate
 from .dropout import keep_mask
 from .spec import AttentionSpec, ScoreOp, to_dtype
 
@@ -29,9 +30,10 @@ from .spec import AttentionSpec, ScoreOp, to_dtype
 TILE_ELEMENTS = 1 << 18
 
 
-def _tiles(nh: int, nq: int, nk: int, group: int = 1):
+def _tiles(nh: int, nq: int, nk: int, group: int = 1, q_outer: bool = False):
     """Yield (h0, h1, q0, q1): head ranges and query row ranges of one batch entry. A head range
-    never crosses a group of query heads that share one key/value head."""
+    never crosses a group of query heads that share one key/value head. ``q_outer``: walk the
+    heads inside each query block (a head-independent mask tile is then built once per block)."""
     rows = max(1, TILE_ELEMENTS // max(nk, 1))
     span = group if group > 1 else max(nh, 1)
     if rows >= nq:
@@ -42,13 +44,22 @@ def _tiles(nh: int, nq: int, nk: int, group: int = 1):
     else:
         # round query blocks to 16 rows so matmuls stay aligned
         bq = max(16, (rows // 16) * 16)
-        for h0 in range(nh):
+        if q_outer:
             for q0 in range(0, nq, bq):
-                yield h0, h0 + 1, q0, min(nq, q0 + bq)
+                for h0 in range(nh):
+                    yield h0, h0 + 1, q0, min(nq, q0 + bq)
+        else:
+            for h0 in range(nh):
+                for q0 in range(0, nq, bq):
+                    yield h0, h0 + 1, q0, min(nq, q0 + bq)
 
 
 class _Operands:
-    """The spec's captured operands, expanded (as views, never copies) to the scores' shape."""
+    """The spec's captured operands, expanded (as views, never copies) to the scores' shape, and
+    its mask predicates, evaluated per tile (``predicate.py``).
+
+    A tile is addressed by ``where = (bidx, h0, h1, q0, q1, k0, k1)``: the batch index except the
+    heads, a head range, a query row range and a key range."""
 
     def __init__(self, spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape):
         self.spec = spec
@@ -56,21 +67,94 @@ class _Operands:
         for kind, c in zip(spec.captured, captured):
             if kind == "scalar":
                 self.values.append(c.item())
+            elif kind == "data":
+                self.values.append(c)
             else:
                 self.values.append(c.expand(score_shape))
+        self.score_shape = tuple(score_shape)
+        self._cache = {}
 
-    def operand(self, op: ScoreOp, bidx, h0, h1, q0, q1, k1):
+    def operand(self, op: ScoreOp, bidx, h0, h1, q0, q1, k0, k1):
         if op.operand == "const":
             return op.value
         if op.operand == "none":
             return None
-        return self.tile(op.index, bidx, h0, h1, q0, q1, k1)
+        if op.operand == "predicate":
+            return self.predicate_tile(op.index, (bidx, h0, h1, q0, q1, k0, k1))
+        return self.tile(op.index, bidx, h0, h1, q0, q1, k0, k1)
 
-    def tile(self, index, bidx, h0, h1, q0, q1, k1):
+    def mask(self, op: ScoreOp, where):
+        """The boolean tensor a fill step reads."""
+        if op.operand == "predicate":
+            return self.predicate_tile(op.index, where)
+        return self.tile(op.index, *where)
+
+    def tile(self, index, bidx, h0, h1, q0, q1, k0, k1):
         v = self.values[index]
         if not isinstance(v, torch.Tensor):
             return v
-        return v[bidx][..., h0:h1, q0:q1, :k1]
+        return v[bidx][..., h0:h1, q0:q1, k0:k1]
+
+    # -- predicates --------------------------------------------------------------------------------
+    def keep(self, mi: int, where) -> torch.Tensor:
+        """keep of mask ``mi`` on a tile: bool, broadcastable to (heads, rows, keys)."""
+        bidx, h0, h1, q0, q1, k0, k1 = where
+        m = self.spec.masks[mi]
+        R = len(m.axes)
+        dev = None
+        for d in m.data:
+            dev = self.values[d].device
+        grids = []
+        for k, name in enumerate(m.axes):
+            back = R - k  # 1: keys, 2: queries, 3: heads, more: the batch index
+            if not m.uses_axis(name):
+                grids.append(0)
+            elif back == 1:
+                grids.append(torch.arange(k0, k1, device=dev).reshape(1, 1, -1))
+            elif back == 2:
+                grids.append(torch.arange(q0, q1, device=dev).reshape(1, -1, 1))
+            elif back == 3:
+                grids.append(torch.arange(h0, h1, device=dev).reshape(-1, 1, 1))
+            else:
+                grids.append(bidx[len(bidx) - (back - 3)])
+        sizes = self.score_shape[-R:] if R else ()
+        data = [self.values[d] for d in m.data]
+        return predicate.evaluate_keep(m, grids, sizes, data)
+
+    def _head_free(self, mi: int) -> bool:
+        m = self.spec.masks[mi]
+        return len(m.axes) < 3 or not m.uses_axis(m.axes[-3])
+
+    def predicate_tile(self, mi: int, where) -> torch.Tensor:
+        """The tile of the tensor the graph's mask held (keep, or the additive values); built once
+        per query block and key span when the predicate does not depend on the head."""
+        bidx, h0, h1, q0, q1, k0, k1 = where
+        key = (bidx, q0, q1, k0, k1) if self._head_free(mi) else where
+        hit = self._cache.get(("tile", mi))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        t = predicate.as_operand(self.spec.masks[mi], self.keep(mi, where))
+        self._cache[("tile", mi)] = (key, t)
+        return t
+
+    def key_span(self, op: ScoreOp, where, nk: int):
+        """[k0, k1) within where's keys holding every key some row of the tile keeps (under the
+        fill semantics of ``op``); None when no row keeps any key."""
+        bidx, h0, h1, q0, q1, k0, k1 = where
+        key = (bidx, q0, q1, k0, k1) if self._head_free(op.index) else where
+        hit = self._cache.get(("span", op.index))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        keep = self.keep(op.index, where)
+        if op.kind == "fill":
+            keep = ~keep
+        if keep.dim() == 0 or keep.shape[-1] == 1:
+            span = (k0, k1) if bool(keep.any()) else None
+        else:
+            cols = keep.reshape(-1, keep.shape[-1]).any(0).nonzero()
+            span = (k0 + int(cols[0]), k0 + int(cols[-1]) + 1) if len(cols) else None
+        self._cache[("span", op.index)] = (key, span)
+        return span
 
 
 def _apply(op: ScoreOp, s: torch.Tensor, x, mask=None) -> torch.Tensor:
@@ -115,7 +199,7 @@ def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False):
     for op in spec.score_ops:
         if keep_inputs:
             inputs.append(s)
-        mask = ops.tile(op.index, *where) if op.kind in ("fill", "fill_not") else None
+        mask = ops.mask(op, where) if op.kind in ("fill", "fill_not") else None
         x = op.value if mask is not None else ops.operand(op, *where)
         target = to_dtype(op.dtype)
         if not keep_inputs and op.kind in _INPLACE and s.dtype == target and _keeps_dtype(s, x):
@@ -134,27 +218,55 @@ def _keeps_dtype(s: torch.Tensor, x) -> bool:
     return True
 
 
-# spec.causal's contract: the mask leaves masked elements at or below this at the softmax
+# spec.causal's contract, and the skippable masks': masked elements reach the softmax at or below this
 _MASKED = -1e4
 
 
-def _key_end(spec: AttentionSpec, q1: int, nk: int) -> int:
-    """Keys a query tile ending at row q1 needs: all, or with a proven causal mask (and no dropout,
-    whose mask is indexed by key) only j < q1: the others are masked, and exp(masked - max) is 0."""
-    return min(nk, q1) if spec.causal and not spec.dropout_p else nk
+def _skips(spec: AttentionSpec, op: ScoreOp) -> bool:
+    """A predicate step whose masked elements may be skipped: it is the chain's last step (nothing
+    after it can lift a masked score) and leaves masked scores at <= -1e4 or -inf, so on a row that
+    keeps any key their exp(masked - max) is exactly 0. No dropout (its mask is indexed by key)."""
+    if op.operand != "predicate" or spec.dropout_p or op is not spec.score_ops[-1]:
+        return False
+    if op.kind == "add":
+        m = spec.masks[op.index]
+        return m.kind == "additive" and m.masked <= _MASKED and m.kept == 0
+    return op.kind in ("fill", "fill_not") and op.value is not None and op.value <= _MASKED
+
+
+def _key_range(spec: AttentionSpec, ops: "_Operands", bidx, h0, h1, q0, q1, nk: int):
+    """Keys [k0, k1) a tile needs: all, or with a proven causal mask only j < q1, or with a
+    skippable predicate mask the span of keys some row of the tile keeps. Skipped keys are masked
+    for every row of the tile, and exp(masked - max) is 0 on rows that keep a key; rows that keep
+    none are recomputed over all keys by ``_tile_scores``."""
+    k0, k1 = 0, nk
+    if spec.causal and not spec.dropout_p:
+        k1 = min(nk, q1)
+    if spec.score_ops and _skips(spec, spec.score_ops[-1]):
+        span = ops.key_span(spec.score_ops[-1], (bidx, h0, h1, q0, q1, k0, k1), nk)
+        if span is None:  # no row keeps a key: eager's softmax sees every key (NaN or uniform)
+            return 0, nk
+        k0, k1 = span
+    return k0, k1
 
 
 def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
-    """Scores of a tile over its keys [0, k1), through the score chain. When a causal tile leaves
+    """Scores of a tile over its keys [k0, k1), through the score chain. When a skipping tile leaves
     a row with no kept key (padding), that row must see every key as eager does (NaN or uniform):
     the tile is recomputed over all keys, and the returned where says so."""
-    bidx, h0, h1, q0, q1, k1 = where
-    s0 = torch.matmul(qt, kb[kh][..., :k1, :].transpose(-1, -2))
+    bidx, h0, h1, q0, q1, k0, k1 = where
+    s0 = torch.matmul(qt, kb[kh][..., k0:k1, :].transpose(-1, -2))
     s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=keep_inputs)
     nk = kb.shape[-2]
-    if k1 < nk and bool((s.amax(-1) <= _MASKED).any()):
-        return _tile_scores(spec, ops, qt, kb, kh, (bidx, h0, h1, q0, q1, nk), keep_inputs)
+    if (k0 > 0 or k1 < nk) and bool((s.amax(-1) <= _MASKED).any()):
+        return _tile_scores(spec, ops, qt, kb, kh, (bidx, h0, h1, q0, q1, 0, nk), keep_inputs)
     return s0, s, inputs, where
+
+
+def _q_outer(spec: AttentionSpec, ops: "_Operands") -> bool:
+    """Walk heads inside query blocks when every predicate is head-independent (one mask tile and
+    one key span per block, shared by the heads)."""
+    return bool(spec.masks) and all(ops._head_free(k) for k in range(len(spec.masks)))
 
 
 def _batch_indices(batch_shape):
@@ -216,11 +328,11 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     with torch.autocast(q.device.type, enabled=False):
         for bidx in _batch_indices(batch):
             qb, kb, vb = q[bidx], k[bidx], v[bidx]
-            for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group):
+            for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group, _q_outer(spec, ops)):
                 kh = _kv_heads(h0, h1, group)
-                where = (bidx, h0, h1, q0, q1, _key_end(spec, q1, nk))
+                where = (bidx, h0, h1, q0, q1) + _key_range(spec, ops, bidx, h0, h1, q0, q1, nk)
                 _, s, _, where = _tile_scores(spec, ops, qb[h0:h1, q0:q1], kb, kh, where)
-                k1 = where[-1]
+                k0, k1 = where[-2:]
                 m, arg = s.max(-1, keepdim=True)
                 p = torch.softmax(s, -1, dtype=sm_dtype)
                 del s
@@ -231,7 +343,7 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                 if p_drop:
                     keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
                     p = p * keep * (1.0 / (1.0 - p_drop))
-                torch.matmul(p, vb[kh][..., :k1, :], out=out[bidx][h0:h1, q0:q1])
+                torch.matmul(p, vb[kh][..., k0:k1, :], out=out[bidx][h0:h1, q0:q1])
     return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
 
 
@@ -282,13 +394,13 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
         with torch.autocast(q.device.type, enabled=False):
             for bidx in _batch_indices(batch):
                 qb, kb, vb, dob = q[bidx], k[bidx], v[bidx], grad_out[bidx]
-                for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group):
+                for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group, _q_outer(spec, ops)):
                     kh = _kv_heads(h0, h1, group)
                     qt, dot = qb[h0:h1, q0:q1], dob[h0:h1, q0:q1]
-                    where = (bidx, h0, h1, q0, q1, _key_end(spec, q1, nk))
+                    where = (bidx, h0, h1, q0, q1) + _key_range(spec, ops, bidx, h0, h1, q0, q1, nk)
                     s0, s, inputs, where = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=True)
-                    k1 = where[-1]
-                    kt, vt = kb[kh][..., :k1, :], vb[kh][..., :k1, :]
+                    k0, k1 = where[-2:]
+                    kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
                     p = torch.softmax(s, -1, dtype=sm_dtype)
                     pc = p.to(p_dtype) if p.dtype != p_dtype else p
                     if p_drop:
@@ -297,7 +409,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         pd = pc * scale
                     else:
                         pd = pc
-                    dv[bidx][kh][..., :k1, :] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dot),
+                    dv[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dot),
                                                             group).to(dv.dtype)
                     dpd = torch.matmul(dot, vt.transpose(-1, -2))
                     dpc = dpd * scale if p_drop else dpd
@@ -306,7 +418,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                     ds = _chain_backward(spec, ops, inputs, s, ds, where, dcap)
                     ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                     dq[bidx][h0:h1, q0:q1] = torch.matmul(ds, kt)
-                    dk[bidx][kh][..., :k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qt),
+                    dk[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qt),
                                                             group).to(dk.dtype)
 
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
@@ -345,9 +457,9 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
         elif kind == "cast":
             pass
         elif kind == "fill":
-            ds = ds.masked_fill(ops.tile(op.index, *where), 0)
+            ds = ds.masked_fill(ops.mask(op, where), 0)
         elif kind == "fill_not":
-            ds = ds.masked_fill(~ops.tile(op.index, *where), 0)
+            ds = ds.masked_fill(~ops.mask(op, where), 0)
         if d_operand is not None and op.operand in ("tensor", "scalar") and dcap[op.index] is not None:
             _accumulate(dcap[op.index], d_operand, where, spec.captured[op.index])
         if ds.dtype != s_in.dtype:
@@ -356,7 +468,7 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
 
 
 def _accumulate(buf: torch.Tensor, g: torch.Tensor, where, kind):
-    bidx, h0, h1, q0, q1, k1 = where
+    bidx, h0, h1, q0, q1, k0, k1 = where
     if kind == "scalar":
         buf += g.to(buf.dtype).sum()
         return
@@ -366,6 +478,6 @@ def _accumulate(buf: torch.Tensor, g: torch.Tensor, where, kind):
         view = view[i if view.shape[0] != 1 else 0]
     hs = slice(h0, h1) if view.shape[0] != 1 else slice(0, 1)
     qs = slice(q0, q1) if view.shape[1] != 1 else slice(0, 1)
-    ks = slice(0, k1) if view.shape[2] != 1 else slice(0, 1)
+    ks = slice(k0, k1) if view.shape[2] != 1 else slice(0, 1)
     view = view[hs, qs, ks]
     view += _reduce_to(g.to(buf.dtype), view.shape)

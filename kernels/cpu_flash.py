@@ -21,13 +21,16 @@ Rounding differs from eager only in where the scale is applied (one fp32 roundin
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
+import sympy
 import torch
 
-from .spec import AttentionSpec
+from .predicate import as_operand, materialize, parse
+from .spec import AttentionSpec, to_dtype
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -44,7 +47,8 @@ class Plan:
 
     scales: tuple        # (kind, value-or-index, divide?) for each scale step, in order
     mask_index: Optional[int] = None
-    mask_kind: str = ""  # "add": additive tensor; "fill": bool, masked where True; "fill_not": where False
+    mask_kind: str = ""  # "add": additive tensor; "fill": bool, masked where True; "fill_not": where
+    # False; "pred_<kind>": the same with the mask given as spec.masks[mask_index] (a predicate)
 
 
 def plan(spec: AttentionSpec) -> Optional[Plan]:
@@ -58,12 +62,14 @@ def plan(spec: AttentionSpec) -> Optional[Plan]:
             return None  # a step after the mask (e.g. scaling the mask) is not SDPA's function
         if op.kind in ("mul", "div") and op.operand in ("const", "scalar"):
             scales.append((op.operand, op.value if op.operand == "const" else op.index, op.kind == "div"))
-        elif op.kind == "add" and op.operand == "tensor":
+        elif op.kind == "add" and op.operand in ("tensor", "predicate"):
             mask_index, mask_kind = op.index, "add"
         elif op.kind in ("fill", "fill_not") and op.value == -math.inf:
             mask_index, mask_kind = op.index, op.kind
         else:
             return None
+        if op.operand == "predicate":
+            mask_kind = "pred_" + mask_kind
     return Plan(tuple(scales), mask_index, mask_kind)
 
 
@@ -114,6 +120,58 @@ def _mask(p: Plan, captured, dtype):
     return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -math.inf), False
 
 
+def _is_tril(c, i, j) -> bool:
+    """c is exactly j <= i over the integers (in any of sympy's spellings)."""
+    if not isinstance(c, sympy.core.relational.Relational) or not c.free_symbols <= {i, j}:
+        return False
+    d = sympy.expand(c.lhs - c.rhs)
+    forms = {sympy.Le: d, sympy.Lt: d + 1, sympy.Ge: -d, sympy.Gt: -d + 1}
+    for cls, le0 in forms.items():
+        if type(c) is cls:
+            return sympy.expand(le0 - (j - i)) == 0
+    return False
+
+
+def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
+    """(attn_mask, is_causal, has_empty_rows) for a predicate mask, or None when ATen's kernel
+    cannot take it without an N x N tensor. keep = (j <= i) & rest: the causal part becomes
+    ``is_causal`` (Nq == Nk only: top-left and bottom-right alignment agree there), the rest is
+    materialised when it does not depend on both i and j (a (B, 1, 1, Nk) padding mask)."""
+    m = spec.masks[p.mask_index]
+    keep = parse(m.keep)
+    if p.mask_kind == "pred_fill":
+        keep = sympy.Not(keep)
+    names = {s.name: s for s in keep.free_symbols}
+    i, j = names.get(m.axes[-2]), names.get(m.axes[-1])
+    parts = sympy.And.make_args(keep)
+    causal = i is not None and j is not None and any(_is_tril(c, i, j) for c in parts)
+    if causal:
+        if q.shape[-2] != k.shape[-2]:
+            return None
+        parts = [c for c in parts if not _is_tril(c, i, j)]
+    rest = sympy.And(*parts)
+    if i in rest.free_symbols and j in rest.free_symbols:
+        return None  # e.g. a sliding window: the tiled path skips its empty tiles instead
+    rest_spec = dataclasses.replace(m, keep=sympy.srepr(rest), text=str(rest))
+    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    rest_keep = materialize(dataclasses.replace(rest_spec, kind="bool"), score_shape,
+                            [captured[d] for d in m.data])
+    rest_keep = _as_4d(rest_keep)
+    if causal:  # row i keeps key 0 under the causal part: a row is empty only if rest drops it
+        empty = bool((~rest_keep[..., 0]).any())
+    else:
+        empty = bool((~rest_keep.any(-1)).any())
+    if bool(rest_keep.all()):
+        return None, causal, False
+    if p.mask_kind == "pred_add":
+        if to_dtype(m.dtype) != q.dtype:
+            return None
+        mask = as_operand(m, rest_keep)
+    else:
+        mask = torch.zeros(rest_keep.shape, dtype=q.dtype).masked_fill_(~rest_keep, -math.inf)
+    return mask, causal, empty
+
+
 def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
     """(scale, attn_mask, is_causal) when ATen's kernel computes this call exactly as eager would."""
     p = plan(spec)
@@ -123,6 +181,11 @@ def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
         return None
     if any(t.dtype != q.dtype for t in (k, v)) or str(q.dtype).replace("torch.", "") != spec.qk_dtype:
         return None
+    if p.mask_kind.startswith("pred_"):
+        got = _predicate_mask(p, spec, captured, q, k)
+        if got is None or got[2]:
+            return None
+        return _scale(p, captured), got[0], got[1]
     mask, has_empty_rows = _mask(p, captured, q.dtype)
     if has_empty_rows:
         return None

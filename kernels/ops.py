@@ -28,7 +28,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, cpu_flash
+from . import cpu, cpu_flash, predicate
 from .dropout import new_seed
 from .spec import AttentionSpec, to_dtype
 
@@ -53,6 +53,9 @@ def _check(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: At
         if kind == "scalar":
             if c.numel() != 1:
                 raise ValueError(f"scalar operand must have one element, got shape {tuple(c.shape)}")
+        elif kind == "data":
+            if c.is_floating_point() or c.is_complex():
+                raise ValueError(f"a mask predicate's data tensor must be integer or boolean, got {c.dtype}")
         elif not _broadcasts(tuple(c.shape), score_shape):
             raise ValueError(f"captured tensor of shape {tuple(c.shape)} does not broadcast to the "
                              f"scores' shape {score_shape}")
@@ -81,15 +84,24 @@ def _use_triton(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
     return triton_attention.supports(q, k, v, spec)
 
 
+def _triton_operands(q, k, captured, spec: AttentionSpec):
+    """The Triton kernels read masks as tensors: predicate masks are materialised for them."""
+    if not spec.masks:
+        return spec, list(captured)
+    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    return predicate.with_tensor_masks(spec, captured, score_shape)
+
+
 @torch.library.custom_op("fusion_pass::attention", mutates_args=())
 def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
               ) -> Tuple[Tensor, Tensor, Tensor]:
     s = AttentionSpec.from_key(spec)
     _check(q, k, v, captured, s)
     seed = new_seed(q.device) if s.dropout_p else torch.zeros(1, dtype=torch.int64)
-    if _use_triton(q, k, v, s):
+    ts, tcaptured = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured)
+    if _use_triton(q, k, v, ts):
         from . import triton_attention
-        out, lse = triton_attention.forward(q, k, v, captured, s, int(seed.item()))
+        out, lse = triton_attention.forward(q, k, v, tcaptured, ts, int(seed.item()))
     elif (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
         out, lse = cpu_flash.forward(q, k, v, *fast)
     else:
@@ -111,10 +123,15 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
                        out: Tensor, lse: Tensor, seed: Tensor, spec: str, needs_grad: List[bool]
                        ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     s = AttentionSpec.from_key(spec)
-    if _use_triton(q, k, v, s):
+    ts, tcaptured = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured)
+    if _use_triton(q, k, v, ts):
         from . import triton_attention
-        dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, captured, out, lse, s,
-                                                     int(seed.item()), needs_grad)
+        tneeds = needs_grad
+        if s.masks:  # data tensors never need gradients; materialised masks do not either
+            tneeds = [ng for kind, ng in zip(s.captured, needs_grad) if kind != "data"]
+            tneeds += [False] * (len(tcaptured) - len(tneeds))
+        dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, tcaptured, out, lse, ts,
+                                                     int(seed.item()), tneeds)
     elif not any(needs_grad) and (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
         dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, *fast)
         dcap = []
@@ -194,9 +211,18 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 def kernel_summary(spec: AttentionSpec) -> str:
     """Which kernels a spec runs on, in words, for the report."""
-    cpu_kind = ("ATen flash kernel" + (", skipping tiles above the diagonal" if spec.causal else "")
-                + " (tiled implementation for rows with no key and for bias gradients)"
-                if cpu_flash.plan(spec) is not None else "tiled implementation")
+    p = cpu_flash.plan(spec)
+    if p is not None and p.mask_kind.startswith("pred_"):
+        cpu_kind = ("ATen flash kernel when the mask is causal and/or depends on only one of i, j "
+                    "(is_causal plus a (B, 1, 1, Nk)-sized mask built from the predicate); "
+                    "otherwise, and for rows with no key, the tiled implementation")
+    elif p is not None:
+        cpu_kind = ("ATen flash kernel" + (", skipping tiles above the diagonal" if spec.causal else "")
+                    + " (tiled implementation for rows with no key and for bias gradients)")
+    else:
+        cpu_kind = "tiled implementation"
+    if spec.masks and spec.score_ops and cpu._skips(spec, spec.score_ops[-1]):
+        cpu_kind += "; the tiled implementation skips the keys no row of a query block keeps"
     return f"CUDA: generated Triton kernels; CPU: {cpu_kind}"
 
 

@@ -13,7 +13,10 @@ inline. Each step reads the running score ``s`` and at most one operand:
 * ``const``:  a Python number baked into the graph (``scores * 0.125``);
 * ``scalar``: a 0-dim tensor read as a Python number at run time (Dynamo turns float module
   attributes into these under ``dynamic=True``: ``scores * scaling.item()``);
-* ``tensor``: a tensor broadcastable to the scores, ``(..., Nq, Nk)`` (bias, float or bool mask).
+* ``tensor``: a tensor broadcastable to the scores, ``(..., Nq, Nk)`` (bias, float or bool mask);
+* ``predicate``: a mask the pass proved equal to a predicate ``keep(b, h, i, j)`` (``spec.masks``,
+  see ``predicate.py``): the kernels evaluate it per tile instead of reading an N x N tensor, and
+  skip the keys no row of a tile keeps. ``index`` is then the position in ``spec.masks``.
 
 The spec is frozen and hashable; ``to_key``/``from_key`` serialise it to a string that is passed to
 the custom op, so a compiled graph carries everything its kernels need (Inductor's cache can reuse
@@ -31,6 +34,8 @@ from typing import Optional
 import sympy
 import torch
 
+from .predicate import MaskSpec
+
 # The elementwise steps a score chain may contain, with the identity each one computes.
 SCORE_OP_KINDS = {
     "mul": "s * x",
@@ -43,7 +48,10 @@ SCORE_OP_KINDS = {
     "tanh": "tanh(s)",
     "cast": "s.to(dtype)",
 }
-OPERAND_KINDS = ("none", "const", "scalar", "tensor")
+OPERAND_KINDS = ("none", "const", "scalar", "tensor", "predicate")
+# what each captured operand of the op is: a tensor broadcastable to the scores, a 0-dim tensor read
+# as a number, or a data tensor a mask predicate indexes (``predicate.MaskSpec``)
+CAPTURED_KINDS = ("tensor", "scalar", "data")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -92,8 +100,8 @@ class ScoreOp:
         return {
             "mul": f"{s} * {x}", "div": f"{s} / {x}", "add": f"{s} + {x}", "sub": f"{s} - {x}",
             "rsub": f"{x} - {s}", "tanh": f"tanh({s})", "cast": f"{s}.to({self.dtype})",
-            "fill": f"where(c{self.index}, {_fmt(self.value)}, {s})",
-            "fill_not": f"where(c{self.index}, {s}, {_fmt(self.value)})",
+            "fill": f"where({self.mask_name()}, {_fmt(self.value)}, {s})",
+            "fill_not": f"where({self.mask_name()}, {s}, {_fmt(self.value)})",
         }[self.kind]
 
     def operand_str(self) -> str:
@@ -103,7 +111,18 @@ class ScoreOp:
             return f"c{self.index}.item()"
         if self.operand == "tensor":
             return f"c{self.index}[b, h, i, j]"
+        if self.operand == "predicate":
+            return f"m{self.index}[b, h, i, j]"
         return ""
+
+    def mask_name(self) -> str:
+        return f"m{self.index}" if self.operand == "predicate" else f"c{self.index}"
+
+    @property
+    def captured_index(self) -> Optional[int]:
+        """The position in the op's captured list this step reads, if any (a predicate reads none
+        directly: its data tensors are listed by its MaskSpec)."""
+        return None if self.operand == "predicate" else self.index
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -132,12 +151,24 @@ class AttentionSpec:
     # softmax at <= -1e4 or -inf. A kernel may then skip tiles above the diagonal on rows that keep
     # at least one key (rows that keep none must still be computed as eager does).
     causal: bool = False
+    # masks proven equal to predicates, read by "predicate" steps (see predicate.py)
+    masks: tuple = ()
 
     def __post_init__(self):
+        for kind in self.captured:
+            if kind not in CAPTURED_KINDS:
+                raise ValueError(f"unknown captured operand kind {kind!r}")
         for op in self.score_ops:
-            if op.index is not None and not (0 <= op.index < len(self.captured)):
+            if op.operand == "predicate":
+                if op.index is None or not (0 <= op.index < len(self.masks)):
+                    raise ValueError(f"score op {op} reads mask {op.index}, but the spec has "
+                                     f"{len(self.masks)}")
+            elif op.index is not None and not (0 <= op.index < len(self.captured)):
                 raise ValueError(f"score op {op} reads captured operand {op.index}, "
                                  f"but the spec captures {len(self.captured)}")
+        for m in self.masks:
+            if any(not (0 <= d < len(self.captured)) or self.captured[d] != "data" for d in m.data):
+                raise ValueError(f"mask {m} reads data operands {m.data}, not all captured as data")
         if not (0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"dropout probability must be in [0, 1), got {self.dropout_p}")
 
@@ -157,6 +188,8 @@ class AttentionSpec:
             parts.append(f"dropout p={self.dropout_p}")
         if self.causal:
             parts.append("causal (proven from the mask)")
+        for k, m in enumerate(self.masks):
+            parts.append(f"m{k}[b, h, i, j] = {m}")
         return "; ".join(parts)
 
     # -- serialisation: the string the custom op carries ----------------------------------------
@@ -193,6 +226,8 @@ def _symbolic(spec: "AttentionSpec"):
             x = sympy.Symbol(f"c{op.index}", real=True)
         elif op.operand == "tensor":
             x = sympy.Function(f"c{op.index}", real=True)(b, h, i, j)
+        elif op.operand == "predicate" and op.kind not in ("fill", "fill_not"):
+            x = sympy.Function(f"m{op.index}", real=True)(b, h, i, j)
         else:
             x = None
         k = op.kind
@@ -209,7 +244,7 @@ def _symbolic(spec: "AttentionSpec"):
         elif k == "tanh":
             expr = sympy.tanh(expr)
         elif k in ("fill", "fill_not"):
-            m = sympy.Function(f"c{op.index}")(b, h, i, j)
+            m = sympy.Function(op.mask_name())(b, h, i, j)
             fill = sympy.Float(op.value) if math.isfinite(op.value) else (
                 sympy.oo if op.value > 0 else -sympy.oo)
             cond = sympy.Eq(m, 1) if k == "fill" else sympy.Eq(m, 0)
@@ -222,4 +257,6 @@ def _from_key(key: str) -> AttentionSpec:
     d = json.loads(key)
     d["score_ops"] = tuple(ScoreOp(**op) for op in d["score_ops"])
     d["captured"] = tuple(d["captured"])
+    d["masks"] = tuple(MaskSpec(**{**m, "axes": tuple(m["axes"]), "data": tuple(m["data"])})
+                       for m in d.get("masks", ()))
     return AttentionSpec(**d)

@@ -273,7 +273,7 @@ def test_chain_backward_is_the_symbolic_derivative():
                   dict(kind="tanh"), dict(kind="mul", operand="const", value=30.0)], (), torch.float64)
     s = (torch.randn(1, 8, 8, dtype=torch.float64) * 200)
     ops = cpu._Operands(spec, [], (1, 8, 8))
-    where = ((), 0, 1, 0, 8, 8)
+    where = ((), 0, 1, 0, 8, 0, 8)
     out, inputs = cpu._score_chain(spec, ops, s, where, keep_inputs=True)
     ds = cpu._chain_backward(spec, ops, inputs, out, torch.ones_like(out), where, [])
     sym = [x for x in spec.score_mod_grad_expr().free_symbols if x.name == "s"][0]

@@ -70,7 +70,8 @@ def test_explain_bert_names_every_site():
     expl = fusion_pass.explain(model.eval(), **inputs)
     assert len(expl.fused) == LAYERS and not expl.missed
     text = str(expl)
-    assert "score_mod(s) = (s * 0.25) + c0[b, h, i, j]" in text
+    assert "score_mod(s) = (s * 0.25) + m0[b, h, i, j]" in text
+    assert "m0[b, h, i, j] = where(Ne(d0(b, j), 0), 0.0, " in text  # padding, read as a predicate
     assert "torch.ops.fusion_pass.attention.default" in text
 
 

@@ -1,0 +1,303 @@
+"""Mask predicates: a mask the graph built from index arithmetic, handed to the kernels as a formula.
+
+When the pass proves that a mask tensor equals a predicate ``keep(b, h, i, j)`` (``fusion_pass/masks.py``),
+the rewritten graph no longer builds the (..., Nq, Nk) tensor: the op receives the predicate in its
+spec (a ``MaskSpec``) plus the small data tensors the predicate reads (a (B, Nk) padding mask,
+per-token document ids), and each kernel evaluates the predicate on the tile it works on.
+
+Two things follow:
+* memory: the N x N mask is never built (the graph's mask construction becomes dead code);
+* work: a kernel computes, per query block, the span of keys that any row of the block keeps, and
+  skips the keys outside it (causal, sliding window, chunks, documents, left padding).
+
+The predicate is a sympy expression over the score axes (named left to right, e.g. ``b h i j``), the
+score sizes ``n0 .. n{R-1}`` (bound at run time from the call's shapes, so one spec serves every
+length of a dynamic graph) and data atoms ``d0(...)``, ``d1(...)``: ``d_k`` reads the k-th data tensor
+(``MaskSpec.data`` gives its position in the op's captured list) at integer index expressions.
+
+This module generates a torch function from the expression (``keep_function``), cached per
+expression; the CPU kernel evaluates it on index grids, and ``materialize`` builds the dense mask
+tensor the graph would have built (used where a kernel needs the tensor, and by the tests).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import sympy
+import torch
+
+KINDS = ("bool", "additive")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """One mask, as a predicate. ``kind`` "bool": the mask tensor *is* ``keep`` (a boolean tensor,
+    used by masked_fill / where as the graph used it); "additive": the tensor is
+    ``where(keep, kept, masked)`` of ``dtype`` (added to the scores by the graph)."""
+
+    keep: str                 # sympy.srepr of the expression
+    axes: tuple               # score axis names, left to right
+    data: tuple = ()          # captured-operand positions of the data tensors d0, d1, ...
+    kind: str = "bool"
+    dtype: str = "bool"
+    kept: float = 0.0
+    masked: float = -math.inf
+    text: str = ""            # str() of the expression, for people
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown mask kind {self.kind!r}")
+
+    @property
+    def expr(self):
+        return parse(self.keep)
+
+    def uses_axis(self, name: str) -> bool:
+        return any(s.name == name for s in self.expr.free_symbols)
+
+    def __str__(self):
+        body = self.text or str(self.expr)
+        if self.kind == "additive":
+            return f"where({body}, {self.kept!r}, {self.masked!r})"
+        return body
+
+
+_SREPR_NS = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
+
+
+@functools.lru_cache(maxsize=None)
+def parse(srepr: str):
+    """The sympy expression of a ``MaskSpec.keep`` (sympy's own srepr, read back)."""
+    return sympy.sympify(eval(srepr, dict(_SREPR_NS)))  # noqa: S307 - our own srepr output
+
+
+# ---------------------------------------------------------------------------------------------------
+# code generation: sympy -> a torch function of index grids
+
+class _Printer:
+    """Python source evaluating the expression with torch ops on broadcastable integer grids."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, e) -> str:
+        if e is sympy.true:
+            return "True"
+        if e is sympy.false:
+            return "False"
+        if e.is_Symbol:
+            return e.name
+        if e.is_Integer:
+            return str(int(e))
+        if isinstance(e, sympy.Add):
+            return "(" + " + ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Mul):
+            for a in e.args:
+                if a.is_Rational and not a.is_Integer:
+                    raise ValueError(f"non-integer factor in {e}")
+            return "(" + " * ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.floor):
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            return f"_fdiv({self(num)}, {self(den)})"
+        if isinstance(e, sympy.Mod):
+            return f"_mod({self(e.args[0])}, {self(e.args[1])})"
+        if isinstance(e, sympy.Abs):
+            return f"_abs({self(e.args[0])})"
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            f = "_max" if isinstance(e, sympy.Max) else "_min"
+            out = self(e.args[0])
+            for a in e.args[1:]:
+                out = f"{f}({out}, {self(a)})"
+            return out
+        if isinstance(e, sympy.Piecewise):
+            out = None
+            for piece in reversed(e.args):
+                val, cond = self(piece.expr), self(piece.cond)
+                out = val if out is None and piece.cond is sympy.true else \
+                    f"_where({cond}, {val}, {out if out is not None else 0})"
+            return out
+        rel = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">",
+               sympy.Ge: ">="}
+        for cls, op in rel.items():
+            if isinstance(e, cls):
+                return f"_rel({self(e.lhs)}, {self(e.rhs)}, '{op}')"
+        if isinstance(e, sympy.And):
+            return "_and(" + ", ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Or):
+            return "_or(" + ", ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Xor):
+            return "_xor(" + ", ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"_not({self(e.args[0])})"
+        if isinstance(e, sympy.core.function.AppliedUndef):
+            name = e.func.__name__
+            return f"_load({name}, " + ", ".join(self(a) for a in e.args) + ")"
+        raise ValueError(f"cannot generate code for {type(e).__name__}: {e}")
+
+
+def _t(x):
+    return x if isinstance(x, torch.Tensor) else torch.tensor(x)
+
+
+def _fdiv(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.div(_t(a), b, rounding_mode="floor")
+    return a // b
+
+
+def _mod(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.remainder(_t(a), b)
+    return a % b
+
+
+def _abs(a):
+    return a.abs() if isinstance(a, torch.Tensor) else abs(a)
+
+
+def _max(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.maximum(_t(a), _t(b))
+    return max(a, b)
+
+
+def _min(a, b):
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return torch.minimum(_t(a), _t(b))
+    return min(a, b)
+
+
+def _where(c, a, b):
+    return torch.where(_t(c), _t(a), _t(b))
+
+
+_RELS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+         "<=": lambda a, b: a <= b, ">": lambda a, b: a > b, ">=": lambda a, b: a >= b}
+
+
+def _rel(a, b, op):
+    return _RELS[op](a, b)
+
+
+def _and(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out & x
+    return out
+
+
+def _or(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out | x
+    return out
+
+
+def _xor(*xs):
+    out = xs[0]
+    for x in xs[1:]:
+        out = out ^ x
+    return out
+
+
+def _not(x):
+    return ~x if isinstance(x, torch.Tensor) else not x
+
+
+def _load(t, *idx):
+    """t[idx] with broadcasting integer grids (advanced indexing); python ints index directly."""
+    return t[tuple(idx)] if idx else t[()]
+
+
+_NS = dict(_fdiv=_fdiv, _mod=_mod, _abs=_abs, _max=_max, _min=_min, _where=_where, _rel=_rel,
+           _and=_and, _or=_or, _xor=_xor, _not=_not, _load=_load, torch=torch)
+
+
+def keep_source(mask: MaskSpec) -> str:
+    """The generated Python source of ``keep``."""
+    e = parse(mask.keep)
+    args = ", ".join(list(mask.axes) + [f"n{k}" for k in range(len(mask.axes))]
+                     + [f"d{k}" for k in range(len(mask.data))])
+    return f"def keep({args}):\n    return {_Printer()(e)}\n"
+
+
+@functools.lru_cache(maxsize=None)
+def keep_function(mask: MaskSpec):
+    """keep(axes..., sizes..., data...) -> bool tensor (or Python bool), evaluated on whatever
+    broadcastable integer grids or ints the caller passes for the axes."""
+    ns = dict(_NS)
+    exec(compile(keep_source(mask), f"<fusion_pass mask {mask.text or mask.keep[:40]}>", "exec"), ns)  # noqa: S102
+    return ns["keep"]
+
+
+def evaluate_keep(mask: MaskSpec, grids: Sequence, sizes: Sequence[int], data: Sequence[torch.Tensor]):
+    """keep on the given axis grids (one per axis: an int or an integer tensor), as a bool tensor."""
+    out = keep_function(mask)(*grids, *sizes, *data)
+    if not isinstance(out, torch.Tensor):
+        out = torch.tensor(bool(out))
+    return out
+
+
+def as_operand(mask: MaskSpec, keep: torch.Tensor) -> torch.Tensor:
+    """The tensor the graph's mask held, from its keep values: keep itself, or the additive values."""
+    if mask.kind == "bool":
+        return keep
+    from .spec import to_dtype
+    dt = to_dtype(mask.dtype)
+    return torch.where(keep, torch.tensor(mask.kept, dtype=dt), torch.tensor(mask.masked, dtype=dt))
+
+
+def materialize(mask: MaskSpec, score_shape: Sequence[int], data: Sequence[torch.Tensor],
+                device: Optional[torch.device] = None) -> torch.Tensor:
+    """The dense mask tensor (broadcastable to ``score_shape``) the graph would have built."""
+    R = len(mask.axes)
+    shape = tuple(int(n) for n in score_shape[-R:]) if R else ()
+    grids = []
+    for k, n in enumerate(shape):
+        if mask.uses_axis(mask.axes[k]):
+            grids.append(torch.arange(n, device=device).reshape([-1 if d == k else 1 for d in range(R)]))
+        else:
+            grids.append(0)
+    keep = evaluate_keep(mask, grids, shape, data)
+    while keep.dim() < R:
+        keep = keep.unsqueeze(0)
+    return as_operand(mask, keep)
+
+
+def tensor_mask_spec(spec):
+    """The spec with every predicate mask read as a captured tensor instead (appended after the
+    captured operands that are not data): the same function, for kernels that read masks only as
+    tensors. ``with_tensor_masks`` builds the matching operands."""
+    import dataclasses
+
+    if not spec.masks:
+        return spec
+    data_pos = {d for m in spec.masks for d in m.data}
+    keep_pos = [k for k in range(len(spec.captured)) if k not in data_pos]
+    new_index = {k: n for n, k in enumerate(keep_pos)}
+    kinds = [spec.captured[k] for k in keep_pos] + ["tensor"] * len(spec.masks)
+    ops = []
+    for op in spec.score_ops:
+        if op.operand == "predicate":
+            operand = "none" if op.kind in ("fill", "fill_not") else "tensor"
+            ops.append(dataclasses.replace(op, operand=operand, index=len(keep_pos) + op.index))
+        elif op.index is not None:
+            ops.append(dataclasses.replace(op, index=new_index[op.index]))
+        else:
+            ops.append(op)
+    return dataclasses.replace(spec, score_ops=tuple(ops), captured=tuple(kinds), masks=())
+
+
+def with_tensor_masks(spec, captured: Sequence[torch.Tensor], score_shape: Sequence[int]):
+    """(tensor_mask_spec(spec), its captured operands): each predicate materialised."""
+    if not spec.masks:
+        return spec, list(captured)
+    data_pos = {d for m in spec.masks for d in m.data}
+    tensors = [c for k, c in enumerate(captured) if k not in data_pos]
+    for m in spec.masks:
+        dev = captured[m.data[0]].device if m.data else None
+        tensors.append(materialize(m, score_shape, [captured[d] for d in m.data], device=dev))
+    return tensor_mask_spec(spec), tensors

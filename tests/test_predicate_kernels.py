@@ -1,0 +1,184 @@
+"""Masks read as predicates by the kernels (kernels/predicate.py): the graph stops building the
+N x N mask, the op receives the predicate and its small data tensors, and the CPU kernels skip the
+keys no row of a query block keeps.
+
+For each mask builder of test_masks.py (causal, KV-cache offset, sliding windows, prefix-LM,
+chunked, documents, causal + left padding), an attention written the way models write it is
+compiled with the backend (static and dynamic shapes) and checked for:
+* one fused op per call, whose spec carries the predicate, and no N x N tensor among its operands;
+* output and gradients of q, k, v against the float64 eager reference;
+* rows that keep no key (left padding) giving exactly what eager gives.
+Tile sizes are made small so that the tiled path walks many query blocks and key spans.
+"""
+import math
+
+import pytest
+import torch
+
+import fusion_pass
+from fusion_pass.kernels import cpu, predicate
+from fusion_pass.kernels.spec import AttentionSpec
+
+from helpers import max_rel_error, profiled_op_counts
+from test_masks import CASES
+
+MIN = torch.finfo(torch.float32).min
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 1 << 9)
+
+
+def _attention(builder, fill):
+    def f(q, k, v, x, *extra):
+        m = builder(x, *extra)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        if m.dtype == torch.bool:
+            s = s.masked_fill(~m, fill)
+        else:
+            s = s + m
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+    return f
+
+
+def _inputs(make, builder, B, N, H=3, D=16, dtype=torch.float32):
+    args = make(B, N)
+    nk = builder(*args).shape[-1]
+    q = torch.randn(B, H, N, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, H, nk, D, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, H, nk, D, dtype=dtype, requires_grad=True)
+    return (q, k, v) + tuple(args)
+
+
+def _specs(f, args, dynamic):
+    ex = fusion_pass.explain(f, *args, dynamic=dynamic)
+    return [s.spec for g in ex.graphs for s in g.sites if s.fused]
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+@pytest.mark.parametrize("name,builder,make,kinds,extra", CASES, ids=[c[0] for c in CASES])
+def test_predicate_mask_fused_exact_and_skipping(name, builder, make, kinds, extra, dynamic, small_tiles):
+    fill = -math.inf
+    f = _attention(builder, fill)
+    compiled = torch.compile(f, backend="fusion_pass", dynamic=dynamic)
+    for B, N in ([(2, 24), (3, 29)] if dynamic else [(2, 24)]):
+        args = _inputs(make, builder, B, N)
+        specs = _specs(f, args, dynamic)
+        assert len(specs) == 1 and len(specs[0].masks) == 1, specs
+        assert "tensor" not in specs[0].captured, "the N x N mask is no operand any more"
+        compiled(*args)  # compiles (outside the profiled call)
+        out, nf, _ = profiled_op_counts(lambda: compiled(*args))
+        assert nf == 1
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, args[:3], g)
+        ref_args = [a.detach().double().requires_grad_() if a.is_floating_point() and a.dim() == 4
+                    else a for a in args]
+        ref = f(*ref_args)
+        ref_grads = torch.autograd.grad(ref, ref_args[:3], g.double())
+        assert torch.isnan(out).equal(torch.isnan(ref)), "NaN rows differ from eager's"
+        ok = ~torch.isnan(ref)
+        assert max_rel_error([out[ok]], [ref[ok]]) < 1e-5
+        assert max_rel_error([torch.nan_to_num(x) for x in grads],
+                             [torch.nan_to_num(x) for x in ref_grads]) < 1e-5
+
+
+def test_left_padding_rows_with_no_key_match_eager(small_tiles):
+    """causal & padding, padding on the left: the first rows of a padded sequence keep no key.
+    With finfo.min, eager's softmax is uniform over every key there; with -inf it is NaN."""
+    def f(q, k, v, am, fill):
+        N = q.shape[-2]
+        pos = torch.arange(N)
+        keep = (pos[None, None, None, :] <= pos[None, None, :, None]) & am[:, None, None, :].bool()
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        s = s.masked_fill(~keep, fill)
+        return torch.matmul(s.softmax(-1), v)
+
+    am = torch.ones(2, 40, dtype=torch.long)
+    am[1, :13] = 0
+    for fill in (MIN, -math.inf):
+        torch._dynamo.reset()
+        q, k, v = (torch.randn(2, 2, 40, 16, requires_grad=True) for _ in range(3))
+        compiled = torch.compile(lambda q, k, v, am: f(q, k, v, am, fill), backend="fusion_pass")
+        compiled(q, k, v, am)
+        out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v, am))
+        assert nf == 1
+        ref = f(q.double(), k.double(), v.double(), am, fill)
+        assert torch.isnan(out).equal(torch.isnan(ref))
+        ok = ~torch.isnan(ref)
+        assert (out[ok].double() - ref[ok]).abs().max() < 1e-5
+        if fill == MIN:
+            g = torch.randn_like(out)
+            got = torch.autograd.grad(out, (q, k, v), g)
+            qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+            want = torch.autograd.grad(f(qd, kd, vd, am, fill), (qd, kd, vd), g.double())
+            assert max_rel_error(got, want) < 1e-5
+
+
+def _window_spec(w):
+    """spec of (s * 0.25) + where(i - w < j <= i, 0, min): a sliding window read as a predicate."""
+    import sympy
+    i, j = (sympy.Symbol(n, integer=True, nonnegative=True) for n in "ij")
+    keep = sympy.And(j <= i, j > i - w)
+    m = predicate.MaskSpec(keep=sympy.srepr(keep), axes=("b", "h", "i", "j"), kind="additive",
+                           dtype="float32", kept=0.0, masked=MIN, text=str(keep))
+    from fusion_pass.kernels.spec import ScoreOp
+    f64 = dict(qk_dtype="float64", softmax_dtype="float64", prob_dtype="float64", out_dtype="float64")
+    return AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25, dtype="float64"),
+                                    ScoreOp("add", "predicate", index=0, dtype="float64")),
+                         masks=(m,), **f64)
+
+
+def test_tiled_path_skips_keys_outside_the_window(monkeypatch):
+    """N = 256, window 16, query blocks of 16 rows: each block needs at most 31 of 256 keys."""
+    monkeypatch.setattr(cpu, "TILE_ELEMENTS", 16 * 256)
+    spec = _window_spec(16)
+    seen = []
+    real = cpu._tile_scores
+
+    def spy(spec_, ops, qt, kb, kh, where, keep_inputs=False):
+        r = real(spec_, ops, qt, kb, kh, where, keep_inputs)
+        seen.append((r[3][4] - r[3][3]) * (r[3][6] - r[3][5]))
+        return r
+
+    monkeypatch.setattr(cpu, "_tile_scores", spy)
+    q, k, v = (torch.randn(1, 2, 256, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    out = torch.ops.fusion_pass.attention(q, k, v, [], spec.to_key())[0]
+    computed = sum(seen) / (2 * 256 * 256)
+    assert computed < 0.13, computed  # the window's density is 16 * 256 / 256^2 ~ 6%; blocks add a bit
+    dense = predicate.materialize(spec.masks[0], (1, 2, 256, 256), [])
+    s = (q @ k.transpose(-1, -2)) * 0.25 + dense.double()
+    ref = s.softmax(-1) @ v
+    assert (out - ref).abs().max() < 1e-12
+    g = torch.randn_like(out)
+    seen.clear()
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    assert sum(seen) / (2 * 256 * 256) < 0.13
+    assert max_rel_error(got, want) < 1e-10
+
+
+def test_materialize_and_codegen_agree_with_the_graph_mask():
+    """The generated keep function, evaluated on a dense grid, equals the mask the graph built."""
+    for name, builder, make, _, _ in CASES:
+        args = make(2, 13)
+        x, extra = args[0], args[1:]
+        if name == "causal_kv_cache":
+            continue  # its own keys are longer than the queries; covered by the compile test
+        f = _attention(builder, MIN)
+        q, k, v = (torch.randn(2, 1, 13, 16) for _ in range(3))
+        specs = _specs(f, (q, k, v, x) + tuple(extra), False)
+        m = specs[0].masks[0]
+        data = [a for a in extra if not a.is_floating_point()]
+        got = predicate.materialize(m, (2, 1, 13, 13), data)
+        want = builder(x, *extra)
+        if m.kind == "bool":  # the graph fills where ~mask: that inverted tensor is the operand
+            want = ~want
+        assert torch.equal(got.expand(2, 1, 13, 13), want.expand(2, 1, 13, 13)), name
