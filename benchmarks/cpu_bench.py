@@ -44,6 +44,8 @@ implementation, computed on the warm-up results.
     python benchmarks/cpu_bench.py                       # full run, variant "scale"
     python benchmarks/cpu_bench.py --variants scale mask
     python benchmarks/cpu_bench.py --variants causal      # GPT-2 style, SDPA anchor is_causal=True
+    python benchmarks/cpu_bench.py --variants window --impls eager stock ours sdpa flex
+                                                          # Mistral sliding window 256 vs Flex BlockMask
     python benchmarks/cpu_bench.py --quick               # smoke test (small N, 1 repeat)
 
 Results: a markdown table on stdout and a JSON file (``--out``, default
@@ -96,6 +98,47 @@ class CausalAttention(nn.Module):
         return torch.matmul(scores.softmax(dim=-1), v)
 
 
+WINDOW = 256
+
+
+class WindowAttention(nn.Module):
+    """Mistral style (variant "window"): a causal sliding window of WINDOW keys, the mask built in
+    the model from aranges as transformers builds it, added to the scores."""
+
+    def forward(self, q, k, v, mask=None):
+        n = q.shape[-2]
+        i = torch.arange(n, device=q.device)[:, None]
+        j = torch.arange(n, device=q.device)[None, :]
+        keep = (j <= i) & (j > i - WINDOW)
+        window = torch.where(keep, 0.0, torch.finfo(q.dtype).min)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + window
+        return torch.matmul(scores.softmax(dim=-1), v)
+
+
+def window_mask(n):
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    keep = (j <= i) & (j > i - WINDOW)
+    return torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+
+
+def flex(variant, n):
+    """Compiled FlexAttention with the BlockMask of the variant's mask (it skips empty tiles, as
+    its users are told to). Forward only: FlexAttention has no CPU backward."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    fa = torch.compile(flex_attention, dynamic=False)
+    if variant == "window":
+        def mask_mod(b, h, i, j):
+            return (j <= i) & (j > i - WINDOW)
+    elif variant == "causal":
+        def mask_mod(b, h, i, j):
+            return j <= i
+    else:
+        mask_mod = None
+    bm = create_block_mask(mask_mod, None, None, n, n, device="cpu") if mask_mod else None
+    return lambda q, k, v, mask=None: fa(q, k, v, block_mask=bm)
+
+
 def sdpa(q, k, v, mask=None):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
@@ -141,6 +184,8 @@ def make_inputs(n, variant, B=1, H=12, D=64):
     g = torch.Generator().manual_seed(n)
     q, k, v = (torch.randn(B, H, n, D, generator=g) for _ in range(3))
     mask = None
+    if variant == "window":  # the SDPA anchor gets the materialised window mask
+        mask = window_mask(n)
     if variant == "mask":
         # BERT-style extended padding mask: 0 for kept keys, finfo.min for the last eighth
         mask = torch.zeros(B, 1, 1, n)
@@ -152,17 +197,21 @@ def make_inputs(n, variant, B=1, H=12, D=64):
 def bench_size(n, variant, args, rows):
     torch._dynamo.reset()
     q0, k0, v0, mask, grad_out = make_inputs(n, variant)
-    module = CausalAttention() if variant == "causal" else CoreAttention()
+    module = MODULES[variant]()
     impls = {
         "eager": module,
         "stock": torch.compile(module, dynamic=False),
         "ours": torch.compile(module, backend="fusion_pass", dynamic=False),
         "sdpa": sdpa_causal if variant == "causal" else sdpa,
     }
+    if "flex" in args.impls:
+        impls["flex"] = flex(variant, n)
     repeats = args.repeats if n < 4096 else max(1, min(args.repeats, args.repeats_4096))
     for pass_ in args.passes:
         calls = {}
         for name in args.impls:
+            if name == "flex" and pass_ != "fwd":
+                continue  # FlexAttention has no CPU backward
             f = impls[name]
             if pass_ == "fwd":
                 def prepare():
@@ -247,13 +296,15 @@ def bench_size(n, variant, args, rows):
 # -- report ----------------------------------------------------------------------------------------
 
 LABEL = {"eager": "eager", "stock": "stock torch.compile", "ours": "fusion_pass",
-         "sdpa": "SDPA (eager)"}
+         "sdpa": "SDPA (eager)", "flex": "FlexAttention (compiled, BlockMask)"}
+MODULES = {}
 
 
 def table(rows):
     out = ["| variant | N | pass | implementation | median ms | time / stock | time / SDPA | "
-           "min ms | min / stock | peak MiB | peak / SDPA | max abs diff vs eager | fused ops |",
-           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+           "time / Flex | min ms | min / stock | peak MiB | peak / SDPA | peak / Flex | "
+           "max abs diff vs eager | fused ops |",
+           "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
 
     def find(r, impl):
         return next((x for x in rows if x["variant"] == r["variant"] and x["N"] == r["N"]
@@ -265,9 +316,9 @@ def table(rows):
     for r in rows:
         if "error" in r:
             out.append(f"| {r['variant']} | {r['N']} | {r['pass_']} | {LABEL[r['impl']]} | "
-                       f"error: {r['error'][:80]} | | | | | | | | |")
+                       f"error: {r['error'][:80]} | | | | | | | | | | |")
             continue
-        stock, sd = find(r, "stock"), find(r, "sdpa")
+        stock, sd, fx = find(r, "stock"), find(r, "sdpa"), find(r, "flex")
         fused = ""
         if r["impl"] == "ours":
             fused = ", ".join(f"{k.split('::')[1]} x{c}" for k, c in sorted(r["fused_ops"].items()))
@@ -275,8 +326,9 @@ def table(rows):
         diff = f"{r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "-"
         out.append(f"| {r['variant']} | {r['N']} | {r['pass_']} | {LABEL[r['impl']]} | "
                    f"{r['ms']:.1f} | {ratio(r, stock, 'ms')} | {ratio(r, sd, 'ms')} | "
-                   f"{r['min_ms']:.1f} | {ratio(r, stock, 'min_ms')} | "
-                   f"{r['peak_bytes'] / 2**20:.1f} | {ratio(r, sd, 'peak_bytes')} | {diff} | "
+                   f"{ratio(r, fx, 'ms')} | {r['min_ms']:.1f} | {ratio(r, stock, 'min_ms')} | "
+                   f"{r['peak_bytes'] / 2**20:.1f} | {ratio(r, sd, 'peak_bytes')} | "
+                   f"{ratio(r, fx, 'peak_bytes')} | {diff} | "
                    f"{fused} |")
     return "\n".join(out)
 
@@ -294,6 +346,15 @@ def targets(rows):
         if impl != "ours":
             continue
         st, sd = idx.get((variant, n, pass_, "stock")), idx.get((variant, n, pass_, "sdpa"))
+        fx = idx.get((variant, n, pass_, "flex"))
+        anchor, aname = (fx, "Flex") if variant == "window" else (sd, "SDPA") if variant == "causal" \
+            else (None, "")
+        if anchor:
+            rat = r["ms"] / anchor["ms"]
+            lines.append(f"(anchor) {variant} N={n} {pass_}: ours {r['ms']:.1f} ms vs {aname} "
+                         f"{anchor['ms']:.1f} ms, ratio {rat:.3f} -> "
+                         f"{'met' if rat <= 1.0 else f'within noise' if rat <= NOISE else 'NOT met'}"
+                         f"; peak ours/{aname} {r['peak_bytes'] / max(anchor['peak_bytes'], 1):.2f}")
         if n >= 1024 and st:
             rat = r["ms"] / st["ms"]
             verdict = ("met" if rat <= 1.0 else f"within noise (<= {NOISE:.2f})" if rat <= NOISE
@@ -312,10 +373,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048, 4096])
-    ap.add_argument("--variants", nargs="+", default=["scale"], choices=["scale", "mask", "causal"])
+    ap.add_argument("--variants", nargs="+", default=["scale"], choices=["scale", "mask", "causal", "window"])
     ap.add_argument("--passes", nargs="+", default=["fwd", "fwdbwd"], choices=["fwd", "fwdbwd"])
     ap.add_argument("--impls", nargs="+", default=["eager", "stock", "ours", "sdpa"],
-                    choices=["eager", "stock", "ours", "sdpa"])
+                    choices=["eager", "stock", "ours", "sdpa", "flex"])
     ap.add_argument("--repeats", type=int, default=9)
     ap.add_argument("--repeats-4096", type=int, default=5,
                     help="repeats at N >= 4096 (eager fwd+bwd takes seconds there)")
@@ -341,8 +402,7 @@ def main(argv=None):
 
     for variant in args.variants:
         q, k, v, mask, _ = make_inputs(256, variant)
-        expl = fusion_pass.explain(CausalAttention() if variant == "causal" else CoreAttention(),
-                                   q, k, v, mask)
+        expl = fusion_pass.explain(MODULES[variant](), q, k, v, mask)
         print(f"explain ({variant}): {expl.summary()}")
         for s in expl.sites:
             print(f"  {s.site}: {s.status}  "
@@ -373,6 +433,9 @@ def main(argv=None):
     print(f"wrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
     bad = [r for r in rows if r["impl"] == "ours" and "error" not in r and not r["fused_calls"]]
     return 1 if bad or any("error" in r for r in rows) else 0
+
+
+MODULES.update(scale=CoreAttention, mask=CoreAttention, causal=CausalAttention, window=WindowAttention)
 
 
 def _cpu_model():

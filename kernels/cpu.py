@@ -30,10 +30,9 @@ from .spec import AttentionSpec, ScoreOp, to_dtype
 TILE_ELEMENTS = 1 << 18
 
 
-def _tiles(nh: int, nq: int, nk: int, group: int = 1, q_outer: bool = False):
+def _tiles(nh: int, nq: int, nk: int, group: int = 1):
     """Yield (h0, h1, q0, q1): head ranges and query row ranges of one batch entry. A head range
-    never crosses a group of query heads that share one key/value head. ``q_outer``: walk the
-    heads inside each query block (a head-independent mask tile is then built once per block)."""
+    never crosses a group of query heads that share one key/value head."""
     rows = max(1, TILE_ELEMENTS // max(nk, 1))
     span = group if group > 1 else max(nh, 1)
     if rows >= nq:
@@ -44,14 +43,9 @@ def _tiles(nh: int, nq: int, nk: int, group: int = 1, q_outer: bool = False):
     else:
         # round query blocks to 16 rows so matmuls stay aligned
         bq = max(16, (rows // 16) * 16)
-        if q_outer:
+        for h0 in range(nh):
             for q0 in range(0, nq, bq):
-                for h0 in range(nh):
-                    yield h0, h0 + 1, q0, min(nq, q0 + bq)
-        else:
-            for h0 in range(nh):
-                for q0 in range(0, nq, bq):
-                    yield h0, h0 + 1, q0, min(nq, q0 + bq)
+                yield h0, h0 + 1, q0, min(nq, q0 + bq)
 
 
 class _Operands:
@@ -98,8 +92,10 @@ class _Operands:
     # -- predicates --------------------------------------------------------------------------------
     def keep(self, mi: int, where) -> torch.Tensor:
         """keep of mask ``mi`` on a tile: bool, broadcastable to (heads, rows, keys)."""
+        return self._keep_of(self.spec.masks[mi], where)
+
+    def _keep_of(self, m, where) -> torch.Tensor:
         bidx, h0, h1, q0, q1, k0, k1 = where
-        m = self.spec.masks[mi]
         R = len(m.axes)
         dev = None
         for d in m.data:
@@ -138,23 +134,29 @@ class _Operands:
         return t
 
     def key_span(self, op: ScoreOp, where, nk: int):
-        """[k0, k1) within where's keys holding every key some row of the tile keeps (under the
-        fill semantics of ``op``); None when no row keeps any key."""
+        """[k0, k1) within where's keys holding every key some row of the tile may keep (under the
+        fill semantics of ``op``); None when no row keeps any key. Linear conditions (causal,
+        windows, offsets) bound the span in O(1); conditions on keys only (padding) are evaluated
+        once per batch entry over the keys; the rest (chunks, documents) on the tile's grid."""
         bidx, h0, h1, q0, q1, k0, k1 = where
-        key = (bidx, q0, q1, k0, k1) if self._head_free(op.index) else where
-        hit = self._cache.get(("span", op.index))
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        keep = self.keep(op.index, where)
-        if op.kind == "fill":
-            keep = ~keep
-        if keep.dim() == 0 or keep.shape[-1] == 1:
-            span = (k0, k1) if bool(keep.any()) else None
-        else:
-            cols = keep.reshape(-1, keep.shape[-1]).any(0).nonzero()
-            span = (k0 + int(cols[0]), k0 + int(cols[-1]) + 1) if len(cols) else None
-        self._cache[("span", op.index)] = (key, span)
-        return span
+        m = self.spec.masks[op.index]
+        plan = predicate.span_plan(m, op.kind == "fill")
+        R = len(m.axes)
+
+        def evaluate(sub, keys_only, r0, r1, lo, hi):
+            if not keys_only:
+                return self._keep_of(sub, (bidx, h0, h1, r0, r1, lo, hi))
+            key = ("keys", sub, bidx, None if self._head_free(op.index) else (h0, h1))
+            hit = self._cache.get(key)
+            if hit is None:
+                hit = self._keep_of(sub, (bidx, h0, h1, 0, 1, 0, nk))
+                if hit.dim() and hit.shape[-1] != 1:
+                    hit = hit.reshape(-1, hit.shape[-1]).any(0)
+                self._cache[key] = hit
+            return hit[lo:hi] if hit.dim() and hit.shape[-1] != 1 else hit
+
+        evaluate.sizes = self.score_shape[-R:] if R else ()
+        return predicate.key_span(plan, q0, q1, k0, k1, evaluate)
 
 
 def _apply(op: ScoreOp, s: torch.Tensor, x, mask=None) -> torch.Tensor:
@@ -189,14 +191,15 @@ _INPLACE = {
 }
 
 
-def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False):
-    """Run the score chain on one tile; optionally keep each step's input for the backward.
+def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False, start=0):
+    """Run the score chain (from step ``start``) on one tile; optionally keep each step's input
+    for the backward.
 
     Without ``keep_inputs`` the tile is updated in place wherever the step keeps its dtype (the
     same kernels as the out-of-place ops, so the same bits), so a tile costs one buffer, not one
     per step."""
     inputs = []
-    for op in spec.score_ops:
+    for op in spec.score_ops[start:]:
         if keep_inputs:
             inputs.append(s)
         mask = ops.mask(op, where) if op.kind in ("fill", "fill_not") else None
@@ -250,17 +253,69 @@ def _key_range(spec: AttentionSpec, ops: "_Operands", bidx, h0, h1, q0, q1, nk: 
     return k0, k1
 
 
+def _exact_prescale(spec: AttentionSpec, dtype: torch.dtype):
+    """(factor, steps): the chain's leading steps that multiply or divide by a constant power of
+    two, folded into one factor applied to the query tile instead of the (rows x keys) scores.
+    Scaling by a power of two is exact, in the products and the sums alike, so q @ k^T * 2^e and
+    (q * 2^e) @ k^T are the same bits (outside subnormal and overflow ranges)."""
+    factor, steps = 1.0, 0
+    for op in spec.score_ops:
+        if op.kind not in ("mul", "div") or op.operand != "const" or to_dtype(op.dtype) != dtype \
+                or to_dtype(spec.qk_dtype) != dtype:
+            break
+        m, e = math.frexp(op.value) if op.value and math.isfinite(op.value) else (0.0, 0)
+        if abs(m) != 0.5:
+            break
+        factor = factor * op.value if op.kind == "mul" else factor / op.value
+        steps += 1
+    return factor, steps
+
+
 def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
     """Scores of a tile over its keys [k0, k1), through the score chain. When a skipping tile leaves
     a row with no kept key (padding), that row must see every key as eager does (NaN or uniform):
     the tile is recomputed over all keys, and the returned where says so."""
     bidx, h0, h1, q0, q1, k0, k1 = where
-    s0 = torch.matmul(qt, kb[kh][..., k0:k1, :].transpose(-1, -2))
-    s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=keep_inputs)
+    start, qs = 0, qt
+    if not keep_inputs:
+        scale, start = _exact_prescale(spec, qt.dtype)
+        if start:
+            qs = qt * scale
+    s0 = torch.matmul(qs, kb[kh][..., k0:k1, :].transpose(-1, -2))
+    s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=keep_inputs, start=start)
     nk = kb.shape[-2]
-    if (k0 > 0 or k1 < nk) and bool((s.amax(-1) <= _MASKED).any()):
+    m = s.amax(-1, keepdim=True)
+    if (k0 > 0 or k1 < nk) and bool((m <= _MASKED).any()):
         return _tile_scores(spec, ops, qt, kb, kh, (bidx, h0, h1, q0, q1, 0, nk), keep_inputs)
-    return s0, s, inputs, where
+    return s0, s, inputs, where, m
+
+
+# query rows per block when a predicate mask drives the tiling, and the scores a tile may hold
+# (heads are grouped per block to fill it over the block's key span). Larger than TILE_ELEMENTS:
+# these tiles cover only the keys the block needs, and fewer, larger tiles halve the per-tile op
+# overhead (sliding window 256 at N = 2048: 23 ms with 128 rows / 2^20 against 28 ms with 64 / 2^18,
+# benchmarks/RESULTS.md); 4 MiB of fp32 scores per tile.
+Q_BLOCK = 128
+SPAN_TILE_ELEMENTS = 1 << 20
+
+
+def _tile_plan(spec: AttentionSpec, ops: "_Operands", bidx, nh: int, nq: int, nk: int, group: int):
+    """Yield (h0, h1, q0, q1, k0, k1) for one batch entry. With head-independent predicate masks:
+    query blocks of Q_BLOCK rows, each block's key span computed once, and as many heads per tile
+    as fit TILE_ELEMENTS over that span (one mask tile serves them all); otherwise ``_tiles``."""
+    if not _q_outer(spec, ops):
+        for h0, h1, q0, q1 in _tiles(nh, nq, nk, group):
+            yield (h0, h1, q0, q1) + _key_range(spec, ops, bidx, h0, h1, q0, q1, nk)
+        return
+    span_heads = group if group > 1 else max(nh, 1)
+    bq = min(nq, Q_BLOCK)
+    for q0 in range(0, nq, bq):
+        q1 = min(nq, q0 + bq)
+        k0, k1 = _key_range(spec, ops, bidx, 0, nh, q0, q1, nk)
+        hstep = max(1, min(span_heads, SPAN_TILE_ELEMENTS // max((q1 - q0) * (k1 - k0), 1)))
+        for g0 in range(0, nh, span_heads):
+            for h0 in range(g0, min(nh, g0 + span_heads), hstep):
+                yield h0, min(nh, g0 + span_heads, h0 + hstep), q0, q1, k0, k1
 
 
 def _q_outer(spec: AttentionSpec, ops: "_Operands") -> bool:
@@ -328,16 +383,17 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     with torch.autocast(q.device.type, enabled=False):
         for bidx in _batch_indices(batch):
             qb, kb, vb = q[bidx], k[bidx], v[bidx]
-            for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group, _q_outer(spec, ops)):
+            for where in _tile_plan(spec, ops, bidx, batch[-1], nq, nk, group):
+                h0, h1, q0, q1 = where[:4]
                 kh = _kv_heads(h0, h1, group)
-                where = (bidx, h0, h1, q0, q1) + _key_range(spec, ops, bidx, h0, h1, q0, q1, nk)
-                _, s, _, where = _tile_scores(spec, ops, qb[h0:h1, q0:q1], kb, kh, where)
+                where = (bidx,) + where
+                _, s, _, where, m = _tile_scores(spec, ops, qb[h0:h1, q0:q1], kb, kh, where)
                 k0, k1 = where[-2:]
-                m, arg = s.max(-1, keepdim=True)
                 p = torch.softmax(s, -1, dtype=sm_dtype)
                 del s
-                # lse = max + log(sum exp(s - max)), and p at the argmax is 1 / sum exp(s - max)
-                lse[bidx][h0:h1, q0:q1] = (m.float() - torch.log(p.gather(-1, arg).float())).squeeze(-1)
+                # lse = max + log(sum exp(s - max)), and p at the argmax (its largest element) is
+                # 1 / sum exp(s - max)
+                lse[bidx][h0:h1, q0:q1] = (m.float() - torch.log(p.amax(-1, keepdim=True).float())).squeeze(-1)
                 if p.dtype != p_dtype:
                     p = p.to(p_dtype)
                 if p_drop:
@@ -394,11 +450,12 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
         with torch.autocast(q.device.type, enabled=False):
             for bidx in _batch_indices(batch):
                 qb, kb, vb, dob = q[bidx], k[bidx], v[bidx], grad_out[bidx]
-                for h0, h1, q0, q1 in _tiles(batch[-1], nq, nk, group, _q_outer(spec, ops)):
+                for where in _tile_plan(spec, ops, bidx, batch[-1], nq, nk, group):
+                    h0, h1, q0, q1 = where[:4]
                     kh = _kv_heads(h0, h1, group)
                     qt, dot = qb[h0:h1, q0:q1], dob[h0:h1, q0:q1]
-                    where = (bidx, h0, h1, q0, q1) + _key_range(spec, ops, bidx, h0, h1, q0, q1, nk)
-                    s0, s, inputs, where = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=True)
+                    where = (bidx,) + where
+                    s0, s, inputs, where, _ = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=True)
                     k0, k1 = where[-2:]
                     kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
                     p = torch.softmax(s, -1, dtype=sm_dtype)

@@ -21,6 +21,7 @@ tensor the graph would have built (used where a kernel needs the tensor, and by 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -66,6 +67,8 @@ class MaskSpec:
 
 
 _SREPR_NS = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
+# srepr of a Piecewise names its pieces' class, which sympy does not export at the top level
+_SREPR_NS["ExprCondPair"] = sympy.functions.elementary.piecewise.ExprCondPair
 
 
 @functools.lru_cache(maxsize=None)
@@ -301,3 +304,150 @@ def with_tensor_masks(spec, captured: Sequence[torch.Tensor], score_shape: Seque
         dev = captured[m.data[0]].device if m.data else None
         tensors.append(materialize(m, score_shape, [captured[d] for d in m.data], device=dev))
     return tensor_mask_spec(spec), tensors
+
+
+# ---------------------------------------------------------------------------------------------------
+# key spans: which keys a block of query rows can keep, cheaply
+
+@dataclass(frozen=True)
+class _Lin:
+    """a*j + b*i + c <= 0 over the integers (c a function of the sizes n0 ..)."""
+    a: int
+    b: int
+    c: object  # compiled: f(*sizes) -> int
+
+
+@dataclass(frozen=True)
+class _Eval:
+    """A conjunct evaluated on a grid: over keys only (``keys_only``) or rows x keys."""
+    mask: MaskSpec
+    keys_only: bool
+
+
+def _compile_sizes_fn(e, R: int):
+    args = ", ".join(f"n{k}" for k in range(R))
+    ns = dict(_NS)
+    exec(f"def f({args}):\n    return {_Printer()(e)}\n", ns)  # noqa: S102 - our own generated code
+    return ns["f"]
+
+
+def _lin(c, i, j, R):
+    """c (a relational) as _Lin steps, or None when it is not linear in i, j with constant
+    integer coefficients (other symbols: sizes only)."""
+    rel = type(c)
+    if rel not in (sympy.Le, sympy.Lt, sympy.Ge, sympy.Gt, sympy.Eq):
+        return None
+    d = sympy.expand(c.lhs - c.rhs)
+    if any(not s.name.startswith("n") and s not in (i, j) for s in d.free_symbols) \
+            or d.atoms(sympy.Function) or d.atoms(sympy.floor) or d.atoms(sympy.Mod):
+        return None
+    try:
+        poly = sympy.Poly(d, j, i)
+    except sympy.PolynomialError:
+        return None
+    if poly.total_degree() > 1:
+        return None
+    coeffs = poly.as_dict()
+    a, b = coeffs.get((1, 0), 0), coeffs.get((0, 1), 0)
+    if not (sympy.sympify(a).is_Integer and sympy.sympify(b).is_Integer):
+        return None
+    c0 = coeffs.get((0, 0), sympy.Integer(0))
+    a, b = int(a), int(b)
+    out = []
+    # normalise to  expr <= 0  (integers: expr < 0  <=>  expr + 1 <= 0)
+    if rel in (sympy.Le, sympy.Eq):
+        out.append(_Lin(a, b, _compile_sizes_fn(c0, R)))
+    if rel is sympy.Lt:
+        out.append(_Lin(a, b, _compile_sizes_fn(c0 + 1, R)))
+    if rel in (sympy.Ge, sympy.Eq):
+        out.append(_Lin(-a, -b, _compile_sizes_fn(-c0, R)))
+    if rel is sympy.Gt:
+        out.append(_Lin(-a, -b, _compile_sizes_fn(-c0 + 1, R)))
+    return out
+
+
+def _plan(e, mask: MaskSpec, i, j):
+    """A span plan for expression e: ("and", [...]), ("or", [...]), _Lin, _Eval or None (no
+    restriction)."""
+    R = len(mask.axes)
+    if e is sympy.true:
+        return None
+    if isinstance(e, sympy.Or):
+        parts = [_plan(a, mask, i, j) for a in e.args]
+        return None if any(p is None for p in parts) else ("or", parts)
+    if isinstance(e, sympy.And):
+        parts = [p for p in (_plan(a, mask, i, j) for a in e.args) if p is not None]
+        # evaluated conjuncts last: they only look at the keys the others left
+        parts.sort(key=lambda p: isinstance(p, _Eval) and not p.keys_only)
+        return ("and", parts) if parts else None
+    if j is None or j not in e.free_symbols:
+        return _Eval(dataclasses.replace(mask, keep=sympy.srepr(e), text=str(e), kind="bool"), True) \
+            if i is None or i not in e.free_symbols else None
+    if isinstance(e, sympy.core.relational.Relational):
+        lins = _lin(e, i, j, R)
+        if lins is not None:
+            return ("and", lins) if len(lins) > 1 else lins[0]
+    keys_only = i is None or i not in e.free_symbols
+    return _Eval(dataclasses.replace(mask, keep=sympy.srepr(e), text=str(e), kind="bool"), keys_only)
+
+
+@functools.lru_cache(maxsize=None)
+def span_plan(mask: MaskSpec, invert: bool = False):
+    """The plan ``key_span`` follows for ``keep`` (or, ``invert``, for not keep: a fill's mask)."""
+    e = parse(mask.keep)
+    if invert:
+        e = sympy.Not(e)
+        if isinstance(e, sympy.logic.boolalg.BooleanFunction):
+            e = e.to_nnf()
+    names = {s.name: s for s in e.free_symbols}
+    return _plan(e, mask, names.get(mask.axes[-2]) if len(mask.axes) >= 2 else None,
+                 names.get(mask.axes[-1]))
+
+
+def key_span(plan, q0: int, q1: int, k0: int, k1: int, evaluate):
+    """[lo, hi) within [k0, k1) holding every key j that some row i in [q0, q1) may keep under
+    ``plan`` (a superset for linear bounds, exact for evaluated conjuncts), or None when no row
+    keeps a key. ``evaluate(mask_spec, keys_only, q0, q1, lo, hi)`` returns keep on the grid
+    (broadcastable to (heads, rows, keys)); ``sizes`` are bound inside the plan's functions by the
+    caller through ``evaluate.sizes``."""
+    if plan is None:
+        return k0, k1
+    if isinstance(plan, _Lin):
+        c = plan.c(*evaluate.sizes)
+        # a*j + b*i + c <= 0 for some i in [q0, q1 - 1]
+        if plan.a == 0:
+            best = min(plan.b * q0, plan.b * (q1 - 1)) + c
+            return (k0, k1) if best <= 0 else None
+        t = [(-plan.b * x - c) for x in (q0, q1 - 1)]
+        if plan.a > 0:  # j <= t / a: the loosest bound over the rows
+            hi = max(x // plan.a for x in t) + 1
+            lo = k0
+        else:  # j >= t / a (a < 0): ceil(t / a) = -((-t) // -a)... written with floor division
+            lo = min(_ceil_div(x, plan.a) for x in t)
+            hi = k1
+        lo, hi = max(lo, k0), min(hi, k1)
+        return (lo, hi) if lo < hi else None
+    if isinstance(plan, _Eval):
+        keep = evaluate(plan.mask, plan.keys_only, q0, q1, k0, k1)
+        if keep.dim() == 0 or keep.shape[-1] == 1:
+            return (k0, k1) if bool(keep.any()) else None
+        cols = keep.reshape(-1, keep.shape[-1]).any(0).nonzero()
+        return (k0 + int(cols[0]), k0 + int(cols[-1]) + 1) if len(cols) else None
+    kind, parts = plan
+    if kind == "and":
+        lo, hi = k0, k1
+        for p in parts:
+            got = key_span(p, q0, q1, lo, hi, evaluate)
+            if got is None:
+                return None
+            lo, hi = got
+        return lo, hi
+    spans = [s for s in (key_span(p, q0, q1, k0, k1, evaluate) for p in parts) if s is not None]
+    if not spans:
+        return None
+    return min(s[0] for s in spans), max(s[1] for s in spans)
+
+
+def _ceil_div(x: int, a: int) -> int:
+    """ceil(x / a) for integers, a != 0."""
+    return -((-x) // a)

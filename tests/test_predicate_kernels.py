@@ -35,6 +35,8 @@ def fresh_dynamo():
 @pytest.fixture
 def small_tiles(monkeypatch):
     monkeypatch.setattr(cpu, "TILE_ELEMENTS", 1 << 9)
+    monkeypatch.setattr(cpu, "SPAN_TILE_ELEMENTS", 1 << 9)
+    monkeypatch.setattr(cpu, "Q_BLOCK", 8)
 
 
 def _attention(builder, fill):
@@ -139,6 +141,7 @@ def _window_spec(w):
 def test_tiled_path_skips_keys_outside_the_window(monkeypatch):
     """N = 256, window 16, query blocks of 16 rows: each block needs at most 31 of 256 keys."""
     monkeypatch.setattr(cpu, "TILE_ELEMENTS", 16 * 256)
+    monkeypatch.setattr(cpu, "Q_BLOCK", 16)
     spec = _window_spec(16)
     seen = []
     real = cpu._tile_scores
