@@ -353,7 +353,7 @@ def targets(rows):
             rat = r["ms"] / anchor["ms"]
             lines.append(f"(anchor) {variant} N={n} {pass_}: ours {r['ms']:.1f} ms vs {aname} "
                          f"{anchor['ms']:.1f} ms, ratio {rat:.3f} -> "
-                         f"{'met' if rat <= 1.0 else f'within noise' if rat <= NOISE else 'NOT met'}"
+                         f"{'met' if rat <= 1.0 else 'within noise' if rat <= NOISE else 'NOT met'}"
                          f"; peak ours/{aname} {r['peak_bytes'] / max(anchor['peak_bytes'], 1):.2f}")
         if n >= 1024 and st:
             rat = r["ms"] / st["ms"]
