@@ -85,8 +85,12 @@ def _use_triton(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
 
 
 def _triton_operands(q, k, captured, spec: AttentionSpec):
-    """The Triton kernels read masks as tensors: predicate masks are materialised for them."""
+    """The Triton kernels evaluate mask predicates per tile (and skip key blocks no row keeps);
+    predicates they cannot generate code for are handed over materialised."""
     if not spec.masks:
+        return spec, list(captured)
+    from . import triton_attention
+    if triton_attention.predicates_supported(spec, captured):
         return spec, list(captured)
     score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
     return predicate.with_tensor_masks(spec, captured, score_shape)
@@ -127,7 +131,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
     if _use_triton(q, k, v, ts):
         from . import triton_attention
         tneeds = needs_grad
-        if s.masks:  # data tensors never need gradients; materialised masks do not either
+        if ts is not s:  # materialised masks: data tensors and masks never need gradients
             tneeds = [ng for kind, ng in zip(s.captured, needs_grad) if kind != "data"]
             tneeds += [False] * (len(tcaptured) - len(tneeds))
         dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, tcaptured, out, lse, ts,

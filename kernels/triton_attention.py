@@ -22,8 +22,17 @@ Kernels (one generated module per spec; ``generate_source(spec)`` returns its te
   the preprocess kernel, the dq kernel first takes one more pass over the keys for exact per-row
   statistics, needed when O is stored in 16 bits or when a row's maximum can be huge (a fully
   masked row filled with finfo.min, where lse = m + log(l) loses log(l)); see ``attn_bwd_dq``.
+* Mask predicates (``spec.masks``, see ``predicate.py``): each mask's keep(b, h, i, j) is written
+  as Triton code (``mask{k}``, from the sympy expression by ``_TritonPrinter``: Python integer
+  semantics, data tensors read with torch's indexing rules) and evaluated per tile, giving the
+  tensor the graph's mask held (bool, or where(keep, kept, masked) read as fp32); no N x N mask.
+* Block skipping (``SKIP``, a constexpr of the forward, dq and dkdv kernels): when the chain ends
+  in a predicate step that leaves masked scores at <= -1e4 (``skip_op``, cpu._skips' rule), the
+  host computes per (b, h, query block) the range of key blocks holding a kept key, exactly
+  (``block_ranges``; a block with a row that keeps no key visits every key block, so such rows
+  are eager's uniform or NaN rows), and the transposed ranges for the dK/dV kernel.
 
-The score chain is emitted as ``score_mod(s, c0, ...)`` and its reverse-mode derivative as
+The score chain is emitted as ``score_mod(s, c0, ..., m0, ...)`` and its reverse-mode derivative as
 ``score_mod_backward(ds, s, c0, ...)``. Everything in the kernels is fp32 except the dot operands
 (the inputs' dtype); the chain's intermediate dtypes are not re-created step by step, only its
 explicit ``cast`` steps are (as an fp32 -> dtype -> fp32 round trip).
@@ -31,10 +40,13 @@ explicit ``cast`` steps are (as an fp32 -> dtype -> fp32 round trip).
 Known cost: the gradient of a captured *tensor* (a learnable bias) is written element-wise into an
 fp32 buffer of the full scores' shape (B, H, Nq, Nk) and summed over the operand's broadcast dims
 with torch; that N x N buffer exists only while such an operand requires grad. Gradients of scalar
-operands are reduced per tile in the kernel (one fp32 partial per tile pair).
+operands are reduced per tile in the kernel (one fp32 partial per tile pair). Block skipping's
+ranges cost one evaluation of keep per score element (Bm * Hm * Nq * Nk, Bm/Hm = 1 when keep does
+not depend on the batch index / head) with torch ops, in chunks, per forward and per backward.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import math
@@ -43,9 +55,11 @@ import sys
 import tempfile
 from typing import List, Optional, Sequence
 
+import sympy
 import torch
 import triton
 
+from . import predicate
 from .dropout import threshold
 from .spec import AttentionSpec, ScoreOp, to_dtype
 
@@ -123,13 +137,45 @@ def score_mod_backward(ds, s0@@CPARAMS@@):
     return ds@@DC_RETURN@@
 
 
+@triton.jit
+def _fdiv_pos(a, c):
+    # floor(a / c) for a constant c > 0, whatever the sign convention of integer // is
+    q = a // c
+    return tl.where(a - q * c < 0, q - 1, q)
+
+
+@triton.jit
+def _mod_pos(a, c):
+    # Python's a % c (sign of c) for a constant c > 0
+    r = a - (a // c) * c
+    return tl.where(r < 0, r + c, r)
+
+
+@triton.jit
+def _fdiv(a, b):
+    # floor(a / b) for integer tensors of any signs (Python semantics)
+    b = tl.cast(b, tl.int64)
+    q = a // b
+    r = a - q * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _mod(a, b):
+    # Python's a % b: the remainder takes the sign of b
+    b = tl.cast(b, tl.int64)
+    r = a - (a // b) * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+@@MASK_FUNCS@@
 @triton.jit(do_not_specialize=["seed"])
 def attn_fwd(
-    Q, K, V, Out, LSE,@@OPERAND_ARGS@@
+    Q, K, V, Out, LSE,@@OPERAND_ARGS@@ RANGES, r_sb, r_sh,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, SKIP: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
@@ -145,7 +191,15 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    for start_n in range(0, N_K, BLOCK_N):
+    # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
+    if SKIP:
+        lo = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2)
+        hi = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N_K, BLOCK_N)
+    for blk_n in range(lo, hi):
+        start_n = blk_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
@@ -197,12 +251,13 @@ def attn_bwd_preprocess(
 
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_,@@OPERAND_ARGS@@
+    Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_,@@OPERAND_ARGS@@ RANGES, r_sb, r_sh,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
+    SKIP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     off_bk = tl.program_id(1).to(tl.int64)
@@ -223,7 +278,15 @@ def attn_bwd_dkdv(
     for g in range(0, G):
         off_h = off_hk * G + g
         off_bh = off_b * H + off_h
-        for start_m in range(0, N_Q, BLOCK_M):
+        # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here
+        if SKIP:
+            lo = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_n * 2)
+            hi = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_n * 2 + 1)
+        else:
+            lo = 0
+            hi = tl.cdiv(N_Q, BLOCK_M)
+        for blk_m in range(lo, hi):
+            start_m = blk_m * BLOCK_M
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N_Q
             valid = m_valid[:, None] & n_valid[None, :]
@@ -256,12 +319,13 @@ def attn_bwd_dkdv(
 
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, INV_R, DQ,@@OPERAND_ARGS@@@@DC_ARGS@@
+    Q, K, V, DO, LSE, DELTA, INV_R, DQ,@@OPERAND_ARGS@@@@DC_ARGS@@ RANGES, r_sb, r_sh,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,@@GRAD_FLAGS@@
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
+    SKIP: tl.constexpr,@@GRAD_FLAGS@@
 ):
     pid_m = tl.program_id(0)
     off_bh = tl.program_id(1).to(tl.int64)
@@ -277,6 +341,13 @@ def attn_bwd_dq(
     do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
                  mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(V.dtype.element_ty)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+    # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0)
+    if SKIP:
+        lo = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2)
+        hi = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N_K, BLOCK_N)
     if ROW_STATS:
         # One extra pass over the keys for two per-row statistics:
         # * r = sum_j exp(s - lse), normally 1: when the row max is huge (a fully masked row
@@ -287,7 +358,8 @@ def attn_bwd_dq(
         #   scalar's gradient (2% off in bf16) where eager's errors cancel.
         r = tl.zeros([BLOCK_M], tl.float32)
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for start_n in range(0, N_K, BLOCK_N):
+        for blk_n in range(lo, hi):
+            start_n = blk_n * BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_valid = offs_n < N_K
             valid = m_valid[:, None] & n_valid[None, :]
@@ -311,7 +383,8 @@ def attn_bwd_dq(
         delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
-    for start_n in range(0, N_K, BLOCK_N):
+    for blk_n in range(lo, hi):
+        start_n = blk_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
@@ -360,6 +433,9 @@ def _lit(x: float) -> str:
 def _operand_expr(op: ScoreOp, spec: AttentionSpec) -> str:
     if op.operand == "const":
         return _lit(op.value)
+    if op.operand == "predicate":
+        # the additive mask is already fp32 (see _mask_function); a bool mask adds as 0/1
+        return f"m{op.index}" if spec.masks[op.index].kind == "additive" else f"m{op.index}.to(tl.float32)"
     if spec.captured[op.index] == "scalar":
         return f"c{op.index}"
     return f"c{op.index}.to(tl.float32)"
@@ -381,10 +457,15 @@ def _step(op: ScoreOp, spec: AttentionSpec, s: str) -> str:
         tl_dtype = _TL_DTYPES.get(op.dtype)
         return f"{s}.to({tl_dtype}).to(tl.float32)" if tl_dtype else s
     if k == "fill":
-        return f"tl.where(c{op.index} != 0, {_lit(op.value)}, {s})"
+        return f"tl.where({_mask_var(op)} != 0, {_lit(op.value)}, {s})"
     if k == "fill_not":
-        return f"tl.where(c{op.index} != 0, {s}, {_lit(op.value)})"
+        return f"tl.where({_mask_var(op)} != 0, {s}, {_lit(op.value)})"
     raise AssertionError(k)
+
+
+def _mask_var(op: ScoreOp) -> str:
+    """The kernel variable holding the boolean mask a fill step reads."""
+    return f"m{op.index}" if op.operand == "predicate" else f"c{op.index}"
 
 
 def _grad_indices(spec: AttentionSpec) -> List[int]:
@@ -432,9 +513,9 @@ def _chain_backward_lines(spec: AttentionSpec) -> List[str]:
         elif k == "tanh":
             lines.append(f"ds = ds * (1.0 - {s_out} * {s_out})")
         elif k == "fill":
-            lines.append(f"ds = tl.where(c{op.index} != 0, 0.0, ds)")
+            lines.append(f"ds = tl.where({_mask_var(op)} != 0, 0.0, ds)")
         elif k == "fill_not":
-            lines.append(f"ds = tl.where(c{op.index} != 0, ds, 0.0)")
+            lines.append(f"ds = tl.where({_mask_var(op)} != 0, ds, 0.0)")
         # cast: identity (the reference only rounds ds to the step's input dtype)
     return lines
 
@@ -446,12 +527,252 @@ def _reindent(text: str, n: int) -> str:
 def _indent(lines: Sequence[str], n: int) -> str:
     return "\n".join(" " * n + line for line in lines) if lines else " " * n + "pass"
 
+# ---------------------------------------------------------------------------------------------
+# Mask predicates (predicate.MaskSpec): keep(b, h, i, j) written as Triton code, per tile
+# ---------------------------------------------------------------------------------------------
+
+_REL_OPS = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">",
+            sympy.Ge: ">="}
+
+
+class _TritonPrinter:
+    """Triton source evaluating a predicate on a tile. ``names`` maps the expression's symbols to
+    kernel variables (int64 scalars for b, h and the sizes; int64 (BLOCK_M, 1) / (1, BLOCK_N) index
+    tiles for i and j); ``data`` maps a data atom's name (d0, ...) to the kernel argument prefix of
+    its tensor. Integer semantics are Python's (floor division and modulo on negative values), as
+    in ``predicate._Printer``, whose torch code is the reference."""
+
+    def __init__(self, names: dict, data: dict):
+        self.names, self.data = names, data
+        self.arities = set()  # data-load helpers the code calls (_dload<arity>)
+
+    def __call__(self, e) -> str:
+        if e is sympy.true:
+            return "True"
+        if e is sympy.false:
+            return "False"
+        if e.is_Symbol:
+            if e.name not in self.names:
+                raise ValueError(f"unknown symbol {e.name}")
+            return self.names[e.name]
+        if e.is_Integer:
+            return str(int(e))
+        if isinstance(e, sympy.Add):
+            return "(" + " + ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Mul):
+            if any(a.is_Rational and not a.is_Integer for a in e.args) or \
+                    any(a.is_Number and not a.is_Integer for a in e.args):
+                raise ValueError(f"non-integer factor in {e}")
+            return "(" + " * ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.floor):
+            num, den = sympy.fraction(sympy.together(e.args[0]))
+            if den.is_Integer and int(den) < 0:
+                num, den = -num, -den
+            if den == 1:
+                return self(num)
+            if den.is_Integer:
+                return f"_fdiv_pos({self(num)}, {int(den)})"
+            return f"_fdiv({self(num)}, {self(den)})"
+        if isinstance(e, sympy.Mod):
+            a, m = e.args
+            if m.is_Integer and int(m) > 0:
+                return f"_mod_pos({self(a)}, {int(m)})"
+            return f"_mod({self(a)}, {self(m)})"
+        if isinstance(e, sympy.Abs):
+            x = self(e.args[0])
+            return f"tl.where({x} < 0, -{x}, {x})"
+        if isinstance(e, (sympy.Max, sympy.Min)):
+            op = ">" if isinstance(e, sympy.Max) else "<"
+            out = self(e.args[0])
+            for a in e.args[1:]:
+                x = self(a)
+                out = f"tl.where({out} {op} {x}, {out}, {x})"
+            return out
+        if isinstance(e, sympy.Piecewise):
+            out = None
+            for piece in reversed(e.args):
+                val, cond = self(piece.expr), self(piece.cond)
+                out = val if out is None and piece.cond is sympy.true else \
+                    f"tl.where({cond}, {val}, {out if out is not None else 0})"
+            return out
+        for cls, op in _REL_OPS.items():
+            if isinstance(e, cls):
+                return f"({self(e.lhs)} {op} {self(e.rhs)})"
+        if isinstance(e, sympy.And):
+            return "(" + " & ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Or):
+            return "(" + " | ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Xor):
+            return "(" + " ^ ".join(self(a) for a in e.args) + ")"
+        if isinstance(e, sympy.Not):
+            return f"({self(e.args[0])} == 0)"
+        if isinstance(e, sympy.core.function.AppliedUndef):
+            name = e.func.__name__
+            if name not in self.data:
+                raise ValueError(f"unknown data atom {name}")
+            prefix, n = self.data[name], len(e.args)
+            self.arities.add(n)
+            sizes = ", ".join(f"{prefix}_n{t}" for t in range(n))
+            strides = ", ".join(f"{prefix}_s{t}" for t in range(n))
+            idx = ", ".join(self(a) for a in e.args)
+            return f"_dload{n}({prefix}, {', '.join(x for x in (sizes, strides, idx) if x)})"
+        raise ValueError(f"cannot generate Triton code for {type(e).__name__}: {e}")
+
+
+def _dload_source(n: int) -> str:
+    """A helper reading a data tensor at n integer index tiles, as torch's t[idx] does: negative
+    indices count from the end; out-of-range ones (padding lanes of a tile) read 0."""
+    xs = [f"x{t}" for t in range(n)]
+    params = ", ".join(["P"] + [f"n{t}" for t in range(n)] + [f"s{t}" for t in range(n)] + xs)
+    lines = ["@triton.jit", f"def _dload{n}({params}):", "    ok = True"]
+    off = []
+    for t in range(n):
+        lines.append(f"    x{t} = tl.cast(x{t}, tl.int64)")
+        lines.append(f"    x{t} = tl.where(x{t} < 0, x{t} + n{t}, x{t})")
+        lines.append(f"    ok = ok & (x{t} >= 0) & (x{t} < n{t})")
+        off.append(f"x{t} * s{t}")
+    lines.append(f"    return tl.load(P + {' + '.join(off) if off else '0'}, mask=ok, other=0).to(tl.int64)")
+    return "\n".join(lines)
+
+
+def _axis_var(back: int) -> str:
+    """The kernel variable of the score axis ``back`` places from the right (1: keys)."""
+    return {1: "j", 2: "i", 3: "off_h", 4: "off_b"}[back]
+
+
+def _data_arities(spec: AttentionSpec) -> dict:
+    """captured index of each data tensor -> the number of indices its atoms take."""
+    out = {}
+    for m in spec.masks:
+        for a in m.expr.atoms(sympy.core.function.AppliedUndef):
+            name = a.func.__name__
+            if not (name.startswith("d") and name[1:].isdigit() and int(name[1:]) < len(m.data)):
+                raise ValueError(f"data atom {name} of {m} has no data tensor")
+            pos = m.data[int(name[1:])]
+            if out.setdefault(pos, len(a.args)) != len(a.args):
+                raise ValueError(f"data tensor {pos} indexed with {out[pos]} and {len(a.args)} indices")
+    return out
+
+
+def _mask_value(m, x: float) -> float:
+    """x in the mask's dtype, read back as fp32: what the tensor path loads from the graph's mask."""
+    return float(torch.tensor(x, dtype=to_dtype(m.dtype)).to(torch.float32).item())
+
+
+def _mask_function(spec: AttentionSpec, k: int, arities: dict):
+    """(source of ``mask{k}``, its parameters after the tile's coordinates, data-load arities):
+    the tensor the graph's mask held on one tile: the bool keep, or where(keep, kept, masked) as
+    fp32 (the values rounded to the mask's dtype first, as a loaded mask tensor would be)."""
+    m = spec.masks[k]
+    R = len(m.axes)
+    if R > 4:
+        raise ValueError("a mask over more than 4 score axes")
+    names = {}
+    for t, name in enumerate(m.axes):
+        names[name] = _axis_var(R - t)
+        names[f"n{t}"] = f"n{t}"
+    data, params = {}, [f"n{t}" for t in range(R)]
+    for t, pos in enumerate(m.data):
+        data[f"d{t}"] = f"C{pos}"
+        a = arities.get(pos, 0)
+        params += [f"C{pos}"] + [f"C{pos}_n{u}" for u in range(a)] + [f"C{pos}_s{u}" for u in range(a)]
+    pr = _TritonPrinter(names, data)
+    e = m.expr
+    if e is sympy.true or e is sympy.false:
+        keep = f"offs_m[:, None] {'>=' if e is sympy.true else '<'} 0"
+    else:
+        keep = pr(e)
+    lines = ["@triton.jit",
+             f"def mask{k}(off_b, off_h, offs_m, offs_n, {', '.join(params)}):",
+             f"    # {m}",
+             "    i = offs_m[:, None].to(tl.int64)",
+             "    j = offs_n[None, :].to(tl.int64)"]
+    used = {x.name for x in e.free_symbols}
+    lines += [f"    n{t} = tl.cast(n{t}, tl.int64)" for t in range(R) if f"n{t}" in used]
+    lines.append(f"    keep = {keep}")
+    if m.kind == "additive":
+        lines.append(f"    return tl.where(keep, {_lit(_mask_value(m, m.kept))}, "
+                     f"{_lit(_mask_value(m, m.masked))})")
+    else:
+        lines.append("    return keep")
+    return "\n".join(lines), params, pr.arities
+
+
+def _mask_sources(spec: AttentionSpec):
+    """(top-level source of the mask functions and their helpers, per mask the call's argument
+    list after the tile's coordinates)."""
+    if not spec.masks:
+        return "", []
+    arities = _data_arities(spec)
+    funcs, calls, used = [], [], set()
+    for k in range(len(spec.masks)):
+        src, params, ar = _mask_function(spec, k, arities)
+        funcs.append(src)
+        used |= ar
+        # in the kernels the sizes are arguments M{k}_n{t}; the data arguments keep their names
+        calls.append([p.replace("n", f"M{k}_n", 1) if p.startswith("n") else p for p in params])
+    helpers = [_dload_source(n) for n in sorted(used)]
+    return "\n\n\n".join(helpers + funcs) + "\n\n", calls
+
+
+def predicates_supported(spec: AttentionSpec, captured: Optional[Sequence[torch.Tensor]] = None) -> bool:
+    """Whether the kernels evaluate every mask predicate of ``spec`` in-kernel (with ``captured``:
+    also whether each data tensor has as many dims as its atoms take indices); otherwise
+    ``ops.py`` hands them over materialised (``predicate.with_tensor_masks``)."""
+    arities = _generated_arities(spec)
+    if arities is None:
+        return False
+    if captured is not None:
+        if len(captured) != len(spec.captured):
+            return False
+        for pos, a in arities.items():
+            c = captured[pos]
+            if c.dim() != a or c.is_floating_point() or c.is_complex():
+                return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _generated_arities(spec: AttentionSpec) -> Optional[dict]:
+    """The spec-only part of ``predicates_supported`` (cached per spec): the data arities when every
+    mask can be generated and is used in a way the kernels support, else None."""
+    try:
+        arities = _data_arities(spec)
+        for k in range(len(spec.masks)):
+            _mask_function(spec, k, arities)
+    except (ValueError, TypeError, KeyError):
+        return None
+    for m in spec.masks:
+        if m.kind == "additive":
+            if m.dtype not in ("float32", "float16", "bfloat16", "float64"):
+                return None
+            if not (_fits_fp32(_mask_value(m, m.kept)) and _fits_fp32(_mask_value(m, m.masked))):
+                return None
+            for x in (m.kept, m.masked):
+                if m.dtype == "float64" and _mask_value(m, x) != x and not math.isnan(x):
+                    return None  # a float64 mask value that fp32 would change
+    for op in spec.score_ops:
+        if op.operand != "predicate":
+            continue
+        m = spec.masks[op.index]
+        if op.kind in ("fill", "fill_not") and m.kind != "bool":
+            return None
+        if op.kind not in ("fill", "fill_not") and op.kind not in _ARITH_KINDS:
+            return None
+    return arities
+
+
 
 def generate_source(spec: AttentionSpec) -> str:
     """The Triton source of the forward and backward kernels of ``spec``."""
     cap = spec.captured
     grads = _grad_indices(spec)
-    cparams = "".join(f", c{i}" for i in range(len(cap)))
+    # score_mod's operands: scalars and tensor tiles, then each mask's tile (data tensors are
+    # read by the mask functions only)
+    cparams = "".join(f", c{i}" for i in range(len(cap)) if cap[i] != "data") \
+        + "".join(f", m{k}" for k in range(len(spec.masks)))
+    mask_funcs, mask_calls = _mask_sources(spec)
+    arities = _data_arities(spec) if spec.masks else {}
     chain = [f"s = {_step(op, spec, 's')}" for op in spec.score_ops]
     keep = [f"s{p + 1} = {_step(op, spec, f's{p}')}" for p, op in enumerate(spec.score_ops)]
     bwd = _chain_backward_lines(spec)
@@ -460,12 +781,19 @@ def generate_source(spec: AttentionSpec) -> str:
     for i, kind in enumerate(cap):
         if kind == "scalar":
             operand_args.append(f"c{i},")
+        elif kind == "data":
+            a = arities.get(i, 0)
+            operand_args.append(" ".join([f"C{i},"] + [f"C{i}_n{u}," for u in range(a)]
+                                         + [f"C{i}_s{u}," for u in range(a)]))
         else:
             operand_args.append(f"C{i}, C{i}_sb, C{i}_sh, C{i}_sm, C{i}_sn,")
             # row/col offsets in int64: an N x N bias can pass 2^31 elements
             loads.append(f"c{i} = tl.load(C{i} + off_b * C{i}_sb + off_h * C{i}_sh"
                          f" + offs_m[:, None].to(tl.int64) * C{i}_sm"
                          f" + offs_n[None, :].to(tl.int64) * C{i}_sn, mask=valid, other=0)")
+    for k, m in enumerate(spec.masks):
+        operand_args.append(" ".join(f"M{k}_n{t}," for t in range(len(m.axes))))
+        loads.append(f"m{k} = mask{k}(off_b, off_h, offs_m, offs_n, {', '.join(mask_calls[k])})")
     dc_args = "".join(f" DC{i}," for i in grads)
     grad_flags = "".join(f" GRAD_C{i}: tl.constexpr," for i in grads)
     store = []
@@ -478,7 +806,7 @@ def generate_source(spec: AttentionSpec) -> str:
         else:
             # one partial sum per (bh, query block, key block): deterministic, no atomics
             store.append(f"    tl.store(DC{i} + (off_bh * tl.num_programs(0) + pid_m) * num_n_blocks"
-                         f" + start_n // BLOCK_N, tl.sum(tl.sum(tl.where(valid, dc{i}, 0.0), 1), 0))")
+                         f" + blk_n, tl.sum(tl.sum(tl.where(valid, dc{i}, 0.0), 1), 0))")
 
     src = _TEMPLATE
     drop = spec.dropout_p > 0
@@ -487,6 +815,7 @@ def generate_source(spec: AttentionSpec) -> str:
         "@@SPEC_STR@@": str(spec),
         "@@DROP_THRESHOLD@@": str(threshold(spec.dropout_p)),
         "@@CPARAMS@@": cparams,
+        "@@MASK_FUNCS@@": mask_funcs,
         "@@SCORE_MOD_STR@@": spec.score_mod_str(),
         "@@CHAIN@@": _indent(chain, 4),
         "@@CHAIN_KEEP@@": _indent(keep, 4),
@@ -581,9 +910,17 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
         return False  # cpu.py owns the empty-softmax conventions
     if threshold(spec.dropout_p) >= 2 ** 32:
         return False
+    if spec.masks and not predicates_supported(spec):
+        return False  # ops._triton_operands then hands the masks over materialised
+    if "data" in spec.captured and not spec.masks:
+        return False
     for op in spec.score_ops:
         if op.kind not in _HANDLED_KINDS:
             return False
+        if op.operand == "predicate":
+            if op.kind in ("fill", "fill_not") and (op.value is None or not _fits_fp32(op.value)):
+                return False
+            continue
         if op.kind in ("fill", "fill_not"):
             if op.value is None or op.index is None or spec.captured[op.index] != "tensor":
                 return False
@@ -636,16 +973,29 @@ def _to4d(t: torch.Tensor) -> torch.Tensor:
 
 def _operands(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4):
     """Kernel arguments of the captured operands: a number for scalars; for tensors a view
-    expanded to the (B, H, Nq, Nk) scores (stride 0 where it broadcasts) and its 4 strides."""
+    expanded to the (B, H, Nq, Nk) scores (stride 0 where it broadcasts) and its 4 strides; for
+    data tensors (read by mask predicates) the tensor, its sizes and strides; then each mask's
+    score sizes n0 .. n{R-1}."""
     args = []
-    for kind, c in zip(spec.captured, captured):
+    arities = _data_arities(spec) if spec.masks else {}
+    for i, (kind, c) in enumerate(zip(spec.captured, captured)):
         if kind == "scalar":
             args.append(float(c.item()))
+        elif kind == "data":
+            if c.dtype == torch.bool:
+                c = c.view(torch.uint8)
+            a = arities.get(i, 0)
+            if a and c.dim() != a:
+                raise ValueError(f"data tensor {i} has {c.dim()} dims, its predicate reads {a}")
+            args.extend([c, *(c.shape if a else ()), *(c.stride() if a else ())])
         else:
             t = _to4d(c).expand(score_shape4)
             if t.dtype == torch.bool:
                 t = t.view(torch.uint8)  # same bytes; a uint8 load is portable across versions
             args.extend([t, *t.stride()])
+    for m in spec.masks:
+        R = len(m.axes)
+        args.extend(int(n) for n in score_shape4[4 - R:])
     return args
 
 
@@ -670,12 +1020,14 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     mod = kernels(spec)
     bm, bn, warps, stages = _blocks(d, dv, backward=False)
     grid = (triton.cdiv(nq, bm), B * H)
+    ranges = block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
     mod.attn_fwd[grid](
         q4, k4, v4, out, lse, *_operands(spec, captured, (B, H, nq, nk)),
+        *_range_args(ranges[0] if ranges else None, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
         H, G, nq, nk, d, dv, _seed32(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-        num_warps=warps, num_stages=stages, **_flags())
+        num_warps=warps, num_stages=stages, SKIP=ranges is not None, **_flags())
     return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
 
 
@@ -705,6 +1057,11 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
                   num_warps=warps, num_stages=stages, **_flags())
     grads = _grad_indices(spec)
     n_mb, n_nb = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    ranges = block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+    skip = ranges is not None
+    # skipped tiles write no operand gradient: their buffers start at zero (the exact gradient of
+    # a tile whose probabilities are all 0)
+    new = torch.zeros if skip else torch.empty
     bufs, flags = {}, {}
     for i in grads:
         want = bool(needs_grad[i]) if i < len(needs_grad) else False
@@ -713,18 +1070,20 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
             bufs[i] = torch.empty(1, dtype=torch.float32, device=q.device)
         elif spec.captured[i] == "tensor":
             # the known N x N cost, paid only while a captured tensor requires grad
-            bufs[i] = torch.empty((B, H, nq, nk), dtype=torch.float32, device=q.device)
+            bufs[i] = new((B, H, nq, nk), dtype=torch.float32, device=q.device)
         else:
-            bufs[i] = torch.empty((B * H, n_mb, n_nb), dtype=torch.float32, device=q.device)
+            bufs[i] = new((B * H, n_mb, n_nb), dtype=torch.float32, device=q.device)
     mod.attn_bwd_dq[(n_mb, B * H)](
         q4, k4, v4, do4, lse3, delta, inv_r, dq, *ops, *[bufs[i] for i in grads],
+        *_range_args(ranges[0] if skip else None, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
-        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common, **flags)
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common, **flags)
     # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
     mod.attn_bwd_dkdv[(triton.cdiv(nk, bn), B * (H // G))](
         q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, *ops,
+        *_range_args(ranges[1] if skip else None, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
-        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, **common)
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common)
 
     dcap: List[Optional[torch.Tensor]] = []
     for i, (kind, c) in enumerate(zip(spec.captured, captured)):
@@ -742,6 +1101,123 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     return dq.reshape(q.shape), dk.reshape(k.shape), dvt.reshape(v.shape), dcap
 
 
+# ---------------------------------------------------------------------------------------------
+# Block skipping: which key blocks each query block visits (and the transpose, for dK/dV)
+# ---------------------------------------------------------------------------------------------
+
+# the same rule as cpu._skips: masked elements reach the softmax at or below this
+_MASKED = -1e4
+# elements of one chunk of keep evaluated at once while building the block ranges (the
+# evaluation's int64 intermediates are 8x that in bytes)
+RANGE_CHUNK_ELEMENTS = {"cuda": 1 << 24}
+_RANGE_CHUNK_DEFAULT = 1 << 22
+
+
+def skip_op(spec: AttentionSpec) -> Optional[ScoreOp]:
+    """The predicate step whose masked keys the kernels may skip (cpu._skips' rule): the chain's
+    last step (nothing after it can lift a masked score), masked scores at <= -1e4 or -inf (their
+    exp(s - max) is 0 on a row that keeps a key), no dropout; else None."""
+    if not spec.score_ops or spec.dropout_p:
+        return None
+    op = spec.score_ops[-1]
+    if op.operand != "predicate":
+        return None
+    m = spec.masks[op.index]
+    if op.kind == "add":
+        ok = m.kind == "additive" and m.kept == 0 and _mask_value(m, m.masked) <= _MASKED
+    else:
+        ok = op.kind in ("fill", "fill_not") and op.value is not None and op.value <= _MASKED
+    return op if ok else None
+
+
+def block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4,
+                 block_m: int, block_n: int, device=None):
+    """None when the spec's chain does not allow skipping; else (rows, cols), int32 tensors on the
+    data's device, exact:
+
+    * rows (Bm, Hm, cdiv(Nq, block_m), 2): per query block, [lo, hi) of the key blocks holding a key
+      some row of the block keeps; all key blocks when some row of the block keeps no key (eager
+      then normalises over every key: uniform for a finite fill, NaN for -inf);
+    * cols (Bm, Hm, cdiv(Nk, block_n), 2): per key block, [lo, hi) of the query blocks whose range
+      contains it (the dK/dV kernel's loop).
+
+    Bm, Hm are B, H, or 1 where the predicate does not depend on the batch index / the head (the
+    kernels read them with stride 0). keep is evaluated with the torch code of predicate.py in
+    chunks of query rows (never an Nq x Nk buffer at once)."""
+    op = skip_op(spec)
+    if op is None:
+        return None
+    m = spec.masks[op.index]
+    R = len(m.axes)
+    B, H, nq, nk = (int(x) for x in score_shape4)
+    uses = {back: m.uses_axis(m.axes[R - back]) for back in range(1, R + 1)}
+    Bm = B if uses.get(4) else 1
+    Hm = H if uses.get(3) else 1
+    data = [captured[d] for d in m.data]
+    dev = device if device is not None else data[0].device if data else None
+    n_mb, n_nb = triton.cdiv(nq, block_m), triton.cdiv(nk, block_n)
+    sizes = tuple(score_shape4[4 - R:])
+    budget = RANGE_CHUNK_ELEMENTS.get(torch.device(dev).type if dev is not None else "cpu",
+                                      _RANGE_CHUNK_DEFAULT)
+    rows_per = max(block_m, (budget // max(1, Bm * Hm * nk)) // block_m * block_m)
+    jj = torch.arange(nk, device=dev).reshape(1, 1, 1, nk)
+    visit = torch.empty((Bm, Hm, n_mb, n_nb), dtype=torch.bool, device=dev)
+    rowless = torch.empty((Bm, Hm, n_mb), dtype=torch.bool, device=dev)
+    for q0 in range(0, nq, rows_per):
+        q1 = min(nq, q0 + rows_per)
+        grids = []
+        for t in range(R):
+            back = R - t
+            if not uses[back]:
+                grids.append(0)
+            elif back == 1:
+                grids.append(jj)
+            elif back == 2:
+                grids.append(torch.arange(q0, q1, device=dev).reshape(1, 1, -1, 1))
+            elif back == 3:
+                grids.append(torch.arange(Hm, device=dev).reshape(1, -1, 1, 1))
+            else:
+                grids.append(torch.arange(Bm, device=dev).reshape(-1, 1, 1, 1))
+        keep = predicate.evaluate_keep(m, grids, sizes, data).to(torch.bool)
+        if op.kind == "fill":
+            keep = ~keep
+        keep = torch.broadcast_to(keep.reshape((1,) * (4 - keep.dim()) + tuple(keep.shape)),
+                                  (Bm, Hm, q1 - q0, nk))
+        mb0, mb1 = q0 // block_m, triton.cdiv(q1, block_m)
+        pad_m, pad_n = (mb1 - mb0) * block_m - (q1 - q0), n_nb * block_n - nk
+        kp = torch.nn.functional.pad(keep, (0, pad_n, 0, pad_m))  # padding keeps nothing
+        visit[:, :, mb0:mb1] = kp.reshape(Bm, Hm, mb1 - mb0, block_m, n_nb, block_n).any(5).any(3)
+        # a padding row is no row: only real rows that keep no key count
+        none = torch.nn.functional.pad(~keep.any(-1), (0, pad_m))
+        rowless[:, :, mb0:mb1] = none.reshape(Bm, Hm, mb1 - mb0, block_m).any(-1)
+    idx = torch.arange(n_nb, device=dev)
+    lo = torch.where(visit, idx, n_nb).amin(-1)
+    hi = torch.where(visit, idx + 1, 0).amax(-1)
+    lo = torch.where(rowless, 0, lo)
+    hi = torch.where(rowless, n_nb, hi)
+    hi = torch.maximum(hi, lo)
+    rows = torch.stack([lo, hi], -1).to(torch.int32).contiguous()
+    # the transpose: key block nb is visited by query block mb when lo[mb] <= nb < hi[mb]
+    inside = (lo[..., None] <= idx) & (idx < hi[..., None])  # (Bm, Hm, n_mb, n_nb)
+    midx = torch.arange(n_mb, device=dev)[:, None]
+    clo = torch.where(inside, midx, n_mb).amin(-2)
+    chi = torch.where(inside, midx + 1, 0).amax(-2)
+    chi = torch.maximum(chi, clo)
+    cols = torch.stack([clo, chi], -1).to(torch.int32).contiguous()
+    return rows, cols
+
+
+def _range_args(ranges: Optional[torch.Tensor], B: int, H: int, device):
+    """(RANGES, r_sb, r_sh) for a kernel: the per-(b, h) block ranges with stride 0 where the
+    predicate broadcasts; a dummy when nothing is skipped."""
+    if ranges is None:
+        return [torch.zeros(2, dtype=torch.int32, device=device), 0, 0]
+    sb = ranges.stride(0) if ranges.shape[0] == B and B > 1 else 0
+    sh = ranges.stride(1) if ranges.shape[1] == H and H > 1 else 0
+    return [ranges, sb, sh]
+
+
+
 def _needs_row_stats(spec: AttentionSpec, out_dtype: torch.dtype) -> bool:
     """Whether the backward takes the extra pass for exact per-row statistics (see attn_bwd_dq):
     when O is rounded to 16 bits (delta), or when the chain can make a row's maximum huge (a
@@ -751,7 +1227,7 @@ def _needs_row_stats(spec: AttentionSpec, out_dtype: torch.dtype) -> bool:
     for op in spec.score_ops:
         if op.kind in ("fill", "fill_not") and math.isfinite(op.value):
             return True
-        if op.kind in _ARITH_KINDS and op.operand == "tensor":
+        if op.kind in _ARITH_KINDS and op.operand in ("tensor", "predicate"):
             return True
     return False
 

@@ -8,10 +8,11 @@ Shapes are odd on purpose (Nq=37, Nk=53, head dim 40) so every tile has a ragged
 import math
 
 import pytest
+import sympy
 import torch
 
 from conftest import DEVICE
-from fusion_pass.kernels import cpu
+from fusion_pass.kernels import cpu, predicate
 from fusion_pass.kernels import triton_attention as ta
 from fusion_pass.kernels.dropout import keep_mask
 from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
@@ -351,3 +352,314 @@ def test_generated_source_reads_like_the_spec():
     assert "dc1 = -ds * s0 / (c1 * c1)" in src  # d/d(divisor) of s / c1
     assert "tl.atomic" not in src  # deterministic backward
     compile(src, "<generated>", "exec")
+
+
+# ---------------------------------------------------------------------------------------------
+# Mask predicates evaluated in the kernels (predicate.MaskSpec), with block skipping
+# ---------------------------------------------------------------------------------------------
+
+MIN32 = torch.finfo(torch.float32).min
+_b, _h, _i, _j = (sympy.Symbol(n, integer=True, nonnegative=True) for n in "bhij")
+_n = [sympy.Symbol(f"n{t}", integer=True, nonnegative=True) for t in range(4)]
+_d0, _d1 = sympy.Function("d0"), sympy.Function("d1")
+AXES = ("b", "h", "i", "j")
+
+
+def _mask_spec(keep, kind="bool", data=(), masked=-math.inf, dtype="float32"):
+    if kind == "bool":
+        return predicate.MaskSpec(keep=sympy.srepr(keep), axes=AXES, data=tuple(data), text=str(keep))
+    return predicate.MaskSpec(keep=sympy.srepr(keep), axes=AXES, data=tuple(data), kind="additive",
+                              dtype=dtype, kept=0.0, masked=masked, text=str(keep))
+
+
+class _Masks:
+    """The dense masks of a spec, for the references. ``ref``: the float64 reference, where an
+    additive mask's masked value replaces the score (what eager fp32 computes: s + finfo.min is
+    finfo.min for every |s| < 2^103); else eager's own s + mask."""
+
+    def __init__(self, spec, captured, score_shape, ref):
+        self.spec, self.ref = spec, ref
+        self.dense = [predicate.materialize(m, score_shape, [captured[d] for d in m.data])
+                      for m in spec.masks]
+
+    def add(self, s, k):
+        m, t = self.spec.masks[k], self.dense[k]
+        if m.kind == "bool":
+            return s + t
+        if self.ref:
+            return torch.where(t == m.kept, s + m.kept, torch.tensor(m.masked, dtype=s.dtype))
+        return s + t
+
+    def __getitem__(self, k):  # a bool mask, as masked_fill / where read it
+        return self.dense[k]
+
+
+def _pred_reference(q, k, v, captured, needs_grad, chain, grad_out, dtype, masks):
+    """Eager attention in ``dtype`` (float64: the reference); K/V heads repeated for GQA."""
+    def prep(t, grad):
+        return t.detach().to(dtype).requires_grad_(grad)
+    qr, kr, vr = (prep(t, True) for t in (q, k, v))
+    cr = [prep(c, ng) if c.is_floating_point() else c for c, ng in zip(captured, needs_grad)]
+    g = q.shape[1] // k.shape[1]
+    kx, vx = kr.repeat_interleave(g, 1), vr.repeat_interleave(g, 1)
+    s = chain(qr @ kx.transpose(-1, -2), cr, masks)
+    out = torch.softmax(s, dim=-1) @ vx
+    out.backward(grad_out.to(dtype))
+    return (out.detach(), qr.grad, kr.grad, vr.grad,
+            [c.grad for c, ng in zip(cr, needs_grad) if ng], s.detach())
+
+
+def _pred_run(ops, kinds, captured, needs_grad, masks, chain, dtype=torch.float32, B=2, H=3, HK=None,
+              nq=75, nk=75, d=32, dropout_p=0.0, skips=True):
+    """Kernel vs float64 reference (tolerance: twice eager's error in ``dtype``), forward and
+    backward; returns (spec, q, k, v, out, lse) for further checks."""
+    HK = HK or H
+    n = dtype_name(dtype)
+    spec = AttentionSpec(score_ops=ops, captured=kinds, masks=tuple(masks), qk_dtype=n,
+                         softmax_dtype=n, prob_dtype=n, out_dtype=n, dropout_p=dropout_p)
+    q = torch.randn(B, H, nq, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, HK, nk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, HK, nk, d, device=DEVICE, dtype=dtype)
+    assert ta.supports(q, k, v, spec) and ta.predicates_supported(spec, captured)
+    assert (ta.block_ranges(spec, captured, (B, H, nq, nk), 16, 16) is not None) == skips
+    go = torch.randn(B, H, nq, d, device=DEVICE, dtype=dtype)
+    out, lse = ta.forward(q, k, v, captured, spec)
+    dq, dk, dv, dcap = ta.backward(go, q, k, v, captured, out, lse, spec, 0, needs_grad)
+    shape = (B, H, nq, nk)
+    ref = _pred_reference(q, k, v, captured, needs_grad, chain, go, torch.float64,
+                          _Masks(spec, captured, shape, ref=True))
+    eager = _pred_reference(q, k, v, captured, needs_grad, chain, go, dtype,
+                            _Masks(spec, captured, shape, ref=False))
+    for name, g, e, r in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), eager[:4], ref[:4]):
+        _check_close(name, g, e, r, dtype)
+    got_c = [g for g in dcap if g is not None]
+    assert len(got_c) == len(ref[4]) == sum(needs_grad)
+    for t, (g, e, r) in enumerate(zip(got_c, eager[4], ref[4])):
+        # a scalar's gradient sums B*H*Nq*Nk terms in fp32 partials: atol relative to its size
+        e_got, e_eager = _err(g, r), _err(e, r, strict=False)
+        assert e_got <= 2 * e_eager + ATOL[dtype] * (1 + r.abs().max().item()), f"dcaptured[{t}]"
+    lse_ref = torch.logsumexp(ref[5], -1)
+    lse_ref[torch.isneginf(lse_ref)] = math.nan
+    assert torch.equal(torch.isnan(lse), torch.isnan(lse_ref))
+    fin = torch.isfinite(lse_ref)
+    torch.testing.assert_close(lse[fin].double(), lse_ref[fin], rtol=1e-5, atol=1e-3)
+    return spec, q, k, v, out, lse
+
+
+def _visited(spec, captured, shape, bm=16, bn=16):
+    """(key blocks the forward visits, all key blocks), over every (b, h, query block)."""
+    rows, cols = ta.block_ranges(spec, captured, shape, bm, bn)
+    B, H, nq, nk = shape
+    n_mb, n_nb = -(-nq // bm), -(-nk // bn)
+    span = (rows[..., 1] - rows[..., 0]).expand(B, H, n_mb)
+    # the dK/dV kernel's tiles include every tile the forward visits
+    tspan = (cols[..., 1] - cols[..., 0]).expand(B, H, n_nb)
+    assert tspan.sum() >= span.sum()
+    return int(span.sum()), B * H * n_mb * n_nb
+
+
+def _causal_additive(dtype=torch.float32):
+    # in the model's dtype, as HF builds it
+    return _mask_spec(sympy.Le(_j, _i), kind="additive", masked=torch.finfo(dtype).min,
+                      dtype=dtype_name(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_name)
+def test_predicate_causal_additive(dtype):
+    """causal as HF builds it: where(j <= i, 0, finfo.min) added to the scaled scores; the scale
+    is a learnable 0-dim tensor (its per-tile partial sums must be zero for skipped tiles)."""
+    torch.manual_seed(10)
+    ops = (ScoreOp("mul", "scalar", index=0), ScoreOp("add", "predicate", index=0))
+    scale = torch.tensor(32 ** -0.5, device=DEVICE)
+    spec, *_ = _pred_run(ops, ("scalar",), [scale], [True], [_causal_additive(dtype)],
+                         lambda s, c, M: M.add(s * c[0], 0), dtype=dtype)
+    seen, total = _visited(spec, [scale], (2, 3, 75, 75))
+    assert seen == 15 * 6 and seen < total  # 1 + 2 + ... + 5 key blocks per (b, h)
+
+
+@pytest.mark.parametrize("two_sided", [False, True], ids=["one_sided", "two_sided"])
+def test_predicate_sliding_window(two_sided):
+    """Sliding windows as bool masks filled with -inf (the graph's masked_fill(~keep, -inf) form),
+    after a learnable additive bias (its N x N gradient buffer must be zero on skipped tiles)."""
+    torch.manual_seed(11)
+    if two_sided:
+        masked = sympy.Ge(sympy.Abs(_i - _j), 4)
+    else:
+        masked = sympy.Not(sympy.And(sympy.Ge(_i - _j, 0), sympy.Lt(_i - _j, 5)))
+    ops = (ScoreOp("mul", "const", value=32 ** -0.5), ScoreOp("add", "tensor", index=0),
+           ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    bias = torch.randn(1, 3, 75, 75, device=DEVICE)
+    spec, *_ = _pred_run(ops, ("tensor",), [bias], [True], [_mask_spec(masked)],
+                         lambda s, c, M: (s * 32 ** -0.5 + c[0]).masked_fill(M[0], -math.inf))
+    seen, total = _visited(spec, [bias], (2, 3, 75, 75))
+    assert seen == (13 if two_sided else 9) * 6 and seen < total * 0.6
+
+
+@pytest.mark.parametrize("fill", ["finfo_min", "neg_inf"])
+def test_predicate_causal_left_padding(fill):
+    """causal & padding read from a (B, N) attention mask with left padding: the first rows of
+    batch 1 keep no key. Eager: uniform over every key with finfo.min, NaN with -inf; the kernels
+    must not skip there. finfo.min: the additive form; -inf: a bool mask (fill where not kept)."""
+    torch.manual_seed(12)
+    am = torch.ones(2, 75, dtype=torch.long, device=DEVICE)
+    am[1, :21] = 0  # rows 0..20 of batch 1 keep nothing: query block 0 and part of block 1
+    keep = sympy.And(sympy.Le(_j, _i), sympy.Ne(_d0(_b, _j), 0))
+    if fill == "finfo_min":
+        m = _mask_spec(keep, kind="additive", data=(0,), masked=MIN32)
+        ops = (ScoreOp("mul", "const", value=32 ** -0.5), ScoreOp("add", "predicate", index=0))
+        chain = lambda s, c, M: M.add(s * 32 ** -0.5, 0)
+    else:
+        m = _mask_spec(sympy.Not(keep), data=(0,))
+        ops = (ScoreOp("mul", "const", value=32 ** -0.5),
+               ScoreOp("fill", "predicate", value=-math.inf, index=0))
+        chain = lambda s, c, M: (s * 32 ** -0.5).masked_fill(M[0], -math.inf)
+    spec, _, _, v, out, _ = _pred_run(ops, ("data",), [am], [False], [m], chain)
+    rows, _ = ta.block_ranges(spec, [am], (2, 3, 75, 75), 16, 16)
+    assert rows.shape == (2, 1, 5, 2)  # per batch entry, shared by the heads
+    assert rows[1, 0, 0].tolist() == [0, 5] and rows[1, 0, 1].tolist() == [0, 5]  # rows with no key
+    assert rows[0, 0, 0].tolist() == [0, 1]
+    if fill == "finfo_min":
+        uniform = v[1].mean(-2, keepdim=True).expand(3, 21, 32)
+        torch.testing.assert_close(out[1, :, :21], uniform, atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(out).all()
+    else:
+        assert torch.isnan(out[1, :, :21]).all() and not torch.isnan(out[1, :, 21:]).any()
+        assert not torch.isnan(out[0]).any()
+
+
+def test_predicate_document_ids():
+    """Block-diagonal attention from per-token document ids, d0(b, i) == d0(b, j), read as
+    torch.where(same_doc, s, -inf): fill_not of a bool predicate, every row keeps itself."""
+    torch.manual_seed(13)
+    doc = torch.sort(torch.randint(0, 5, (2, 75), device=DEVICE), dim=1)[0]
+    m = _mask_spec(sympy.Eq(_d0(_b, _i), _d0(_b, _j)), data=(0,))
+    ops = (ScoreOp("mul", "const", value=32 ** -0.5),
+           ScoreOp("fill_not", "predicate", value=-math.inf, index=0))
+    spec, *_ = _pred_run(ops, ("data",), [doc], [False], [m],
+                         lambda s, c, M: torch.where(M[0], s * 32 ** -0.5, -math.inf))
+    seen, total = _visited(spec, [doc], (2, 3, 75, 75))
+    assert seen < total
+
+
+def test_predicate_codegen_semantics():
+    """A bool predicate that is not the last step (no skipping) using every construct of the
+    printer, with Python's integer semantics on negative values: floor division and Mod of i - j,
+    Abs, Max/Min, Piecewise, Xor, Not, a size symbol, a (B, N) int data tensor read at j - 1
+    (index -1 wraps as in torch), a (N,) bool data tensor. Added as 0/1 and scaled by 8, so one
+    wrong element moves the output far beyond the tolerance."""
+    torch.manual_seed(14)
+    B, H, N = 2, 3, 45
+    keep = sympy.Or(
+        sympy.And(sympy.Eq(sympy.Mod(_j - _i, 3), 1), sympy.Lt(sympy.floor((_j - _i) / 4), -2)),
+        sympy.Ge(sympy.Abs(_i - _j), sympy.Max(_n[2] - 10, 30)),
+        # divisors that are expressions of the sizes (n2 - 42 = 3, n3 - 40 = 5): j - i == -13
+        sympy.And(sympy.Eq(sympy.floor((_j - _i) / (_n[3] - 40)), -3),
+                  sympy.Eq(sympy.Mod(_j - _i, _n[2] - 42), 2)),
+        sympy.Eq(_d0(_b, _j - 1), sympy.Min(_h, 1)),
+        sympy.Xor(sympy.Not(sympy.Eq(_d1(_i), 0)),
+                  sympy.Lt(_j, sympy.Piecewise((_i + 2, sympy.Gt(_h, 0)), (_i - 2, True)))))
+    m = _mask_spec(keep, data=(1, 2))
+    ops = (ScoreOp("mul", "const", value=0.25), ScoreOp("add", "predicate", index=0),
+           ScoreOp("mul", "const", value=8.0))
+    ids = torch.randint(0, 3, (B, N), device=DEVICE)
+    flags = torch.rand(N, device=DEVICE) < 0.5
+    scale = torch.tensor(1.0, device=DEVICE)  # a scalar before the data: positions 1, 2
+    captured = [scale, ids, flags]
+    dense = predicate.materialize(m, (B, H, N, N), [ids, flags])
+    assert 0.2 < dense.float().mean() < 0.8
+    src = ta.generate_source(AttentionSpec(score_ops=ops, masks=(m,), captured=("scalar", "data", "data")))
+    for helper in ("_fdiv_pos(", "_mod_pos(", "_fdiv(", "_mod(", "_dload2(", "_dload1("):
+        assert helper in src.split("def attn_fwd")[0].split("def mask0")[1], helper
+    ops = (ScoreOp("mul", "scalar", index=0),) + ops
+    _pred_run(ops, ("scalar", "data", "data"), captured, [False, False, False], [m],
+              lambda s, c, M: M.add(s * c[0] * 0.25, 0) * 8.0, nq=N, nk=N, skips=False)
+
+
+def test_predicate_grouped_query():
+    """GQA (4 query heads on 2 K/V heads) with a head-dependent predicate: each head's window
+    length differs, so the ranges are per (b, h) and the dK/dV kernel reads one per query head."""
+    torch.manual_seed(15)
+    masked = sympy.Not(sympy.And(sympy.Le(_j, _i), sympy.Lt(_i - _j, 4 + 8 * _h)))
+    m = _mask_spec(masked)
+    ops = (ScoreOp("mul", "const", value=32 ** -0.5),
+           ScoreOp("fill", "predicate", value=MIN32, index=0))
+    spec, *_ = _pred_run(ops, (), [], [], [m],
+                         lambda s, c, M: (s * 32 ** -0.5).masked_fill(M[0], MIN32), H=4, HK=2)
+    rows, cols = ta.block_ranges(spec, [], (2, 4, 75, 75), 16, 16)
+    assert rows.shape == (1, 4, 5, 2) and cols.shape == (1, 4, 5, 2)
+    assert rows[0, 0, 2].tolist() == [1, 3] and rows[0, 3, 4].tolist() == [2, 5]
+
+
+def test_predicate_with_dropout_matches_cpu():
+    """Dropout: no skipping (its mask is indexed by key), the predicate still evaluated in-kernel;
+    the CPU implementation draws the same dropout mask."""
+    torch.manual_seed(16)
+    am = torch.ones(2, 53, dtype=torch.long, device=DEVICE)
+    am[0, :7] = 0
+    m = _mask_spec(sympy.And(sympy.Le(_j, _i), sympy.Ne(_d0(_b, _j), 0)), kind="additive",
+                   data=(0,), masked=MIN32)
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=40 ** -0.5),
+                                    ScoreOp("add", "predicate", index=0)),
+                         captured=("data",), masks=(m,), dropout_p=0.3)
+    assert ta.block_ranges(spec, [am], (2, 3, 37, 53), 16, 16) is None
+    q = torch.randn(2, 3, 37, 40, device=DEVICE)
+    k = torch.randn(2, 3, 53, 40, device=DEVICE)
+    v = torch.randn(2, 3, 53, 40, device=DEVICE)
+    out, lse = ta.forward(q, k, v, [am], spec, 5)
+    out_c, lse_c = cpu.attention_forward(q, k, v, [am], spec, 5)
+    torch.testing.assert_close(out, out_c, atol=2e-5, rtol=1e-4)
+    go = torch.randn_like(out)
+    got = ta.backward(go, q, k, v, [am], out, lse, spec, 5, [False])
+    exp = cpu.attention_backward(go, q, k, v, [am], out_c, lse_c, spec, 5, [False])
+    for g, e in zip(got[:3], exp[:3]):
+        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+
+
+def test_skipped_key_blocks_are_never_read():
+    """The kernels really skip: V rows of key block 0 (and K's) poisoned with NaN. A query block
+    whose range excludes that key block reads neither, so its output and dQ stay finite and equal
+    to the clean run; without skipping 0 * NaN would poison them."""
+    torch.manual_seed(17)
+    m = _mask_spec(sympy.Not(sympy.And(sympy.Le(_j, _i), sympy.Lt(_i - _j, 8))))
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=0.25),
+                                    ScoreOp("fill", "predicate", value=-math.inf, index=0)),
+                         masks=(m,))
+    q, k, v = (torch.randn(1, 2, 64, 16, device=DEVICE) for _ in range(3))
+    rows, _ = ta.block_ranges(spec, [], (1, 2, 64, 64), 16, 16)
+    assert rows[0, 0, :, 0].tolist() == [0, 0, 1, 2]  # query blocks 2, 3 skip key block 0
+    out, lse = ta.forward(q, k, v, [], spec)
+    go = torch.randn_like(out)
+    dq = ta.backward(go, q, k, v, [], out, lse, spec)[0]
+    kp, vp = k.clone(), v.clone()
+    kp[:, :, :16] = math.nan
+    vp[:, :, :16] = math.nan
+    out_p, lse_p = ta.forward(q, kp, vp, [], spec)
+    dq_p = ta.backward(go, q, kp, vp, [], out_p, lse_p, spec)[0]
+    assert torch.isnan(out_p[:, :, :16]).all()  # block 0 reads the poisoned keys
+    assert torch.equal(out_p[:, :, 32:], out[:, :, 32:])
+    assert torch.equal(dq_p[:, :, 32:], dq[:, :, 32:])
+
+
+def test_predicate_support_and_fallback():
+    """supports() is accurate: generated predicates run in-kernel; what the printer cannot write
+    (a power, a rational factor) or a data tensor of the wrong rank goes back to materialising."""
+    q = torch.randn(1, 2, 8, 32, device=DEVICE)
+    ops = (ScoreOp("fill", "predicate", value=-math.inf, index=0),)
+    ok = AttentionSpec(score_ops=ops, masks=(_mask_spec(sympy.Gt(_j, _i)),))
+    assert ta.supports(q, q, q, ok) and ta.predicates_supported(ok, [])
+    bad = AttentionSpec(score_ops=ops, masks=(_mask_spec(sympy.Gt(_j, _i ** 2)),))
+    assert not ta.supports(q, q, q, bad) and not ta.predicates_supported(bad)  # no Pow
+    # a float64 additive mask whose masked value fp32 cannot hold: materialised instead
+    huge = AttentionSpec(score_ops=(ScoreOp("add", "predicate", index=0),), masks=(
+        _mask_spec(sympy.Gt(_j, _i), kind="additive", masked=-1e300, dtype="float64"),))
+    assert not ta.predicates_supported(huge)
+    data = AttentionSpec(score_ops=ops, captured=("data",),
+                         masks=(_mask_spec(sympy.Eq(_d0(_b, _j), 0), data=(0,)),))
+    assert ta.predicates_supported(data, [torch.zeros(1, 8, dtype=torch.long)])
+    assert not ta.predicates_supported(data, [torch.zeros(8, dtype=torch.long)])
+    additive_fill = AttentionSpec(score_ops=ops, masks=(_mask_spec(sympy.Gt(_j, _i), kind="additive"),))
+    assert not ta.supports(q, q, q, additive_fill)  # masked_fill reads a bool mask only
+    from fusion_pass.kernels import ops as kops
+    assert kops._triton_operands(q, q, [], ok)[0] is ok  # no materialised N x N mask
+    spec_t, caps = kops._triton_operands(q, q, [], huge)
+    assert spec_t.masks == () and caps[0].shape[-2:] == (8, 8)
