@@ -445,6 +445,10 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
             padded = (1,) * (len(score_shape) - c.dim()) + tuple(c.shape)
             dcap.append(torch.zeros(padded, dtype=_acc(c.dtype), device=c.device))
     grad_out = grad_out.to(to_dtype(spec.out_dtype))
+    # the chain's backward reads a step's input only for tanh (its output) and for the gradient of
+    # a captured factor; otherwise the recomputation runs in place like the forward
+    keep_inputs = any(op.kind == "tanh" or op.kind in ("mul", "div") and op.captured_index is not None
+                      and dcap[op.captured_index] is not None for op in spec.score_ops)
 
     if nq and nk and math.prod(batch):
         with torch.autocast(q.device.type, enabled=False):
@@ -455,7 +459,8 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                     kh = _kv_heads(h0, h1, group)
                     qt, dot = qb[h0:h1, q0:q1], dob[h0:h1, q0:q1]
                     where = (bidx,) + where
-                    s0, s, inputs, where, _ = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=True)
+                    s0, s, inputs, where, _ = _tile_scores(spec, ops, qt, kb, kh, where,
+                                                           keep_inputs=keep_inputs)
                     k0, k1 = where[-2:]
                     kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
                     p = torch.softmax(s, -1, dtype=sm_dtype)
@@ -488,39 +493,43 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
 
 
 def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
-    """Reverse-mode through the score chain; accumulates operand gradients into ``dcap``."""
-    outs = list(inputs[1:]) + [s_out]
-    for op, s_in, s_o in zip(reversed(spec.score_ops), reversed(inputs), reversed(outs)):
+    """Reverse-mode through the score chain; accumulates operand gradients into ``dcap``.
+    ``inputs``: each step's input tile, or empty when no step needs them (see the caller)."""
+    steps = spec.score_ops
+    in_dtypes = [to_dtype(spec.qk_dtype)] + [to_dtype(op.dtype) for op in steps[:-1]]
+    outs = list(inputs[1:]) + [s_out] if inputs else [None] * (len(steps) - 1) + [s_out]
+    ins = list(inputs) if inputs else [None] * len(steps)
+    for op, s_in, s_o, in_dt in zip(reversed(steps), reversed(ins), reversed(outs), reversed(in_dtypes)):
         x = None if op.kind in ("fill", "fill_not", "tanh", "cast") else ops.operand(op, *where)
         kind = op.kind
         d_operand = None
+        wants = op.captured_index is not None and dcap[op.captured_index] is not None
         if kind == "mul":
-            if op.index is not None and dcap[op.index] is not None:
+            if wants:
                 d_operand = ds * s_in
-            ds = ds * x
+            ds = ds.mul_(x) if _keeps_dtype(ds, x) else ds * x
         elif kind == "div":
-            if op.index is not None and dcap[op.index] is not None:
+            if wants:
                 d_operand = -ds * s_in / (x * x)
-            ds = ds / x
-        elif kind == "add":
-            d_operand = ds if op.index is not None else None
+            ds = ds.div_(x) if _keeps_dtype(ds, x) else ds / x
+        elif kind in ("add", "rsub"):
+            d_operand = ds if wants else None
+            if kind == "rsub":
+                ds = -ds  # not in place: d_operand may still be this tile
         elif kind == "sub":
-            d_operand = -ds if op.index is not None else None
-        elif kind == "rsub":
-            d_operand = ds if op.index is not None else None
-            ds = -ds
+            d_operand = -ds if wants else None
         elif kind == "tanh":
             ds = ds * (1 - s_o * s_o)
         elif kind == "cast":
             pass
         elif kind == "fill":
-            ds = ds.masked_fill(ops.mask(op, where), 0)
+            ds = ds.masked_fill_(ops.mask(op, where), 0)
         elif kind == "fill_not":
-            ds = ds.masked_fill(~ops.mask(op, where), 0)
-        if d_operand is not None and op.operand in ("tensor", "scalar") and dcap[op.index] is not None:
+            ds = ds.masked_fill_(~ops.mask(op, where), 0)
+        if d_operand is not None and op.operand in ("tensor", "scalar"):
             _accumulate(dcap[op.index], d_operand, where, spec.captured[op.index])
-        if ds.dtype != s_in.dtype:
-            ds = ds.to(s_in.dtype)
+        if ds.dtype != in_dt:
+            ds = ds.to(in_dt)
     return ds
 
 
