@@ -299,6 +299,23 @@ Q_BLOCK = 128
 SPAN_TILE_ELEMENTS = 1 << 20
 
 
+def _flush_subnormal(p: torch.Tensor) -> torch.Tensor:
+    """Probabilities below the smallest normal fp32 / bf16 number (2^-126) set to 0, in place.
+
+    exp(s - max) of scores 87-103 below their row max is subnormal (ALiBi over long distances,
+    soft-capped or masked rows); the products then run on the CPU's slow subnormal path: ALiBi +
+    causal at N = 2048 took 189 ms instead of 84 ms (benchmarks/RESULTS.md). What is dropped is
+    below 2^-126 per probability, under N * 2^-126 * max|v| per output element: far below fp32's
+    rounding of any output that is not itself subnormal. fp16 (whose smallest normal is 6e-5) and
+    fp64 probabilities are left as they are."""
+    if p.dtype in (torch.float32, torch.bfloat16):
+        torch.threshold_(p, _SMALLEST_NORMAL, 0.0)
+    return p
+
+
+_SMALLEST_NORMAL = 2.0 ** -126
+
+
 def _tile_plan(spec: AttentionSpec, ops: "_Operands", bidx, nh: int, nq: int, nk: int, group: int):
     """Yield (h0, h1, q0, q1, k0, k1) for one batch entry. With head-independent predicate masks:
     query blocks of Q_BLOCK rows, each block's key span computed once, and as many heads per tile
@@ -391,6 +408,7 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                 k0, k1 = where[-2:]
                 p = torch.softmax(s, -1, dtype=sm_dtype)
                 del s
+                _flush_subnormal(p)
                 # lse = max + log(sum exp(s - max)), and p at the argmax (its largest element) is
                 # 1 / sum exp(s - max)
                 lse[bidx][h0:h1, q0:q1] = (m.float() - torch.log(p.amax(-1, keepdim=True).float())).squeeze(-1)
@@ -463,7 +481,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                                                            keep_inputs=keep_inputs)
                     k0, k1 = where[-2:]
                     kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
-                    p = torch.softmax(s, -1, dtype=sm_dtype)
+                    p = _flush_subnormal(torch.softmax(s, -1, dtype=sm_dtype))
                     pc = p.to(p_dtype) if p.dtype != p_dtype else p
                     if p_drop:
                         keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
