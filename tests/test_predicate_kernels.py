@@ -185,3 +185,29 @@ def test_materialize_and_codegen_agree_with_the_graph_mask():
         if m.kind == "bool":  # the graph fills where ~mask: that inverted tensor is the operand
             want = ~want
         assert torch.equal(got.expand(2, 1, 13, 13), want.expand(2, 1, 13, 13)), name
+
+
+@pytest.mark.parametrize("family,window", [("gpt2", None), ("llama-gqa", None), ("mistral", 5),
+                                           ("gemma2", 5)])
+def test_hugging_face_masks_reach_the_kernels_as_predicates(family, window):
+    """transformers' eager masks (causal + the user's padding mask, Mistral's sliding window,
+    Gemma-2's alternating sliding/global layers): every site's mask is a predicate reading the
+    (B, N) padding mask, not an N x N operand."""
+    pytest.importorskip("transformers")
+    from test_families import FAMILIES
+    model, inputs = FAMILIES[family][0]()
+    ex = fusion_pass.explain(model, **inputs)
+    sites = [s for g in ex.graphs for s in g.sites if s.fused]
+    assert sites and len(sites) == len([s for g in ex.graphs for s in g.sites])
+    windows = []
+    for s in sites:
+        assert len(s.spec.masks) == 1 and "tensor" not in s.spec.captured, s.spec
+        text = s.spec.masks[0].text
+        assert "j <= i" in text and "d0(b, j)" in text, text
+        windows.append(f"i - {window}" in text if window else False)
+    if family == "mistral":
+        assert all(windows)
+    elif family == "gemma2":  # layer 0 slides, layer 1 is global
+        assert windows == [True, False]
+    else:
+        assert not any(windows)
