@@ -22,6 +22,7 @@ Rounding differs from eager only in where the scale is applied (one fp32 roundin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -132,31 +133,37 @@ def _is_tril(c, i, j) -> bool:
     return False
 
 
-def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
-    """(attn_mask, is_causal, has_empty_rows) for a predicate mask, or None when ATen's kernel
-    cannot take it without an N x N tensor. keep = (j <= i) & rest: the causal part becomes
-    ``is_causal`` (Nq == Nk only: top-left and bottom-right alignment agree there), the rest is
-    materialised when it does not depend on both i and j (a (B, 1, 1, Nk) padding mask)."""
-    m = spec.masks[p.mask_index]
+@functools.lru_cache(maxsize=None)
+def _split_causal(m, fill: bool):
+    """(causal, rest): keep (or not keep, for a fill) = (j <= i if causal) & rest; rest is a bool
+    MaskSpec, or None when it depends on both i and j (then ATen's kernel would need an N x N
+    tensor). Symbolic work, done once per mask."""
     keep = parse(m.keep)
-    if p.mask_kind == "pred_fill":
+    if fill:
         keep = sympy.Not(keep)
     names = {s.name: s for s in keep.free_symbols}
     i, j = names.get(m.axes[-2]), names.get(m.axes[-1])
     parts = sympy.And.make_args(keep)
     causal = i is not None and j is not None and any(_is_tril(c, i, j) for c in parts)
     if causal:
-        if q.shape[-2] != k.shape[-2]:
-            return None
         parts = [c for c in parts if not _is_tril(c, i, j)]
     rest = sympy.And(*parts)
-    if i in rest.free_symbols and j in rest.free_symbols:
-        return None  # e.g. a sliding window: the tiled path skips its empty tiles instead
-    rest_spec = dataclasses.replace(m, keep=sympy.srepr(rest), text=str(rest))
+    if i is not None and j is not None and i in rest.free_symbols and j in rest.free_symbols:
+        return causal, None  # e.g. a sliding window: the tiled path skips its empty tiles instead
+    return causal, dataclasses.replace(m, keep=sympy.srepr(rest), text=str(rest), kind="bool")
+
+
+def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
+    """(attn_mask, is_causal, has_empty_rows) for a predicate mask, or None when ATen's kernel
+    cannot take it without an N x N tensor. keep = (j <= i) & rest: the causal part becomes
+    ``is_causal`` (Nq == Nk only: top-left and bottom-right alignment agree there), the rest is
+    materialised when it does not depend on both i and j (a (B, 1, 1, Nk) padding mask)."""
+    m = spec.masks[p.mask_index]
+    causal, rest_spec = _split_causal(m, p.mask_kind == "pred_fill")
+    if rest_spec is None or causal and q.shape[-2] != k.shape[-2]:
+        return None
     score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
-    rest_keep = materialize(dataclasses.replace(rest_spec, kind="bool"), score_shape,
-                            [captured[d] for d in m.data])
-    rest_keep = _as_4d(rest_keep)
+    rest_keep = _as_4d(materialize(rest_spec, score_shape, [captured[d] for d in m.data]))
     if causal:  # row i keeps key 0 under the causal part: a row is empty only if rest drops it
         empty = bool((~rest_keep[..., 0]).any())
     else:
