@@ -211,3 +211,27 @@ def test_hugging_face_masks_reach_the_kernels_as_predicates(family, window):
         assert windows == [True, False]
     else:
         assert not any(windows)
+
+
+def test_bf16_llama_with_left_padding_matches_eager():
+    """A bf16 model: the additive mask is finfo(bf16).min in bf16, read as a predicate; outputs
+    within bf16 rounding of eager's (FlashAttention's rule: no worse than twice eager's own error
+    against an fp32 run of the same weights)."""
+    pytest.importorskip("transformers")
+    from test_families import FAMILIES
+    model, inputs = FAMILIES["llama-gqa"][0]()
+    ref32 = model.eval()(**inputs).last_hidden_state
+    model = model.to(torch.bfloat16)
+    compiled = torch.compile(model, backend="fusion_pass")
+    with torch.no_grad():
+        eager = model(**inputs).last_hidden_state.float()
+        compiled(**inputs)
+        out, nf, _ = profiled_op_counts(lambda: compiled(**inputs).last_hidden_state.float())
+    assert nf == 2
+    ex = fusion_pass.explain(model, **inputs)
+    masks = [s.spec.masks[0] for g in ex.graphs for s in g.sites if s.fused]
+    assert len(masks) == 2 and all(m.dtype == "bfloat16" and m.masked == torch.finfo(torch.bfloat16).min
+                                   for m in masks), masks
+    err_eager = (eager - ref32).abs().max().item()
+    err_ours = (out - ref32).abs().max().item()
+    assert err_ours <= 2 * err_eager + 1e-3, (err_ours, err_eager)
