@@ -80,65 +80,92 @@ def parse(srepr: str):
 # ---------------------------------------------------------------------------------------------------
 # code generation: sympy -> a torch function of index grids
 
-class _Printer:
-    """Python source evaluating the expression with torch ops on broadcastable integer grids."""
+_REL_OPS = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">",
+            sympy.Ge: ">="}
 
-    def __init__(self):
-        self.lines = []
+
+class ExprPrinter:
+    """sympy -> source: the walk over a predicate's expression shared by the code generators (torch
+    here, Triton in ``triton_attention``); a subclass spells each construct. Integer semantics are
+    Python's (floor division, modulo of negative values)."""
 
     def __call__(self, e) -> str:
-        if e is sympy.true:
-            return "True"
-        if e is sympy.false:
-            return "False"
+        if e is sympy.true or e is sympy.false:
+            return str(bool(e))
         if e.is_Symbol:
-            return e.name
+            return self.symbol(e)
         if e.is_Integer:
             return str(int(e))
         if isinstance(e, sympy.Add):
             return "(" + " + ".join(self(a) for a in e.args) + ")"
         if isinstance(e, sympy.Mul):
-            for a in e.args:
-                if a.is_Rational and not a.is_Integer:
-                    raise ValueError(f"non-integer factor in {e}")
+            if any(a.is_Number and not a.is_Integer for a in e.args):
+                raise ValueError(f"non-integer factor in {e}")
             return "(" + " * ".join(self(a) for a in e.args) + ")"
         if isinstance(e, sympy.floor):
             num, den = sympy.fraction(sympy.together(e.args[0]))
-            return f"_fdiv({self(num)}, {self(den)})"
+            return self.floor_div(num, den)
         if isinstance(e, sympy.Mod):
-            return f"_mod({self(e.args[0])}, {self(e.args[1])})"
+            return self.mod(*e.args)
         if isinstance(e, sympy.Abs):
-            return f"_abs({self(e.args[0])})"
+            return self.abs(self(e.args[0]))
         if isinstance(e, (sympy.Max, sympy.Min)):
-            f = "_max" if isinstance(e, sympy.Max) else "_min"
             out = self(e.args[0])
             for a in e.args[1:]:
-                out = f"{f}({out}, {self(a)})"
+                out = self.max_min(isinstance(e, sympy.Max), out, self(a))
             return out
         if isinstance(e, sympy.Piecewise):
             out = None
             for piece in reversed(e.args):
                 val, cond = self(piece.expr), self(piece.cond)
                 out = val if out is None and piece.cond is sympy.true else \
-                    f"_where({cond}, {val}, {out if out is not None else 0})"
+                    self.where(cond, val, out if out is not None else "0")
             return out
-        rel = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">",
-               sympy.Ge: ">="}
-        for cls, op in rel.items():
+        for cls, op in _REL_OPS.items():
             if isinstance(e, cls):
-                return f"_rel({self(e.lhs)}, {self(e.rhs)}, '{op}')"
-        if isinstance(e, sympy.And):
-            return "_and(" + ", ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Or):
-            return "_or(" + ", ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Xor):
-            return "_xor(" + ", ".join(self(a) for a in e.args) + ")"
+                return self.rel(self(e.lhs), self(e.rhs), op)
+        for cls, op in ((sympy.And, "and"), (sympy.Or, "or"), (sympy.Xor, "xor")):
+            if isinstance(e, cls):
+                return self.logic(op, [self(a) for a in e.args])
         if isinstance(e, sympy.Not):
-            return f"_not({self(e.args[0])})"
+            return self.not_(self(e.args[0]))
         if isinstance(e, sympy.core.function.AppliedUndef):
-            name = e.func.__name__
-            return f"_load({name}, " + ", ".join(self(a) for a in e.args) + ")"
+            return self.load(e)
         raise ValueError(f"cannot generate code for {type(e).__name__}: {e}")
+
+    # -- spellings (the torch ones; Triton's override them) ----------------------------------
+    def symbol(self, e) -> str:
+        return e.name
+
+    def floor_div(self, num, den) -> str:
+        return f"_fdiv({self(num)}, {self(den)})"
+
+    def mod(self, a, m) -> str:
+        return f"_mod({self(a)}, {self(m)})"
+
+    def abs(self, x: str) -> str:
+        return f"_abs({x})"
+
+    def max_min(self, is_max: bool, a: str, b: str) -> str:
+        return f"{'_max' if is_max else '_min'}({a}, {b})"
+
+    def where(self, c: str, a: str, b: str) -> str:
+        return f"_where({c}, {a}, {b})"
+
+    def rel(self, a: str, b: str, op: str) -> str:
+        return f"_rel({a}, {b}, '{op}')"
+
+    def logic(self, op: str, xs) -> str:
+        return f"_{op}(" + ", ".join(xs) + ")"
+
+    def not_(self, x: str) -> str:
+        return f"_not({x})"
+
+    def load(self, e) -> str:
+        return f"_load({e.func.__name__}, " + ", ".join(self(a) for a in e.args) + ")"
+
+
+_Printer = ExprPrinter
 
 
 def _t(x):

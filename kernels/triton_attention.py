@@ -138,6 +138,19 @@ def score_mod_backward(ds, s0@@CPARAMS@@):
 
 
 @triton.jit
+def _block_range(RANGES, off, pid, SKIP: tl.constexpr, N, BLOCK: tl.constexpr):
+    # [lo, hi) of the blocks this program visits: with SKIP the precomputed range of block pid
+    # (block_ranges), else all cdiv(N, BLOCK)
+    if SKIP:
+        lo = tl.load(RANGES + off + pid * 2)
+        hi = tl.load(RANGES + off + pid * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N, BLOCK)
+    return lo, hi
+
+
+@triton.jit
 def _fdiv_pos(a, c):
     # floor(a / c) for a constant c > 0, whatever the sign convention of integer // is
     q = a // c
@@ -192,12 +205,7 @@ def attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
-    if SKIP:
-        lo = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2)
-        hi = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2 + 1)
-    else:
-        lo = 0
-        hi = tl.cdiv(N_K, BLOCK_N)
+    lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
     for blk_n in range(lo, hi):
         start_n = blk_n * BLOCK_N
         offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -279,12 +287,7 @@ def attn_bwd_dkdv(
         off_h = off_hk * G + g
         off_bh = off_b * H + off_h
         # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here
-        if SKIP:
-            lo = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_n * 2)
-            hi = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_n * 2 + 1)
-        else:
-            lo = 0
-            hi = tl.cdiv(N_Q, BLOCK_M)
+        lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_n, SKIP, N_Q, BLOCK_M)
         for blk_m in range(lo, hi):
             start_m = blk_m * BLOCK_M
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -342,12 +345,7 @@ def attn_bwd_dq(
                  mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(V.dtype.element_ty)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0)
-    if SKIP:
-        lo = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2)
-        hi = tl.load(RANGES + off_b * r_sb + off_h * r_sh + pid_m * 2 + 1)
-    else:
-        lo = 0
-        hi = tl.cdiv(N_K, BLOCK_N)
+    lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
     if ROW_STATS:
         # One extra pass over the keys for two per-row statistics:
         # * r = sum_j exp(s - lse), normally 1: when the row max is huge (a fully masked row
@@ -531,92 +529,64 @@ def _indent(lines: Sequence[str], n: int) -> str:
 # Mask predicates (predicate.MaskSpec): keep(b, h, i, j) written as Triton code, per tile
 # ---------------------------------------------------------------------------------------------
 
-_REL_OPS = {sympy.Eq: "==", sympy.Ne: "!=", sympy.Lt: "<", sympy.Le: "<=", sympy.Gt: ">",
-            sympy.Ge: ">="}
-
-
-class _TritonPrinter:
+class _TritonPrinter(predicate.ExprPrinter):
     """Triton source evaluating a predicate on a tile. ``names`` maps the expression's symbols to
     kernel variables (int64 scalars for b, h and the sizes; int64 (BLOCK_M, 1) / (1, BLOCK_N) index
     tiles for i and j); ``data`` maps a data atom's name (d0, ...) to the kernel argument prefix of
     its tensor. Integer semantics are Python's (floor division and modulo on negative values), as
-    in ``predicate._Printer``, whose torch code is the reference."""
+    in ``predicate.ExprPrinter``'s torch code, which is the reference."""
 
     def __init__(self, names: dict, data: dict):
         self.names, self.data = names, data
         self.arities = set()  # data-load helpers the code calls (_dload<arity>)
 
-    def __call__(self, e) -> str:
-        if e is sympy.true:
-            return "True"
-        if e is sympy.false:
-            return "False"
-        if e.is_Symbol:
-            if e.name not in self.names:
-                raise ValueError(f"unknown symbol {e.name}")
-            return self.names[e.name]
-        if e.is_Integer:
-            return str(int(e))
-        if isinstance(e, sympy.Add):
-            return "(" + " + ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Mul):
-            if any(a.is_Rational and not a.is_Integer for a in e.args) or \
-                    any(a.is_Number and not a.is_Integer for a in e.args):
-                raise ValueError(f"non-integer factor in {e}")
-            return "(" + " * ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.floor):
-            num, den = sympy.fraction(sympy.together(e.args[0]))
-            if den.is_Integer and int(den) < 0:
-                num, den = -num, -den
-            if den == 1:
-                return self(num)
-            if den.is_Integer:
-                return f"_fdiv_pos({self(num)}, {int(den)})"
-            return f"_fdiv({self(num)}, {self(den)})"
-        if isinstance(e, sympy.Mod):
-            a, m = e.args
-            if m.is_Integer and int(m) > 0:
-                return f"_mod_pos({self(a)}, {int(m)})"
-            return f"_mod({self(a)}, {self(m)})"
-        if isinstance(e, sympy.Abs):
-            x = self(e.args[0])
-            return f"tl.where({x} < 0, -{x}, {x})"
-        if isinstance(e, (sympy.Max, sympy.Min)):
-            op = ">" if isinstance(e, sympy.Max) else "<"
-            out = self(e.args[0])
-            for a in e.args[1:]:
-                x = self(a)
-                out = f"tl.where({out} {op} {x}, {out}, {x})"
-            return out
-        if isinstance(e, sympy.Piecewise):
-            out = None
-            for piece in reversed(e.args):
-                val, cond = self(piece.expr), self(piece.cond)
-                out = val if out is None and piece.cond is sympy.true else \
-                    f"tl.where({cond}, {val}, {out if out is not None else 0})"
-            return out
-        for cls, op in _REL_OPS.items():
-            if isinstance(e, cls):
-                return f"({self(e.lhs)} {op} {self(e.rhs)})"
-        if isinstance(e, sympy.And):
-            return "(" + " & ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Or):
-            return "(" + " | ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Xor):
-            return "(" + " ^ ".join(self(a) for a in e.args) + ")"
-        if isinstance(e, sympy.Not):
-            return f"({self(e.args[0])} == 0)"
-        if isinstance(e, sympy.core.function.AppliedUndef):
-            name = e.func.__name__
-            if name not in self.data:
-                raise ValueError(f"unknown data atom {name}")
-            prefix, n = self.data[name], len(e.args)
-            self.arities.add(n)
-            sizes = ", ".join(f"{prefix}_n{t}" for t in range(n))
-            strides = ", ".join(f"{prefix}_s{t}" for t in range(n))
-            idx = ", ".join(self(a) for a in e.args)
-            return f"_dload{n}({prefix}, {', '.join(x for x in (sizes, strides, idx) if x)})"
-        raise ValueError(f"cannot generate Triton code for {type(e).__name__}: {e}")
+    def symbol(self, e) -> str:
+        if e.name not in self.names:
+            raise ValueError(f"unknown symbol {e.name}")
+        return self.names[e.name]
+
+    def floor_div(self, num, den) -> str:
+        if den.is_Integer and int(den) < 0:
+            num, den = -num, -den
+        if den == 1:
+            return self(num)
+        if den.is_Integer:
+            return f"_fdiv_pos({self(num)}, {int(den)})"
+        return f"_fdiv({self(num)}, {self(den)})"
+
+    def mod(self, a, m) -> str:
+        if m.is_Integer and int(m) > 0:
+            return f"_mod_pos({self(a)}, {int(m)})"
+        return f"_mod({self(a)}, {self(m)})"
+
+    def abs(self, x: str) -> str:
+        return f"tl.where({x} < 0, -{x}, {x})"
+
+    def max_min(self, is_max: bool, a: str, b: str) -> str:
+        return f"tl.where({a} {'>' if is_max else '<'} {b}, {a}, {b})"
+
+    def where(self, c: str, a: str, b: str) -> str:
+        return f"tl.where({c}, {a}, {b})"
+
+    def rel(self, a: str, b: str, op: str) -> str:
+        return f"({a} {op} {b})"
+
+    def logic(self, op: str, xs) -> str:
+        return "(" + f" {dict(zip(('and', 'or', 'xor'), '&|^'))[op]} ".join(xs) + ")"
+
+    def not_(self, x: str) -> str:
+        return f"({x} == 0)"
+
+    def load(self, e) -> str:
+        name = e.func.__name__
+        if name not in self.data:
+            raise ValueError(f"unknown data atom {name}")
+        prefix, n = self.data[name], len(e.args)
+        self.arities.add(n)
+        sizes = ", ".join(f"{prefix}_n{t}" for t in range(n))
+        strides = ", ".join(f"{prefix}_s{t}" for t in range(n))
+        idx = ", ".join(self(a) for a in e.args)
+        return f"_dload{n}({prefix}, {', '.join(x for x in (sizes, strides, idx) if x)})"
 
 
 def _dload_source(n: int) -> str:
