@@ -235,3 +235,44 @@ def test_bf16_llama_with_left_padding_matches_eager():
     err_eager = (eager - ref32).abs().max().item()
     err_ours = (out - ref32).abs().max().item()
     assert err_ours <= 2 * err_eager + 1e-3, (err_ours, err_eager)
+
+
+def test_registered_causal_buffer_is_read_in_the_kernel_and_skipped(small_tiles, monkeypatch):
+    """GPT-2's old style: a tril buffer sliced per call. Its contents are not in the graph, so the
+    predicate reads the buffer (a data atom); the kernel still skips the key blocks the buffer
+    masks for a whole query block, found at run time."""
+    class OldGPT2Attention(torch.nn.Module):
+        def __init__(self, n=64):
+            super().__init__()
+            self.register_buffer("bias", torch.tril(torch.ones(n, n, dtype=torch.bool)).view(1, 1, n, n))
+
+        def forward(self, q, k, v):
+            nq, nk = q.shape[-2], k.shape[-2]
+            s = torch.matmul(q, k.transpose(-1, -2)) / 4.0
+            causal = self.bias[:, :, nk - nq:nk, :nk]
+            s = torch.where(causal, s, torch.tensor(MIN, dtype=s.dtype))
+            return torch.matmul(s.softmax(-1), v)
+
+    mod = OldGPT2Attention()
+    q, k, v = (torch.randn(2, 3, 48, 16, requires_grad=True) for _ in range(3))
+    specs = _specs(mod, (q, k, v), False)
+    assert len(specs) == 1 and len(specs[0].masks) == 1 and specs[0].captured == ("data",)
+    seen = []
+    real = cpu._tile_scores
+
+    def spy(*a, **kw):
+        r = real(*a, **kw)
+        seen.append((r[3][4] - r[3][3]) * (r[3][6] - r[3][5]) * (r[3][2] - r[3][1]))
+        return r
+
+    monkeypatch.setattr(cpu, "_tile_scores", spy)
+    compiled = torch.compile(mod, backend="fusion_pass")
+    out = compiled(q, k, v)
+    assert sum(seen) < 0.7 * 2 * 3 * 48 * 48  # the causal half (plus diagonal blocks) only
+    ref = mod(*(t.detach().double().requires_grad_() for t in (q, k, v)))
+    assert max_rel_error([out], [ref]) < 1e-5
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(mod(qd, kd, vd), (qd, kd, vd), g.double())
+    assert max_rel_error(got, want) < 1e-5
