@@ -1103,7 +1103,8 @@ def skip_op(spec: AttentionSpec) -> Optional[ScoreOp]:
 def block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4,
                  block_m: int, block_n: int, device=None):
     """None when the spec's chain does not allow skipping; else (rows, cols), int32 tensors on the
-    data's device, exact:
+    data's device (exact for evaluated predicates; for conjunctions of linear conditions computed
+    in O(Nq) from per-row intervals, ``_linear_block_ranges``, equal on convex masks):
 
     * rows (Bm, Hm, cdiv(Nq, block_m), 2): per query block, [lo, hi) of the key blocks holding a key
       some row of the block keeps; all key blocks when some row of the block keeps no key (eager
@@ -1120,6 +1121,10 @@ def block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_sh
     m = spec.masks[op.index]
     R = len(m.axes)
     B, H, nq, nk = (int(x) for x in score_shape4)
+    fast = _linear_block_ranges(m, op.kind == "fill", tuple(int(x) for x in score_shape4[4 - R:]),
+                                nq, nk, block_m, block_n, device)
+    if fast is not None:
+        return fast
     uses = {back: m.uses_axis(m.axes[R - back]) for back in range(1, R + 1)}
     Bm = B if uses.get(4) else 1
     Hm = H if uses.get(3) else 1
@@ -1163,6 +1168,13 @@ def block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_sh
     idx = torch.arange(n_nb, device=dev)
     lo = torch.where(visit, idx, n_nb).amin(-1)
     hi = torch.where(visit, idx + 1, 0).amax(-1)
+    return _ranges(lo, hi, rowless, n_mb, n_nb, dev)
+
+
+def _ranges(lo, hi, rowless, n_mb: int, n_nb: int, dev):
+    """(rows, cols) of block_ranges from per-query-block key-block bounds [lo, hi) and the blocks
+    holding a row that keeps no key (those visit every key block)."""
+    idx = torch.arange(n_nb, device=dev)
     lo = torch.where(rowless, 0, lo)
     hi = torch.where(rowless, n_nb, hi)
     hi = torch.maximum(hi, lo)
@@ -1175,6 +1187,40 @@ def block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_sh
     chi = torch.maximum(chi, clo)
     cols = torch.stack([clo, chi], -1).to(torch.int32).contiguous()
     return rows, cols
+
+
+def _linear_block_ranges(m, invert: bool, sizes, nq: int, nk: int, block_m: int, block_n: int, dev):
+    """block_ranges for a predicate that is a conjunction of linear conditions on i and j (causal,
+    windows, KV-cache offsets) with no data, batch or head: every row's kept keys are an interval
+    [lo(i), hi(i)] computed in O(Nq) (no Nq x Nk evaluation), a row keeps no key when it is empty,
+    and a query block visits the key blocks from its rows' smallest lo to their largest hi (a
+    superset of the blocks holding a kept key, which is all the kernels need). None otherwise."""
+    plan = predicate.span_plan(m, invert)
+    parts = plan[1] if isinstance(plan, tuple) and plan[0] == "and" else [plan]
+    if plan is None or not all(isinstance(p, predicate._Lin) for p in parts):
+        return None
+    i = torch.arange(nq, device=dev, dtype=torch.int64)
+    lo = torch.zeros(nq, dtype=torch.int64, device=dev)
+    hi = torch.full((nq,), nk - 1, dtype=torch.int64, device=dev)
+    for p in parts:  # a*j + b*i + c <= 0
+        t = -p.b * i - p.c(*sizes)
+        if p.a > 0:
+            hi = torch.minimum(hi, torch.div(t, p.a, rounding_mode="floor"))
+        elif p.a < 0:
+            lo = torch.maximum(lo, -torch.div(-t, p.a, rounding_mode="floor"))
+        else:  # no j: the row keeps every key or none
+            hi = torch.where(t >= 0, hi, -1)
+    empty = lo > hi
+    n_mb, n_nb = triton.cdiv(nq, block_m), triton.cdiv(nk, block_n)
+    pad = n_mb * block_m - nq
+    blo = torch.nn.functional.pad(torch.where(empty, nk, lo), (0, pad), value=nk)
+    bhi = torch.nn.functional.pad(torch.where(empty, -1, hi), (0, pad), value=-1)
+    rowless = torch.nn.functional.pad(empty, (0, pad)).reshape(n_mb, block_m).any(-1)
+    klo = torch.div(blo.reshape(n_mb, block_m).amin(-1), block_n, rounding_mode="floor")
+    khi = torch.div(bhi.reshape(n_mb, block_m).amax(-1), block_n, rounding_mode="floor") + 1
+    klo, khi = klo.clamp(0, n_nb), khi.clamp(0, n_nb)
+    return _ranges(klo.reshape(1, 1, n_mb), khi.reshape(1, 1, n_mb), rowless.reshape(1, 1, n_mb),
+                   n_mb, n_nb, dev)
 
 
 def _range_args(ranges: Optional[torch.Tensor], B: int, H: int, device):

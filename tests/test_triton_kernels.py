@@ -663,3 +663,31 @@ def test_predicate_support_and_fallback():
     assert kops._triton_operands(q, q, [], ok)[0] is ok  # no materialised N x N mask
     spec_t, caps = kops._triton_operands(q, q, [], huge)
     assert spec_t.masks == () and caps[0].shape[-2:] == (8, 8)
+
+
+@pytest.mark.parametrize("nq,nk", [(75, 75), (40, 75), (64, 48)])
+def test_linear_block_ranges_match_the_dense_evaluation(nq, nk, monkeypatch):
+    """Causal, windows and KV-cache offsets (conjunctions of linear conditions) get their block
+    ranges from per-row intervals in O(Nq), without evaluating the Nq x Nk predicate; they must
+    equal the dense evaluation's (rows that keep no key included)."""
+    n2, n3 = sympy.Symbol("n2", integer=True, nonnegative=True), sympy.Symbol("n3", integer=True, nonnegative=True)
+    keeps = [sympy.Le(_j, _i), sympy.And(sympy.Le(_j, _i), sympy.Gt(_j, _i - 9)),
+             sympy.Le(sympy.Abs(_j - _i), 5), sympy.Le(_j, _i + n3 - n2),
+             sympy.And(sympy.Ge(_j, _i + 20), sympy.Le(_j, _i + 30))]  # rows near the end keep none
+    for keep in keeps:
+        for kind in ("add", "fill_not", "fill"):
+            if kind == "add":
+                m = _mask_spec(keep, kind="additive", masked=torch.finfo(torch.float32).min)
+                op = ScoreOp("add", "predicate", index=0)
+            else:
+                m = _mask_spec(keep if kind == "fill_not" else sympy.Not(keep))
+                op = ScoreOp(kind, "predicate", value=-math.inf, index=0)
+            spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25), op), masks=(m,))
+            fast = ta.block_ranges(spec, [], (2, 3, nq, nk), 16, 16)
+            monkeypatch.setattr(ta, "_linear_block_ranges", lambda *a, **k: None)
+            dense = ta.block_ranges(spec, [], (2, 3, nq, nk), 16, 16)
+            monkeypatch.undo()
+            if isinstance(keep, sympy.Le) and keep.has(sympy.Abs):
+                continue  # |j - i| <= 5 is not linear: the dense path served both
+            assert torch.equal(fast[0].expand_as(dense[0]), dense[0]), (keep, kind)
+            assert torch.equal(fast[1].expand_as(dense[1]), dense[1]), (keep, kind)
