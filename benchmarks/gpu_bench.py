@@ -345,7 +345,7 @@ def make_ours(q, k, v, ctx, row):
         return lambda: ops.fused_attention(q, k, v, captured, spec)
     try:
         from fusion_pass.kernels import triton_attention
-        ts, _ = ops._triton_operands(q, k, captured, spec)
+        ts, _, _ = ops._triton_operands(q, k, captured, spec)
         supported = bool(triton_attention.supports(q, k, v, ts))
     except Exception as e:  # module not there, or supports() failed
         raise RuntimeError(f"triton_attention unavailable: {type(e).__name__}: {e}") from e

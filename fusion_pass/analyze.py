@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+import operator
 
 import sympy
 from dataclasses import dataclass
@@ -287,11 +288,21 @@ def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape):
         try:
             pred = analyse_mask(node, score_shape)
         except Exception as e:  # noqa: BLE001 - the report must never break compilation
-            lines.append(f"c{op.index}: mask analysis failed ({type(e).__name__}: {e})")
+            lines.append(f"mask c{op.index}: mask analysis failed ({type(e).__name__}: {e})")
             continue
+        if not isinstance(pred, MaskPredicate) and op.kind == "add":
+            try:
+                bias = _as_bias_spec(node, score_shape)
+            except Exception as e:  # noqa: BLE001 - unproven stays a tensor
+                bias = f"analysis failed ({type(e).__name__}: {e})"
+            if not isinstance(bias, str):
+                preds[pos] = ("bias",) + bias
+                lines.append(f"bias c{op.index} = {bias[0]}, computed in the kernel from the "
+                             f"indices (the N x N tensor is not built)")
+                continue
         if not isinstance(pred, MaskPredicate):
             if op.kind in ("fill", "fill_not") or _looks_like_mask(node):
-                lines.append(f"c{op.index}: data, not a structural mask ({pred})")
+                lines.append(f"mask c{op.index}: data, not a structural mask ({pred})")
             continue
         cls = pred.classify()
         try:
@@ -304,7 +315,7 @@ def _mask_predicates(spec: AttentionSpec, captured: "_Captured", score_shape):
         else:
             preds[pos] = (ms, pred.data)
             how = "; evaluated in the kernel as a predicate (the N x N tensor is not built)"
-        text = f"c{op.index}: keep(b, h, i, j) = {pred.keep}  [{', '.join(cls.kinds) or 'other'}]"
+        text = f"mask c{op.index}: keep(b, h, i, j) = {pred.keep}  [{', '.join(cls.kinds) or 'other'}]"
         if pred.kind == "additive":
             text += f"; masked value {pred.masked_value}"
         try:
@@ -392,8 +403,15 @@ def _with_predicates(spec: AttentionSpec, captured: "_Captured", preds, score_sh
     step reads any more are dropped (the graph's mask construction then becomes dead code)."""
     new = _Captured()
     ops, masks = [], []
+    biases = []
     for pos, op in enumerate(spec.score_ops):
-        if pos in preds:
+        if pos in preds and preds[pos][0] == "bias":
+            _, bs, x_node, data = preds[pos]
+            xi = new.add(x_node, "tensor")
+            idx = tuple(new.add(d, "data") for d in data)
+            biases.append(dataclasses.replace(bs, x=xi, y_data=idx))
+            ops.append(dataclasses.replace(op, operand="bias", index=len(biases) - 1))
+        elif pos in preds:
             ms, data = preds[pos]
             idx = tuple(new.add(d, "data") for d in data)
             masks.append(dataclasses.replace(ms, data=idx))
@@ -404,8 +422,69 @@ def _with_predicates(spec: AttentionSpec, captured: "_Captured", preds, score_sh
                 op, index=new.add(captured.nodes[k], captured.kinds[k], captured.preps[k])))
         else:
             ops.append(op)
-    spec = dataclasses.replace(spec, score_ops=tuple(ops), captured=new.spec_kinds, masks=tuple(masks))
+    spec = dataclasses.replace(spec, score_ops=tuple(ops), captured=new.spec_kinds, masks=tuple(masks),
+                               biases=tuple(biases))
     return spec, new
+
+
+_MUL = {operator.mul, torch.mul}
+_CASTS = {"float": torch.float32, "double": torch.float64, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _as_bias_spec(node: fx.Node, score_shape):
+    """(BiasSpec, x node, y's data nodes) when the additive tensor ``node`` is ``x * y`` with x a
+    float tensor that does not vary over queries or keys and y an integer index expression of both
+    (ALiBi's ``slopes[:, None, None] * (j - i)``, also after ``.unsqueeze(0)``, with y converted
+    implicitly or by ``.float()`` / ``.to(dtype)``); else why not (str)."""
+    from fusion_pass.kernels.predicate import BiasSpec
+
+    from .masks import MaskPredicate, analyse_index
+
+    bv = value(node)
+    if not isinstance(bv, torch.Tensor) or not bv.is_floating_point() or bv.dim() < 2 \
+            or _same(bv.shape[-1], 1) or _same(bv.shape[-2], 1):
+        return "not an N x N float tensor"
+    n = node
+    while n.op == "call_method" and n.target == "unsqueeze" and n.args[1:] in ((0,), ()) \
+            and n.kwargs.get("dim", 0) == 0 and isinstance(n.args[0], fx.Node):
+        n = n.args[0]  # a leading size-1 dim: right-aligned broadcasting is unchanged
+    is_mul = (n.op == "call_function" and n.target in _MUL) or (n.op == "call_method" and n.target == "mul")
+    if not is_mul or len(n.args) != 2 or n.kwargs:
+        return "not a product"
+    for x, y in ((n.args[0], n.args[1]), (n.args[1], n.args[0])):
+        xv = value(x) if isinstance(x, fx.Node) else None
+        if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or not isinstance(y, fx.Node):
+            continue
+        if xv.dim() >= 2 and not (_same(xv.shape[-1], 1) and _same(xv.shape[-2], 1)) or xv.dim() == 1 \
+                and not _same(xv.shape[-1], 1):
+            continue  # x varies over queries or keys
+        if not _broadcasts_into(tuple(xv.shape), score_shape):
+            continue
+        y_dtype = value(n).dtype
+        src = y
+        if y.op == "call_method" and y.target in _CASTS and len(y.args) == 1:
+            y_dtype, src = _CASTS[y.target], y.args[0]
+        elif y.op == "call_method" and y.target == "to" and len(y.args) == 2 and isinstance(y.args[1], torch.dtype):
+            y_dtype, src = y.args[1], y.args[0]
+        if not isinstance(src, fx.Node):
+            continue
+        pred = analyse_index(src, score_shape)
+        if not isinstance(pred, MaskPredicate):
+            continue
+        names = {str(a) for a in pred.keep.free_symbols}
+        if str(pred.axes[-1]) not in names or str(pred.axes[-2]) not in names:
+            return "y does not depend on both queries and keys: the tensor is cheap to read"
+        rename = _size_symbols(pred, score_shape)
+        if isinstance(rename, str):
+            return rename
+        expr = pred.keep.xreplace(rename)
+        for k, f in enumerate(pred.funcs):
+            fk = sympy.Function(f"d{k}")
+            expr = expr.replace(lambda e, f=f: getattr(e, "func", None) == f, lambda e, fk=fk: fk(*e.args))
+        bs = BiasSpec(x=0, y=sympy.srepr(expr), axes=tuple(str(a) for a in pred.axes),
+                      y_dtype=dtype_name(y_dtype), dtype=dtype_name(value(n).dtype), text=str(expr))
+        return bs, x, tuple(pred.data)
+    return "not a product of a per-head factor and an index expression"
 
 
 def _looks_like_mask(node: fx.Node) -> bool:

@@ -239,6 +239,48 @@ def analyse_mask(node: fx.Node, score_shape: Sequence[Any]) -> Union[MaskPredica
                                  kept_value=0.0 if kept is None else kept, masked_value=m, node=node))
 
 
+def analyse_index(node: fx.Node, score_shape: Sequence[Any]) -> Union[MaskPredicate, NearMissReason]:
+    """An integer tensor built from index arithmetic (ALiBi's ``j - i``, ``-abs(j - i)``), as an
+    exact integer expression over the score axes it broadcasts into: a ``MaskPredicate`` whose
+    ``keep`` holds that expression (kind "int"), or the reason it is not one."""
+    if not isinstance(node, fx.Node) or node.op in ("placeholder", "get_attr"):
+        return NearMissReason(str(node), "not built in the graph")
+    mv = value(node)
+    if not isinstance(mv, torch.Tensor) or mv.dtype not in _INT_DTYPES:
+        return NearMissReason(node, "not an integer tensor")
+    R = len(score_shape)
+    if mv.dim() > R:
+        return NearMissReason(node, f"rank {mv.dim()} > the scores' {R}")
+    interp = _Interp()
+    try:
+        v = interp.node(node)
+    except _Stop as e:
+        return NearMissReason(e.node, e.text)
+    if v.kind != "int":
+        return NearMissReason(node, "not an integer expression")
+    ren = _rename_to_axes(mv, score_shape)
+    if isinstance(ren, str):
+        return NearMissReason(node, ren)
+    pred = MaskPredicate(v.expr.xreplace(ren), "int", _axes(R), tuple(interp.data), tuple(interp.funcs),
+                         interp.hints(), mv.dtype, node=node)
+    return _finish(pred)
+
+
+def _rename_to_axes(mv: torch.Tensor, score_shape):
+    """{_P[k]: score axis} for a value of shape mv.shape broadcast (right-aligned) into the scores,
+    or why it would enlarge them."""
+    R = len(score_shape)
+    axes, ren, r = _axes(R), {}, mv.dim()
+    for k, s in enumerate(mv.shape):
+        if isinstance(s, int) and s == 1:
+            continue  # broadcast: the value does not depend on this index (normalised to 0)
+        if not _same(s, score_shape[R - r + k]):
+            return (f"dim {k} of size {s} does not provably equal the scores' {score_shape[R - r + k]} "
+                    "(broadcasting would enlarge them)")
+        ren[_P[k]] = axes[R - r + k]
+    return ren
+
+
 def _finish(p: MaskPredicate):
     # only the size symbols the predicate uses; one without a hint is listed with None (the caller
     # must bind it)

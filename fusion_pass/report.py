@@ -39,6 +39,10 @@ class SiteReport:
         for k, m in enumerate(spec.masks):
             head += (f"# mask m{k} ({m.kind}), evaluated per tile by the CPU kernel:\n"
                      + "".join(f"#   {line}\n" for line in keep_source(m).splitlines()))
+        if spec.biases:
+            return head + ("# biases computed from indices (" + "; ".join(map(str, spec.biases))
+                           + ") run on the tiled implementation (kernels/cpu.py), on every device;"
+                           " no Triton kernel is generated for this spec\n")
         if spec.masks and tensor_mask_spec(spec) is not spec:
             try:
                 return head + generate_source(spec)
@@ -62,7 +66,7 @@ class SiteReport:
             if self.kernels:
                 lines.append(f"  kernels: {self.kernels}")
             for m in self.masks:
-                lines.append(f"  mask {m}")
+                lines.append(f"  {m}")
         else:
             lines.append(f"  why: {self.reason} (at node {self.node})")
         if self.before:

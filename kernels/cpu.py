@@ -75,7 +75,32 @@ class _Operands:
             return None
         if op.operand == "predicate":
             return self.predicate_tile(op.index, (bidx, h0, h1, q0, q1, k0, k1))
+        if op.operand == "bias":
+            return self.bias_tile(op.index, (bidx, h0, h1, q0, q1, k0, k1))
         return self.tile(op.index, bidx, h0, h1, q0, q1, k0, k1)
+
+    def bias_index(self, bi: int, where) -> torch.Tensor:
+        """y of bias ``bi`` on a tile, converted to the dtype the graph multiplies it in; built once
+        per query block and key span (y never depends on the head in the biases the pass builds,
+        and is cached by the tile's rows and keys only when that holds)."""
+        spec = self.spec.biases[bi]
+        ys = spec.index_spec()
+        bidx, h0, h1, q0, q1, k0, k1 = where
+        free = len(ys.axes) < 3 or not ys.uses_axis(ys.axes[-3])
+        key = (bidx, q0, q1, k0, k1) if free else where
+        hit = self._cache.get(("bias", bi))
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        y = self._keep_of(ys, where).to(to_dtype(spec.y_dtype))
+        self._cache[("bias", bi)] = (key, y)
+        return y
+
+    def bias_tile(self, bi: int, where) -> torch.Tensor:
+        """x * y on a tile, as the graph computes it (one conversion, one multiplication)."""
+        spec = self.spec.biases[bi]
+        x = self.tile(spec.x, *where)
+        out = torch.mul(x, self.bias_index(bi, where))
+        return out if out.dtype == to_dtype(spec.dtype) else out.to(to_dtype(spec.dtype))
 
     def mask(self, op: ScoreOp, where):
         """The boolean tensor a fill step reads."""
@@ -546,6 +571,10 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
             ds = ds.masked_fill_(~ops.mask(op, where), 0)
         if d_operand is not None and op.operand in ("tensor", "scalar"):
             _accumulate(dcap[op.index], d_operand, where, spec.captured[op.index])
+        if op.operand == "bias" and dcap[spec.biases[op.index].x] is not None:
+            # d(x * y)/dx = y: the gradient of ALiBi's slopes, summed where x broadcasts
+            bi = spec.biases[op.index]
+            _accumulate(dcap[bi.x], ds * ops.bias_index(op.index, where), where, "tensor")
         if ds.dtype != in_dt:
             ds = ds.to(in_dt)
     return ds

@@ -22,6 +22,7 @@ both compute the same function, and the tiled backward does not read the forward
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import List, Sequence, Tuple
 
@@ -85,15 +86,84 @@ def _use_triton(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec) -> bool:
 
 
 def _triton_operands(q, k, captured, spec: AttentionSpec):
-    """The Triton kernels evaluate mask predicates per tile (and skip key blocks no row keeps);
-    predicates they cannot generate code for are handed over materialised."""
+    """(spec, captured, origin) as the Triton kernels take them. They evaluate mask predicates per
+    tile (and skip key blocks no row keeps); predicates they cannot generate code for are handed
+    over materialised, and so are biases computed from indices (``spec.biases``: the dense x * y
+    the graph built). ``origin[t]`` says where operand t comes from: ("captured", k), ("bias", b)
+    or ("mask", m), so that the backward can map gradients back."""
+    origin = [("captured", t) for t in range(len(captured))]
+    if spec.biases:
+        if any(b.y_data for b in spec.biases):
+            return spec, list(captured), origin  # the tiled path takes it (supports() refuses)
+        score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+        tensors, kinds, ops = list(captured), list(spec.captured), []
+        for op in spec.score_ops:
+            if op.operand == "bias":
+                tensors.append(_bias_dense(spec.biases[op.index], captured, score_shape))
+                kinds.append("tensor")
+                origin.append(("bias", op.index))
+                op = dataclasses.replace(op, operand="tensor", index=len(tensors) - 1)
+            ops.append(op)
+        spec = dataclasses.replace(spec, score_ops=tuple(ops), captured=tuple(kinds), biases=())
+        captured = tensors
     if not spec.masks:
-        return spec, list(captured)
+        return spec, list(captured), origin
     from . import triton_attention
     if triton_attention.predicates_supported(spec, captured):
-        return spec, list(captured)
+        return spec, list(captured), origin
     score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
-    return predicate.with_tensor_masks(spec, captured, score_shape)
+    # with_tensor_masks keeps the operands that are not mask data, in order, then appends the masks
+    data_pos = {d for m in spec.masks for d in m.data}
+    origin = [o for t, o in enumerate(origin) if t not in data_pos] + \
+        [("mask", mi) for mi in range(len(spec.masks))]
+    ts, tcaptured = predicate.with_tensor_masks(spec, captured, score_shape)
+    assert len(origin) == len(tcaptured)
+    return ts, tcaptured, origin
+
+
+def _bias_y(b, captured, score_shape):
+    ys = dataclasses.replace(b.index_spec(), kind="bool")  # evaluated as is: the integer y
+    return predicate.materialize(ys, score_shape, [], device=captured[b.x].device).to(to_dtype(b.y_dtype))
+
+
+def _bias_dense(b, captured, score_shape):
+    out = torch.mul(captured[b.x], _bias_y(b, captured, score_shape))
+    return out if out.dtype == to_dtype(b.dtype) else out.to(to_dtype(b.dtype))
+
+
+def _triton_backward(grad_out, q, k, v, captured, out, lse, s, ts, tcaptured, origin, seed, needs_grad):
+    """Triton's backward on the operands ``_triton_operands`` built, its gradients mapped back to
+    ``captured`` by ``origin``: data and masks never need one; a bias's x gets sum(d dense * y)
+    over the dims where it broadcasts (d(x * y)/dx = y)."""
+    from . import triton_attention
+    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+    read = {op.captured_index for op in ts.score_ops}
+    tneeds = []
+    for t, (kind, i) in enumerate(origin):
+        if kind == "captured":
+            tneeds.append(bool(needs_grad[i]) and s.captured[i] != "data" and t in read)
+        elif kind == "bias":
+            tneeds.append(bool(needs_grad[s.biases[i].x]))
+        else:
+            tneeds.append(False)
+    dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, tcaptured, out, lse, ts, seed, tneeds)
+    grads = [None] * len(captured)
+    for t, ng in enumerate(tneeds):  # dcap is aligned with tcaptured, None where not needed
+        g = dcap[t] if ng else None
+        if g is None:
+            continue
+        kind, i = origin[t]
+        if kind == "bias":
+            b = s.biases[i]
+            x = captured[b.x]
+            g = g.float() * _bias_y(b, captured, score_shape).float()
+            g = cpu._reduce_to(g, (1,) * (g.dim() - x.dim()) + tuple(x.shape)).reshape(x.shape)
+            i = b.x
+        g = g.to(captured[i].dtype)
+        grads[i] = g if grads[i] is None else grads[i] + g
+    # aligned with captured, as the other paths return them
+    return dq, dk, dv, [None if not ng else g if g is not None else torch.zeros_like(c)
+                        for c, g, ng in zip(captured, grads, needs_grad)]
 
 
 @torch.library.custom_op("fusion_pass::attention", mutates_args=())
@@ -102,7 +172,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
     s = AttentionSpec.from_key(spec)
     _check(q, k, v, captured, s)
     seed = new_seed(q.device) if s.dropout_p else torch.zeros(1, dtype=torch.int64)
-    ts, tcaptured = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured)
+    ts, tcaptured, _ = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured, None)
     if _use_triton(q, k, v, ts):
         from . import triton_attention
         out, lse = triton_attention.forward(q, k, v, tcaptured, ts, int(seed.item()))
@@ -127,15 +197,11 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
                        out: Tensor, lse: Tensor, seed: Tensor, spec: str, needs_grad: List[bool]
                        ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     s = AttentionSpec.from_key(spec)
-    ts, tcaptured = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured)
+    ts, tcaptured, origin = _triton_operands(q, k, captured, s) if q.device.type == "cuda" \
+        else (s, captured, None)
     if _use_triton(q, k, v, ts):
-        from . import triton_attention
-        tneeds = needs_grad
-        if ts is not s:  # materialised masks: data tensors and masks never need gradients
-            tneeds = [ng for kind, ng in zip(s.captured, needs_grad) if kind != "data"]
-            tneeds += [False] * (len(tcaptured) - len(tneeds))
-        dq, dk, dv, dcap = triton_attention.backward(grad_out, q, k, v, tcaptured, out, lse, ts,
-                                                     int(seed.item()), tneeds)
+        dq, dk, dv, dcap = _triton_backward(grad_out, q, k, v, captured, out, lse, s, ts, tcaptured,
+                                            origin, int(seed.item()), needs_grad)
     elif not any(needs_grad) and (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
         dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, *fast)
         dcap = []
@@ -227,6 +293,9 @@ def kernel_summary(spec: AttentionSpec) -> str:
         cpu_kind = "tiled implementation"
     if spec.masks and spec.score_ops and cpu._skips(spec, spec.score_ops[-1]):
         cpu_kind += "; the tiled implementation skips the keys no row of a query block keeps"
+    if spec.biases:
+        return (f"tiled implementation on every device, computing the bias from the indices per tile "
+                f"(no Triton kernel takes biases yet){'; it skips the keys no row of a query block keeps' if spec.masks and cpu._skips(spec, spec.score_ops[-1]) else ''}")
     return f"CUDA: generated Triton kernels; CPU: {cpu_kind}"
 
 

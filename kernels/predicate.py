@@ -71,6 +71,33 @@ _SREPR_NS = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
 _SREPR_NS["ExprCondPair"] = sympy.functions.elementary.piecewise.ExprCondPair
 
 
+@dataclass(frozen=True)
+class BiasSpec:
+    """An additive bias the graph builds as ``x * y``: ``x`` a float tensor that does not vary over
+    queries or keys (ALiBi's per-head slopes), passed to the op as it is (captured operand ``x``,
+    learnable: it gets its gradient), and ``y`` an integer expression of the indices (``j - i``,
+    ``-abs(j - i)``) the kernels compute per tile instead of reading an N x N tensor. ``y`` is
+    converted to ``y_dtype`` and multiplied in ``dtype`` exactly as the graph's own ops do: an
+    integer-to-float conversion and one IEEE multiplication, both exactly rounded whatever the
+    element's position, so every element is the graph's to the bit."""
+
+    x: int                    # captured-operand position of x
+    y: str                    # sympy.srepr of the integer expression
+    axes: tuple
+    y_data: tuple = ()        # captured-operand positions of the data tensors y reads (d0, ...)
+    y_dtype: str = "float32"
+    dtype: str = "float32"
+    text: str = ""
+
+    def index_spec(self) -> "MaskSpec":
+        """y as a MaskSpec-shaped expression, for the code generators (they evaluate any
+        expression, integer-valued ones included)."""
+        return MaskSpec(keep=self.y, axes=self.axes, data=self.y_data, text=self.text)
+
+    def __str__(self):
+        return f"c{self.x}[b, h, i, j] * ({self.text})"
+
+
 @functools.lru_cache(maxsize=None)
 def parse(srepr: str):
     """The sympy expression of a ``MaskSpec.keep`` (sympy's own srepr, read back)."""

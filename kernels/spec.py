@@ -16,7 +16,9 @@ inline. Each step reads the running score ``s`` and at most one operand:
 * ``tensor``: a tensor broadcastable to the scores, ``(..., Nq, Nk)`` (bias, float or bool mask);
 * ``predicate``: a mask the pass proved equal to a predicate ``keep(b, h, i, j)`` (``spec.masks``,
   see ``predicate.py``): the kernels evaluate it per tile instead of reading an N x N tensor, and
-  skip the keys no row of a tile keeps. ``index`` is then the position in ``spec.masks``.
+  skip the keys no row of a tile keeps. ``index`` is then the position in ``spec.masks``;
+* ``bias``: a bias the pass proved to be ``x * y(i, j)`` with ``x`` a captured tensor that does not
+  vary over queries or keys and ``y`` an integer index expression (ALiBi): ``spec.biases[index]``.
 
 The spec is frozen and hashable; ``to_key``/``from_key`` serialise it to a string that is passed to
 the custom op, so a compiled graph carries everything its kernels need (Inductor's cache can reuse
@@ -34,7 +36,7 @@ from typing import Optional
 import sympy
 import torch
 
-from .predicate import MaskSpec
+from .predicate import BiasSpec, MaskSpec
 
 # The elementwise steps a score chain may contain, with the identity each one computes.
 SCORE_OP_KINDS = {
@@ -48,7 +50,7 @@ SCORE_OP_KINDS = {
     "tanh": "tanh(s)",
     "cast": "s.to(dtype)",
 }
-OPERAND_KINDS = ("none", "const", "scalar", "tensor", "predicate")
+OPERAND_KINDS = ("none", "const", "scalar", "tensor", "predicate", "bias")
 # what each captured operand of the op is: a tensor broadcastable to the scores, a 0-dim tensor read
 # as a number, or a data tensor a mask predicate indexes (``predicate.MaskSpec``)
 CAPTURED_KINDS = ("tensor", "scalar", "data")
@@ -113,6 +115,8 @@ class ScoreOp:
             return f"c{self.index}[b, h, i, j]"
         if self.operand == "predicate":
             return f"m{self.index}[b, h, i, j]"
+        if self.operand == "bias":
+            return f"a{self.index}[b, h, i, j]"
         return ""
 
     def mask_name(self) -> str:
@@ -122,7 +126,7 @@ class ScoreOp:
     def captured_index(self) -> Optional[int]:
         """The position in the op's captured list this step reads, if any (a predicate reads none
         directly: its data tensors are listed by its MaskSpec)."""
-        return None if self.operand == "predicate" else self.index
+        return None if self.operand in ("predicate", "bias") else self.index
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -153,6 +157,8 @@ class AttentionSpec:
     causal: bool = False
     # masks proven equal to predicates, read by "predicate" steps (see predicate.py)
     masks: tuple = ()
+    # biases computed from indices, read by "bias" steps (see predicate.BiasSpec)
+    biases: tuple = ()
 
     def __post_init__(self):
         for kind in self.captured:
@@ -163,12 +169,20 @@ class AttentionSpec:
                 if op.index is None or not (0 <= op.index < len(self.masks)):
                     raise ValueError(f"score op {op} reads mask {op.index}, but the spec has "
                                      f"{len(self.masks)}")
+            elif op.operand == "bias":
+                if op.kind != "add" or op.index is None or not (0 <= op.index < len(self.biases)):
+                    raise ValueError(f"score op {op} reads bias {op.index}, but the spec has "
+                                     f"{len(self.biases)} (and a bias is added)")
             elif op.index is not None and not (0 <= op.index < len(self.captured)):
                 raise ValueError(f"score op {op} reads captured operand {op.index}, "
                                  f"but the spec captures {len(self.captured)}")
         for m in self.masks:
             if any(not (0 <= d < len(self.captured)) or self.captured[d] != "data" for d in m.data):
                 raise ValueError(f"mask {m} reads data operands {m.data}, not all captured as data")
+        for bi in self.biases:
+            if not (0 <= bi.x < len(self.captured)) or self.captured[bi.x] != "tensor" or any(
+                    not (0 <= d < len(self.captured)) or self.captured[d] != "data" for d in bi.y_data):
+                raise ValueError(f"bias {bi} reads operands that are not captured as it needs")
         if not (0.0 <= self.dropout_p < 1.0):
             raise ValueError(f"dropout probability must be in [0, 1), got {self.dropout_p}")
 
@@ -190,6 +204,8 @@ class AttentionSpec:
             parts.append("causal (proven from the mask)")
         for k, m in enumerate(self.masks):
             parts.append(f"m{k}[b, h, i, j] = {m}")
+        for k, bi in enumerate(self.biases):
+            parts.append(f"a{k}[b, h, i, j] = {bi}")
         return "; ".join(parts)
 
     # -- serialisation: the string the custom op carries ----------------------------------------
@@ -228,6 +244,8 @@ def _symbolic(spec: "AttentionSpec"):
             x = sympy.Function(f"c{op.index}", real=True)(b, h, i, j)
         elif op.operand == "predicate" and op.kind not in ("fill", "fill_not"):
             x = sympy.Function(f"m{op.index}", real=True)(b, h, i, j)
+        elif op.operand == "bias":
+            x = sympy.Function(f"a{op.index}", real=True)(b, h, i, j)
         else:
             x = None
         k = op.kind
@@ -259,4 +277,6 @@ def _from_key(key: str) -> AttentionSpec:
     d["captured"] = tuple(d["captured"])
     d["masks"] = tuple(MaskSpec(**{**m, "axes": tuple(m["axes"]), "data": tuple(m["data"])})
                        for m in d.get("masks", ()))
+    d["biases"] = tuple(BiasSpec(**{**a, "axes": tuple(a["axes"]), "y_data": tuple(a["y_data"])})
+                        for a in d.get("biases", ()))
     return AttentionSpec(**d)

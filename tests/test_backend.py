@@ -488,7 +488,7 @@ def test_a_softmax_of_products_with_an_unknown_consumer_is_a_miss_not_other():
 
 def test_report_shows_structural_masks_as_proven_predicates():
     """A causal mask built from aranges in the graph is reported as its predicate and tile density
-    (kernels still read it as a tensor; the predicate is proven from the graph, not guessed)."""
+    (the predicate is proven from the graph, not guessed)."""
     def f(q, k, v):
         n = q.shape[-2]
         i = torch.arange(n)[:, None]

@@ -276,3 +276,65 @@ def test_registered_causal_buffer_is_read_in_the_kernel_and_skipped(small_tiles,
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = torch.autograd.grad(mod(qd, kd, vd), (qd, kd, vd), g.double())
     assert max_rel_error(got, want) < 1e-5
+
+
+class _Alibi(torch.nn.Module):
+    """ALiBi written by hand: per-head slopes times j - i (or -|j - i|) built from aranges, added to
+    the scores; optionally learnable slopes and a causal mask."""
+
+    def __init__(self, heads, learn=False, symmetric=False, causal=False):
+        super().__init__()
+        slopes = torch.tensor([2 ** (-8 * (h + 1) / heads) for h in range(heads)])
+        self.slopes = torch.nn.Parameter(slopes) if learn else torch.nn.Parameter(slopes, requires_grad=False)
+        self.symmetric, self.causal = symmetric, causal
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        pos = torch.arange(n)
+        rel = pos[None, :] - pos[:, None]
+        if self.symmetric:
+            rel = -torch.abs(rel)
+        bias = (self.slopes[:, None, None] * rel).unsqueeze(0)
+        s = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias
+        if self.causal:
+            s = s + torch.where(rel <= 0, 0.0, MIN)
+        return torch.matmul(s.softmax(-1), v)
+
+
+@pytest.mark.parametrize("symmetric,causal", [(False, False), (True, False), (False, True)])
+def test_alibi_from_indices_is_computed_in_the_kernel(symmetric, causal, small_tiles):
+    """The (1, H, N, N) ALiBi tensor is not built: the op takes the (H,) slopes and computes
+    slope[h] * (j - i) per tile, bit for bit as the graph's one conversion and multiplication;
+    the slopes' gradient is the sum of ds * (j - i). Outputs and gradients (slopes included)
+    against float64 eager."""
+    torch.manual_seed(0)
+    mod = _Alibi(3, learn=True, symmetric=symmetric, causal=causal)
+    q, k, v = (torch.randn(2, 3, 40, 16, requires_grad=True) for _ in range(3))
+    specs = _specs(mod, (q, k, v), False)
+    assert len(specs) == 1 and len(specs[0].biases) == 1, specs
+    assert specs[0].captured == ("tensor",) and ("Abs" in str(specs[0])) == symmetric
+    compiled = torch.compile(mod, backend="fusion_pass")
+    compiled(q, k, v)
+    out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v))
+    assert nf == 1
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v, mod.slopes), g)
+    ref_mod = _Alibi(3, learn=True, symmetric=symmetric, causal=causal).double()
+    ref_mod.slopes.data.copy_(mod.slopes.data.double())
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = ref_mod(qd, kd, vd)
+    want = torch.autograd.grad(ref, (qd, kd, vd, ref_mod.slopes), g.double())
+    assert max_rel_error([out], [ref]) < 1e-5
+    assert max_rel_error(got, want) < 1e-4
+
+
+def test_alibi_bias_tile_is_the_graphs_tensor_bit_for_bit():
+    """The kernel's x * y equals the graph's tensor exactly (one conversion, one IEEE product)."""
+    mod = _Alibi(5, symmetric=True)
+    q = torch.randn(1, 5, 33, 16)
+    spec = _specs(mod, (q, q, q), False)[0]
+    ops = cpu._Operands(spec, [mod.slopes.detach()[:, None, None]], (1, 5, 33, 33))
+    tile = ops.bias_tile(0, ((0,), 0, 5, 0, 33, 0, 33))
+    pos = torch.arange(33)
+    want = mod.slopes.detach()[:, None, None] * -torch.abs(pos[None, :] - pos[:, None])
+    assert torch.equal(tile, want)

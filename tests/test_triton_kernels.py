@@ -661,7 +661,7 @@ def test_predicate_support_and_fallback():
     assert not ta.supports(q, q, q, additive_fill)  # masked_fill reads a bool mask only
     from fusion_pass.kernels import ops as kops
     assert kops._triton_operands(q, q, [], ok)[0] is ok  # no materialised N x N mask
-    spec_t, caps = kops._triton_operands(q, q, [], huge)
+    spec_t, caps, _ = kops._triton_operands(q, q, [], huge)
     assert spec_t.masks == () and caps[0].shape[-2:] == (8, 8)
 
 
@@ -691,3 +691,33 @@ def test_linear_block_ranges_match_the_dense_evaluation(nq, nk, monkeypatch):
                 continue  # |j - i| <= 5 is not linear: the dense path served both
             assert torch.equal(fast[0].expand_as(dense[0]), dense[0]), (keep, kind)
             assert torch.equal(fast[1].expand_as(dense[1]), dense[1]), (keep, kind)
+
+
+def test_biases_from_indices_reach_triton_materialised_with_the_slopes_gradient():
+    """A spec with a bias x * y(i, j) (hand-written ALiBi, learnable slopes) and a causal predicate:
+    on CUDA the Triton kernels get the dense x * y (their tensor operand) and the predicate; the
+    backward maps the dense bias's gradient back to the slopes (sum of d dense * y). Checked here
+    under the interpreter against the tiled CPU path, which computes the bias per tile."""
+    from fusion_pass.kernels import cpu as cpu_path, ops as kops
+    i_, j_ = _i, _j
+    y = j_ - i_
+    bias = predicate.BiasSpec(x=0, y=sympy.srepr(y), axes=AXES, text=str(y))
+    m = _mask_spec(sympy.Le(j_, i_), kind="additive", masked=torch.finfo(torch.float32).min)
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25), ScoreOp("add", "bias", index=0),
+                                    ScoreOp("add", "predicate", index=0)),
+                         captured=("tensor",), biases=(bias,), masks=(m,))
+    torch.manual_seed(3)
+    B, H, N, D = 2, 3, 40, 16
+    q, k, v = (torch.randn(B, H, N, D) for _ in range(3))
+    slopes = torch.rand(H, 1, 1) * 0.5
+    ts, tcap, origin = kops._triton_operands(q, k, [slopes], spec)
+    assert not ts.biases and [o[0] for o in origin] == ["captured", "bias"]
+    out, lse = ta.forward(q, k, v, tcap, ts, 0)
+    ref_out, _ = cpu_path.attention_forward(q, k, v, [slopes], spec)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    g = torch.randn_like(out)
+    dq, dk, dv, dcap = kops._triton_backward(g, q, k, v, [slopes], out, lse, spec, ts, tcap, origin, 0,
+                                             [True])
+    rq, rk, rv, rcap = cpu_path.attention_backward(g, q, k, v, [slopes], ref_out, lse, spec, 0, [True])
+    for a, b in ((dq, rq), (dk, rk), (dv, rv), (dcap[0], rcap[0])):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
