@@ -39,7 +39,7 @@ def render(name: str) -> str:
             out.append(f"\n## site {s.site}: {s.status}\n")
             if s.fused:
                 out.append(f"{s.spec}\n")
-                out.extend(f"mask {m}\n" for m in s.masks)
+                out.extend(f"{m}\n" for m in s.masks)
             else:
                 out.append(f"why: {s.reason} (at node {s.node})\n")
             if s.before:
