@@ -4,7 +4,10 @@
 * ``alibi``: BLOOM's ALiBi through ``baddbmm(alibi, q, k^T, beta=1, alpha=scale)`` on
   (B*H, N, D) tensors, ``alibi = slope[h] * j`` (broadcast over queries), as BLOOM builds it;
 * ``softcap_causal``, ``alibi_causal``: the same followed by the causal mask the models add
-  (built in the model from aranges); FlexAttention gets a causal BlockMask.
+  (built in the model from aranges); FlexAttention gets a causal BlockMask;
+* ``alibirel_causal``: ALiBi written by hand on (B, H, N, D), ``slopes[:, None, None] * (j - i)``
+  from aranges (a (1, H, N, N) tensor in eager), plus the causal mask; Flex's score_mod is
+  ``score + slope[h] * (j - i)`` with a causal BlockMask.
 
 B=1, H=12, d=64, fp32, N from --sizes (default 2048). Forward (no grad) and forward+backward, in one
 run, round-robin: eager, stock ``torch.compile``, ours, and compiled FlexAttention with the
@@ -61,6 +64,26 @@ class Alibi(nn.Module):
         return torch.bmm(torch.softmax(s, dim=-1), v)
 
 
+class AlibiRel(nn.Module):
+    """ALiBi written by hand on (B, H, N, D): per-head slopes times (j - i), built from aranges in
+    the model, plus (``causal=True``) the causal mask; the pass computes slope[h] * (j - i) in the
+    kernel instead of reading the (1, H, N, N) tensor."""
+
+    def __init__(self, h, causal=False):
+        super().__init__()
+        self.register_buffer("slopes", slopes(h))
+        self.causal = causal
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        pos = torch.arange(n, device=q.device)
+        rel = pos[None, :] - pos[:, None]
+        s = torch.matmul(q, k.transpose(-1, -2)) * SCALE + (self.slopes[:, None, None] * rel).unsqueeze(0)
+        if self.causal:
+            s = s + _causal(n, q.device)
+        return torch.matmul(torch.softmax(s, dim=-1), v)
+
+
 def slopes(h):
     return torch.tensor([2 ** (-8 * (i + 1) / h) for i in range(h)])
 
@@ -75,6 +98,9 @@ def flex(variant, h, n):
     if variant.startswith("softcap"):
         def score_mod(score, b, hh, i, j):
             return torch.tanh(score / CAP) * CAP
+    elif variant.startswith("alibirel"):
+        def score_mod(score, b, hh, i, j):
+            return score + sl[hh] * (j - i)
     else:
         def score_mod(score, b, hh, i, j):
             return score + sl[hh] * j
@@ -94,7 +120,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[2048])
     ap.add_argument("--variants", nargs="+",
-                    default=["softcap", "alibi", "softcap_causal", "alibi_causal"])
+                    default=["softcap", "alibi", "softcap_causal", "alibi_causal", "alibirel_causal"])
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     B, H, D = 1, 12, 64
@@ -106,8 +132,9 @@ def main(argv=None):
             torch.manual_seed(0)
             q, k, v = (torch.randn(B, H, n, D) for _ in range(3))
             causal = variant.endswith("causal")
-            model = SoftCap(causal) if variant.startswith("softcap") else Alibi(causal)
-            if variant.startswith("alibi"):
+            model = SoftCap(causal) if variant.startswith("softcap") else \
+                AlibiRel(H, causal) if variant.startswith("alibirel") else Alibi(causal)
+            if variant.startswith("alibi") and not variant.startswith("alibirel"):
                 alibi = (slopes(H)[:, None, None] * torch.arange(n)[None, None, :]).repeat(B, 1, 1)
                 inputs = (q.reshape(B * H, n, D), k.reshape(B * H, n, D), v.reshape(B * H, n, D), alibi)
             else:
