@@ -52,6 +52,7 @@ class Plan:
     # False; "pred_<kind>": the same with the mask given as spec.masks[mask_index] (a predicate)
 
 
+@functools.lru_cache(maxsize=None)
 def plan(spec: AttentionSpec) -> Optional[Plan]:
     dts = {spec.qk_dtype, spec.softmax_dtype, spec.prob_dtype, spec.out_dtype}
     dts |= {op.dtype for op in spec.score_ops}
@@ -133,6 +134,9 @@ def _is_tril(c, i, j) -> bool:
     return False
 
 
+_TRUE = sympy.srepr(sympy.true)
+
+
 @functools.lru_cache(maxsize=None)
 def _split_causal(m, fill: bool):
     """(causal, rest): keep (or not keep, for a fill) = (j <= i if causal) & rest; rest is a bool
@@ -162,6 +166,8 @@ def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
     causal, rest_spec = _split_causal(m, p.mask_kind == "pred_fill")
     if rest_spec is None or causal and q.shape[-2] != k.shape[-2]:
         return None
+    if rest_spec.keep == _TRUE:  # keep is exactly the causal part: no mask at all
+        return None, causal, False
     score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
     rest_keep = _as_4d(materialize(rest_spec, score_shape, [captured[d] for d in m.data]))
     if causal:  # row i keeps key 0 under the causal part: a row is empty only if rest drops it
