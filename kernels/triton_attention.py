@@ -53,6 +53,7 @@ import math
 import os
 import sys
 import tempfile
+import weakref
 from typing import List, Optional, Sequence
 
 import sympy
@@ -1100,8 +1101,37 @@ def skip_op(spec: AttentionSpec) -> Optional[ScoreOp]:
     return op if ok else None
 
 
+# block ranges computed from data tensors, shared by the calls (the layers) that read the same data:
+# key -> (weak references to the data tensors, their versions, result); a few entries
+_RANGE_CACHE: "dict" = {}
+_RANGE_CACHE_SIZE = 8
+
+
 def block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4,
                  block_m: int, block_n: int, device=None):
+    """``_block_ranges``, shared across calls: when the predicate reads data tensors (a padding
+    mask), the result is kept for the next call with the same spec, shape and blocks that reads
+    the very same tensors (identity) unchanged since (their version counters), so the layers of a
+    model evaluate the mask once per forward instead of once each."""
+    op = skip_op(spec)
+    if op is None or not spec.masks[op.index].data:
+        return _block_ranges(spec, captured, score_shape4, block_m, block_n, device)
+    data = [captured[d] for d in spec.masks[op.index].data]
+    key = (spec.masks[op.index], op.kind, tuple(int(x) for x in score_shape4), block_m, block_n,
+           str(device), tuple(id(t) for t in data))
+    hit = _RANGE_CACHE.get(key)
+    if hit is not None and all(r() is t for r, t in zip(hit[0], data)) \
+            and hit[1] == tuple(t._version for t in data):
+        return hit[2]
+    res = _block_ranges(spec, captured, score_shape4, block_m, block_n, device)
+    if len(_RANGE_CACHE) >= _RANGE_CACHE_SIZE:
+        _RANGE_CACHE.pop(next(iter(_RANGE_CACHE)))
+    _RANGE_CACHE[key] = (tuple(weakref.ref(t) for t in data), tuple(t._version for t in data), res)
+    return res
+
+
+def _block_ranges(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4,
+                  block_m: int, block_n: int, device=None):
     """None when the spec's chain does not allow skipping; else (rows, cols), int32 tensors on the
     data's device (exact for evaluated predicates; for conjunctions of linear conditions computed
     in O(Nq) from per-row intervals, ``_linear_block_ranges``, equal on convex masks):

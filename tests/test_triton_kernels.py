@@ -721,3 +721,20 @@ def test_biases_from_indices_reach_triton_materialised_with_the_slopes_gradient(
     rq, rk, rv, rcap = cpu_path.attention_backward(g, q, k, v, [slopes], ref_out, lse, spec, 0, [True])
     for a, b in ((dq, rq), (dk, rk), (dv, rv), (dcap[0], rcap[0])):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_block_ranges_from_data_are_shared_until_the_data_changes():
+    """Layers reading the same padding mask share one evaluation; an in-place change of the mask
+    (its version counter) or another tensor recomputes it."""
+    m = _mask_spec(sympy.And(sympy.Le(_j, _i), sympy.Ne(_d0(_b, _j), 0)), data=(0,))
+    spec = AttentionSpec(score_ops=(ScoreOp("fill_not", "predicate", value=-math.inf, index=0),),
+                         captured=("data",), masks=(m,))
+    am = torch.ones(2, 50, dtype=torch.long)
+    am[0, 40:] = 0
+    first = ta.block_ranges(spec, [am], (2, 3, 50, 50), 16, 16)
+    assert ta.block_ranges(spec, [am], (2, 3, 50, 50), 16, 16) is first
+    am[1, 30:] = 0  # in place: a new version
+    again = ta.block_ranges(spec, [am], (2, 3, 50, 50), 16, 16)
+    assert again is not first and not torch.equal(again[0], first[0])
+    other = am.clone()
+    assert ta.block_ranges(spec, [other], (2, 3, 50, 50), 16, 16) is not again
