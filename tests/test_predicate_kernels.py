@@ -338,3 +338,19 @@ def test_alibi_bias_tile_is_the_graphs_tensor_bit_for_bit():
     pos = torch.arange(33)
     want = mod.slopes.detach()[:, None, None] * -torch.abs(pos[None, :] - pos[:, None])
     assert torch.equal(tile, want)
+
+
+@pytest.mark.parametrize("nq,nk", [(0, 7), (7, 0), (0, 0)])
+def test_predicate_specs_on_empty_sequences(nq, nk):
+    """Empty queries or keys: the eager conventions (an empty output; a zero output and -inf
+    log-sum-exp over an empty key set), forward and backward, with a window predicate."""
+    spec = _window_spec(3)
+    q = torch.randn(1, 2, nq, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, nk, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 2, nk, 16, dtype=torch.float64, requires_grad=True)
+    out, lse, _ = torch.ops.fusion_pass.attention(q, k, v, [], spec.to_key())
+    assert out.shape == (1, 2, nq, 16) and not out.isnan().any() and (out == 0).all()
+    if nq and not nk:
+        assert torch.isneginf(lse).all()
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or (g == 0).all() for g in grads)
