@@ -266,7 +266,7 @@ def _key_range(spec: AttentionSpec, ops: "_Operands", bidx, h0, h1, q0, q1, nk: 
     """Keys [k0, k1) a tile needs: all, or with a proven causal mask only j < q1, or with a
     skippable predicate mask the span of keys some row of the tile keeps. Skipped keys are masked
     for every row of the tile, and exp(masked - max) is 0 on rows that keep a key; rows that keep
-    none are recomputed over all keys by ``_tile_scores``."""
+    none are recomputed over all keys by ``_tile_parts``."""
     k0, k1 = 0, nk
     if spec.causal and not spec.dropout_p:
         k1 = min(nk, q1)
@@ -297,9 +297,8 @@ def _exact_prescale(spec: AttentionSpec, dtype: torch.dtype):
 
 
 def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
-    """Scores of a tile over its keys [k0, k1), through the score chain. When a skipping tile leaves
-    a row with no kept key (padding), that row must see every key as eager does (NaN or uniform):
-    the tile is recomputed over all keys, and the returned where says so."""
+    """Scores of a tile over its keys [k0, k1), through the score chain, and their row max:
+    (s0, s, inputs, where, m)."""
     bidx, h0, h1, q0, q1, k0, k1 = where
     start, qs = 0, qt
     if not keep_inputs:
@@ -308,11 +307,39 @@ def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
             qs = qt * scale
     s0 = torch.matmul(qs, kb[kh][..., k0:k1, :].transpose(-1, -2))
     s, inputs = _score_chain(spec, ops, s0, where, keep_inputs=keep_inputs, start=start)
+    return s0, s, inputs, where, s.amax(-1, keepdim=True)
+
+
+def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
+    """The tile's scores as a list of row runs (r0, r1, s0, s, inputs, where, m), rows relative to
+    the tile. Usually one run over the tile's key span. A row that keeps no key inside a skipping
+    span (left padding) must see every key, as eager does (NaN or uniform): the runs of such rows
+    are recomputed over all keys, the other rows keep their span's scores."""
+    s0, s, inputs, where, m = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs)
+    bidx, h0, h1, q0, q1, k0, k1 = where
     nk = kb.shape[-2]
-    m = s.amax(-1, keepdim=True)
-    if (k0 > 0 or k1 < nk) and bool((m <= _MASKED).any()):
-        return _tile_scores(spec, ops, qt, kb, kh, (bidx, h0, h1, q0, q1, 0, nk), keep_inputs)
-    return s0, s, inputs, where, m
+    if k0 == 0 and k1 == nk:
+        return [(0, q1 - q0, s0, s, inputs, where, m)]
+    bad = (m <= _MASKED).reshape(-1, q1 - q0).any(0)  # per row, over the tile's heads
+    if not bool(bad.any()):
+        return [(0, q1 - q0, s0, s, inputs, where, m)]
+    parts = []
+    flags = bad.tolist()
+    r0 = 0
+    while r0 < len(flags):
+        r1 = r0
+        while r1 < len(flags) and flags[r1] == flags[r0]:
+            r1 += 1
+        if flags[r0]:  # rows keeping no key in the span: all keys
+            wr = (bidx, h0, h1, q0 + r0, q0 + r1, 0, nk)
+            parts.append((r0, r1) + _tile_scores(spec, ops, qt[..., r0:r1, :], kb, kh, wr, keep_inputs))
+        else:
+            rows = slice(r0, r1)
+            parts.append((r0, r1, s0[..., rows, :], s[..., rows, :],
+                          [t[..., rows, :] for t in inputs], (bidx, h0, h1, q0 + r0, q0 + r1, k0, k1),
+                          m[..., rows, :]))
+        r0 = r1
+    return parts
 
 
 # query rows per block when a predicate mask drives the tiling, and the scores a tile may hold
@@ -429,20 +456,24 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                 h0, h1, q0, q1 = where[:4]
                 kh = _kv_heads(h0, h1, group)
                 where = (bidx,) + where
-                _, s, _, where, m = _tile_scores(spec, ops, qb[h0:h1, q0:q1], kb, kh, where)
-                k0, k1 = where[-2:]
-                p = torch.softmax(s, -1, dtype=sm_dtype)
-                del s
-                _flush_subnormal(p)
-                # lse = max + log(sum exp(s - max)), and p at the argmax (its largest element) is
-                # 1 / sum exp(s - max)
-                lse[bidx][h0:h1, q0:q1] = (m.float() - torch.log(p.amax(-1, keepdim=True).float())).squeeze(-1)
-                if p.dtype != p_dtype:
-                    p = p.to(p_dtype)
-                if p_drop:
-                    keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
-                    p = p * keep * (1.0 / (1.0 - p_drop))
-                torch.matmul(p, vb[kh][..., k0:k1, :], out=out[bidx][h0:h1, q0:q1])
+                for _, _, _, s, _, part, m in _tile_parts(spec, ops, qb[h0:h1, q0:q1], kb, kh, where):
+                    a0, a1, k0, k1 = part[3:]
+                    p = torch.softmax(s, -1, dtype=sm_dtype)
+                    del s
+                    _flush_subnormal(p)
+                    # lse = max + log(sum exp(s - max)), and p at the argmax (its largest element)
+                    # is 1 / sum exp(s - max)
+                    lse[bidx][h0:h1, a0:a1] = (m.float() - torch.log(p.amax(-1, keepdim=True).float())).squeeze(-1)
+                    if p.dtype != p_dtype:
+                        p = p.to(p_dtype)
+                    if p_drop:
+                        keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, a0, a1, nq, nk, q.device)
+                        p = p * keep * (1.0 / (1.0 - p_drop))
+                    o = out[bidx][h0:h1, a0:a1]
+                    if o.is_contiguous():
+                        torch.matmul(p, vb[kh][..., k0:k1, :], out=o)
+                    else:  # rows of several heads: matmul's out= may not fold a broadcast product
+                        o.copy_(torch.matmul(p, vb[kh][..., k0:k1, :]))
     return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
 
 
@@ -502,29 +533,30 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                     kh = _kv_heads(h0, h1, group)
                     qt, dot = qb[h0:h1, q0:q1], dob[h0:h1, q0:q1]
                     where = (bidx,) + where
-                    s0, s, inputs, where, _ = _tile_scores(spec, ops, qt, kb, kh, where,
-                                                           keep_inputs=keep_inputs)
-                    k0, k1 = where[-2:]
-                    kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
-                    p = _flush_subnormal(torch.softmax(s, -1, dtype=sm_dtype))
-                    pc = p.to(p_dtype) if p.dtype != p_dtype else p
-                    if p_drop:
-                        keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, q0, q1, nq, nk, q.device)
-                        scale = keep * (1.0 / (1.0 - p_drop))
-                        pd = pc * scale
-                    else:
-                        pd = pc
-                    dv[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dot),
-                                                            group).to(dv.dtype)
-                    dpd = torch.matmul(dot, vt.transpose(-1, -2))
-                    dpc = dpd * scale if p_drop else dpd
-                    dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
-                    ds = torch._softmax_backward_data(dp, p, -1, s.dtype)
-                    ds = _chain_backward(spec, ops, inputs, s, ds, where, dcap)
-                    ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
-                    dq[bidx][h0:h1, q0:q1] = torch.matmul(ds, kt)
-                    dk[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qt),
-                                                            group).to(dk.dtype)
+                    for r0, r1, s0, s, inputs, part, _ in _tile_parts(spec, ops, qt, kb, kh, where,
+                                                                      keep_inputs=keep_inputs):
+                        a0, a1, k0, k1 = part[3:]
+                        qr, dor = qt[..., r0:r1, :], dot[..., r0:r1, :]
+                        kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
+                        p = _flush_subnormal(torch.softmax(s, -1, dtype=sm_dtype))
+                        pc = p.to(p_dtype) if p.dtype != p_dtype else p
+                        if p_drop:
+                            keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, a0, a1, nq, nk, q.device)
+                            scale = keep * (1.0 / (1.0 - p_drop))
+                            pd = pc * scale
+                        else:
+                            pd = pc
+                        dv[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dor),
+                                                                group).to(dv.dtype)
+                        dpd = torch.matmul(dor, vt.transpose(-1, -2))
+                        dpc = dpd * scale if p_drop else dpd
+                        dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
+                        ds = torch._softmax_backward_data(dp, p, -1, s.dtype)
+                        ds = _chain_backward(spec, ops, inputs, s, ds, part, dcap)
+                        ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
+                        dq[bidx][h0:h1, a0:a1] = torch.matmul(ds, kt)
+                        dk[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qr),
+                                                                group).to(dk.dtype)
 
     dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     grads = []
