@@ -349,13 +349,9 @@ def _as_mask_spec(op: ScoreOp, pred, node: fx.Node, score_shape):
     if op.kind not in ("add", "fill", "fill_not"):
         return f"a mask used by {op.kind}"
     R = len(score_shape)
-    rename = _size_symbols(pred, score_shape)
-    if isinstance(rename, str):
-        return rename
-    keep = pred.keep.xreplace(rename)
-    for k, f in enumerate(pred.funcs):
-        fk = sympy.Function(f"d{k}")
-        keep = keep.replace(lambda e, f=f: getattr(e, "func", None) == f, lambda e, fk=fk: fk(*e.args))
+    keep = _kernel_expr(pred, score_shape)
+    if isinstance(keep, str):
+        return keep
     if len(pred.axes) != R:
         return "its axes are not the scores'"
     kw = {}
@@ -364,6 +360,19 @@ def _as_mask_spec(op: ScoreOp, pred, node: fx.Node, score_shape):
                   masked=float(pred.masked_value) if pred.masked_value is not None else -float("inf"))
     return MaskSpec(keep=sympy.srepr(keep), axes=tuple(str(a) for a in pred.axes), kind=pred.kind,
                     text=str(keep), **kw)
+
+
+def _kernel_expr(pred, score_shape):
+    """The predicate's expression as the kernels read it: size symbols as the scores' sizes
+    n0 .. n{R-1}, data atoms as d0, d1, ... in ``pred.data``'s order; or why not (str)."""
+    rename = _size_symbols(pred, score_shape)
+    if isinstance(rename, str):
+        return rename
+    expr = pred.keep.xreplace(rename)
+    for k, f in enumerate(pred.funcs):
+        fk = sympy.Function(f"d{k}")
+        expr = expr.replace(lambda e, f=f: getattr(e, "func", None) == f, lambda e, fk=fk: fk(*e.args))
+    return expr
 
 
 def _size_symbols(pred, score_shape):
@@ -474,13 +483,9 @@ def _as_bias_spec(node: fx.Node, score_shape):
         names = {str(a) for a in pred.keep.free_symbols}
         if str(pred.axes[-1]) not in names or str(pred.axes[-2]) not in names:
             return "y does not depend on both queries and keys: the tensor is cheap to read"
-        rename = _size_symbols(pred, score_shape)
-        if isinstance(rename, str):
-            return rename
-        expr = pred.keep.xreplace(rename)
-        for k, f in enumerate(pred.funcs):
-            fk = sympy.Function(f"d{k}")
-            expr = expr.replace(lambda e, f=f: getattr(e, "func", None) == f, lambda e, fk=fk: fk(*e.args))
+        expr = _kernel_expr(pred, score_shape)
+        if isinstance(expr, str):
+            return expr
         bs = BiasSpec(x=0, y=sympy.srepr(expr), axes=tuple(str(a) for a in pred.axes),
                       y_dtype=dtype_name(y_dtype), dtype=dtype_name(value(n).dtype), text=str(expr))
         return bs, x, tuple(pred.data)

@@ -190,27 +190,12 @@ def analyse_mask(node: fx.Node, score_shape: Sequence[Any]) -> Union[MaskPredica
         return NearMissReason(str(node), "the mask is not a graph node")
     if node.op in ("placeholder", "get_attr"):
         return NearMissReason(node, "the mask is data (a graph input): loaded as a tensor")
-    mv = value(node)
-    if not isinstance(mv, torch.Tensor):
-        return NearMissReason(node, "no example tensor recorded for the mask")
+    got = _interpret(node, score_shape, "the mask")
+    if isinstance(got, NearMissReason):
+        return got
+    mv, v, interp, ren = got
     R = len(score_shape)
-    if mv.dim() > R:
-        return NearMissReason(node, f"the mask has rank {mv.dim()} > the scores' {R}")
-    interp = _Interp()
-    try:
-        v = interp.node(node)
-    except _Stop as e:
-        return NearMissReason(e.node, e.text)
     axes = _axes(R)
-    ren = {}
-    r = mv.dim()
-    for k, s in enumerate(mv.shape):
-        if isinstance(s, int) and s == 1:
-            continue  # broadcast: the value does not depend on this index (normalised to 0)
-        if not _same(s, score_shape[R - r + k]):
-            return NearMissReason(node, f"mask dim {k} of size {s} does not provably equal the scores' "
-                                  f"{score_shape[R - r + k]} (broadcasting would enlarge them)")
-        ren[_P[k]] = axes[R - r + k]
     hints = interp.hints()
     data, funcs = tuple(interp.data), tuple(interp.funcs)
     if v.kind == "bool":
@@ -248,22 +233,34 @@ def analyse_index(node: fx.Node, score_shape: Sequence[Any]) -> Union[MaskPredic
     mv = value(node)
     if not isinstance(mv, torch.Tensor) or mv.dtype not in _INT_DTYPES:
         return NearMissReason(node, "not an integer tensor")
+    got = _interpret(node, score_shape, "the tensor")
+    if isinstance(got, NearMissReason):
+        return got
+    mv, v, interp, ren = got
+    if v.kind != "int":
+        return NearMissReason(node, "not an integer expression")
+    pred = MaskPredicate(v.expr.xreplace(ren), "int", _axes(len(score_shape)), tuple(interp.data),
+                         tuple(interp.funcs), interp.hints(), mv.dtype, node=node)
+    return _finish(pred)
+
+
+def _interpret(node: fx.Node, score_shape, what: str):
+    """(value, symbolic value, interpreter, {_P[k]: score axis}) of ``node``, or why not."""
+    mv = value(node)
+    if not isinstance(mv, torch.Tensor):
+        return NearMissReason(node, f"no example tensor recorded for {what}")
     R = len(score_shape)
     if mv.dim() > R:
-        return NearMissReason(node, f"rank {mv.dim()} > the scores' {R}")
+        return NearMissReason(node, f"{what} has rank {mv.dim()} > the scores' {R}")
     interp = _Interp()
     try:
         v = interp.node(node)
     except _Stop as e:
         return NearMissReason(e.node, e.text)
-    if v.kind != "int":
-        return NearMissReason(node, "not an integer expression")
     ren = _rename_to_axes(mv, score_shape)
     if isinstance(ren, str):
-        return NearMissReason(node, ren)
-    pred = MaskPredicate(v.expr.xreplace(ren), "int", _axes(R), tuple(interp.data), tuple(interp.funcs),
-                         interp.hints(), mv.dtype, node=node)
-    return _finish(pred)
+        return NearMissReason(node, f"{what}: {ren}")
+    return mv, v, interp, ren
 
 
 def _rename_to_axes(mv: torch.Tensor, score_shape):
