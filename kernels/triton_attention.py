@@ -139,6 +139,13 @@ def score_mod_backward(ds, s0@@CPARAMS@@):
 
 
 @triton.jit
+def _load_tile(P, rows, s_r, n_r, cols, s_c, n_c):
+    # a (rows x cols) tile of a strided tensor, zero outside [0, n_r) x [0, n_c)
+    return tl.load(P + rows[:, None] * s_r + cols[None, :] * s_c,
+                   mask=(rows[:, None] < n_r) & (cols[None, :] < n_c), other=0.0)
+
+
+@triton.jit
 def _block_range(RANGES, off, pid, SKIP: tl.constexpr, N, BLOCK: tl.constexpr):
     # [lo, hi) of the blocks this program visits: with SKIP the precomputed range of block pid
     # (block_ranges), else all cdiv(N, BLOCK)
@@ -200,8 +207,7 @@ def attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < N_Q
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -212,8 +218,7 @@ def attn_fwd(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
-        k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+        k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
         s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS@@
         s = score_mod(s@@CARGS@@)
@@ -226,8 +231,7 @@ def attn_fwd(
         alpha = tl.exp(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
 @@FWD_DROPOUT@@
-        v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
         m_i = m_new
     # a fully masked row (all -inf) has l_i = 0: 0/0 gives eager's NaN row, and lse is NaN as in
@@ -276,10 +280,8 @@ def attn_bwd_dkdv(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_valid = offs_n < N_K
-    k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # grouped-query attention: the G query heads that share this K/V head add into one dK/dV,
@@ -294,10 +296,8 @@ def attn_bwd_dkdv(
             offs_m = start_m + tl.arange(0, BLOCK_M)
             m_valid = offs_m < N_Q
             valid = m_valid[:, None] & n_valid[None, :]
-            q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                        mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                         mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(v.dtype)
+            q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
+            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(v.dtype)
             lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
             delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
             s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
@@ -340,10 +340,8 @@ def attn_bwd_dq(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < N_Q
-    q = tl.load(Q + off_b * sqb + off_h * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=m_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-    do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
-                 mask=m_valid[:, None] & (offs_dv[None, :] < DV), other=0.0).to(V.dtype.element_ty)
+    q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(V.dtype.element_ty)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0)
     lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
@@ -362,10 +360,8 @@ def attn_bwd_dq(
             offs_n = start_n + tl.arange(0, BLOCK_N)
             n_valid = offs_n < N_K
             valid = m_valid[:, None] & n_valid[None, :]
-            k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                        mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-            v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                        mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+            k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+            v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
             s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS_12@@
             s = score_mod(s0@@CARGS@@)
@@ -387,10 +383,8 @@ def attn_bwd_dq(
         offs_n = start_n + tl.arange(0, BLOCK_N)
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
-        k = tl.load(K + off_b * skb + off_hk * skh + offs_n[:, None] * skn + offs_d[None, :] * skd,
-                    mask=n_valid[:, None] & (offs_d[None, :] < D), other=0.0)
-        v = tl.load(V + off_b * svb + off_hk * svh + offs_n[:, None] * svn + offs_dv[None, :] * svd,
-                    mask=n_valid[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+        v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
         s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS@@
         s = score_mod(s0@@CARGS@@)
