@@ -192,9 +192,6 @@ class ExprPrinter:
         return f"_load({e.func.__name__}, " + ", ".join(self(a) for a in e.args) + ")"
 
 
-_Printer = ExprPrinter
-
-
 def _t(x):
     return x if isinstance(x, torch.Tensor) else torch.tensor(x)
 
@@ -278,7 +275,7 @@ def keep_source(mask: MaskSpec) -> str:
     e = parse(mask.keep)
     args = ", ".join(list(mask.axes) + [f"n{k}" for k in range(len(mask.axes))]
                      + [f"d{k}" for k in range(len(mask.data))])
-    return f"def keep({args}):\n    return {_Printer()(e)}\n"
+    return f"def keep({args}):\n    return {ExprPrinter()(e)}\n"
 
 
 @functools.lru_cache(maxsize=None)
@@ -381,7 +378,7 @@ class _Eval:
 def _compile_sizes_fn(e, R: int):
     args = ", ".join(f"n{k}" for k in range(R))
     ns = dict(_NS)
-    exec(f"def f({args}):\n    return {_Printer()(e)}\n", ns)  # noqa: S102 - our own generated code
+    exec(f"def f({args}):\n    return {ExprPrinter()(e)}\n", ns)  # noqa: S102 - our own generated code
     return ns["f"]
 
 
