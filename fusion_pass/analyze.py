@@ -249,9 +249,51 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         spec = dataclasses.replace(spec, causal=True)
     if preds:
         spec, captured = _with_predicates(spec, captured, preds, canonical)
+    effects = _effects_inside(region, captured, spec)
+    if isinstance(effects, NearMiss):
+        return effects
     return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
                     captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames,
                     masks=lines)
+
+
+def _effects_inside(region: Region, captured: "_Captured", spec: AttentionSpec) -> Optional[NearMiss]:
+    """The fused op runs at the P @ V product's position and reads q, k, v and the captured
+    operands there; eager read q and k at the QK product (or at the head repeats), the operands at
+    their steps. That is the same only if nothing writes into any of them (through any view) in
+    between, the grad mode does not change in between (it decides which results need gradients),
+    and, with dropout, no other random op draws in between (the op draws its seed at its own
+    position, so the order of draws must not change)."""
+    from .effects import StorageMap, is_random
+
+    graph = region.pv.graph
+    smap = StorageMap(graph)
+    order = smap.order
+    start = min([region.qk] + list(region.repeats), key=lambda n: order.get(n, 0))
+    reads = [("q", region.q), ("k", region.k if region.k is not None else region.kt), ("v", region.v)]
+    reads += [(f"operand {n.name}", n) for n, kind in zip(captured.nodes, captured.kinds)
+              if isinstance(n, fx.Node) and kind != "symnum"]
+    for what, n in reads:
+        w = smap.first_writer_between(n, start, region.pv)
+        if w is not None:
+            return NearMiss(region.site, w.name, f"{w.name} writes into {what} in place between the "
+                            "QK product and P @ V; the fused op would read the new values")
+    lo, hi = order.get(start, 0), order.get(region.pv, 0)
+    drop = next((op.node for op in region.prob_chain if op.name == "dropout"), None)
+    for n in graph.nodes:
+        k = order.get(n, -1)
+        if not lo < k < hi:
+            continue
+        if n.op == "call_function" and n.target in _GRAD_MODE_SETTERS:
+            return NearMiss(region.site, n.name, "the grad mode changes inside the region")
+        if spec.dropout_p and drop is not None and k > order.get(drop, hi) and is_random(n) \
+                and n not in region.nodes:
+            return NearMiss(region.site, n.name, f"random op {n.name} draws between the dropout and "
+                            "P @ V; the fused op's draw would move after it")
+    return None
+
+
+_GRAD_MODE_SETTERS = {torch._C._set_grad_enabled, torch.set_grad_enabled}
 
 
 def _implies_causal(op: ScoreOp, pred, is_last: bool) -> bool:
@@ -582,7 +624,10 @@ def _operand_op(kind, other, dt, captured, score_shape, site, node, moved=False,
         if isinstance(ov, (torch.SymFloat, torch.SymInt)):
             src = view(other)
             if src is not None and src.name == "item" and isinstance(src.args[0], fx.Node):
-                return ScoreOp(kind, "scalar", index=captured.add(src.args[0], "scalar"), dtype=dt)
+                # .item() detaches: eager gives the tensor no gradient through this use, so the
+                # op reads a detached view of it (("detach",): the rewriter inserts .detach())
+                return ScoreOp(kind, "scalar", index=captured.add(src.args[0], "scalar", (("detach",),)),
+                               dtype=dt)
             return ScoreOp(kind, "scalar", index=captured.add(other, "symnum"), dtype=dt)
         if isinstance(ov, torch.Tensor):
             if not _broadcasts_into(tuple(ov.shape), score_shape):

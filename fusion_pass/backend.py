@@ -25,7 +25,8 @@ from fusion_pass import kernels as _kernels
 from fusion_pass.kernels.ops import kernel_summary
 
 from .analyze import analyse
-from .match import NearMiss, find_sites, match_site
+from .effects import erase_orphans
+from .match import NearMiss, attention_like, find_sites, match_site
 from .options import Options
 from .report import Explanation, GraphReport, SiteReport, code_lines, dump, region_dot
 from .canonicalize import canonicalize_graph
@@ -47,40 +48,88 @@ def _sink() -> Optional[List[GraphReport]]:
 
 
 def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
-    """Rewrite every provable attention region of ``gm`` in place; report every softmax site."""
+    """Rewrite every provable attention region of ``gm`` in place, including those inside the
+    bodies of higher-order ops (activation checkpointing, ``wrap``); report every softmax site."""
     report = GraphReport(index=index, code_before=gm.code)
     fake_mode = find_fake_mode(gm)
-    report.canonicalized = canonicalize_graph(gm, lambda n: fill_meta(n, fake_mode))
-    if report.canonicalized:
+    _rewrite_graph(gm, report, fake_mode, prefix="")
+    report.code_after = gm.code
+    for s in report.sites:
+        if s.fused:
+            s.after = code_lines(s.code_after or report.code_after, s.after.splitlines())
+    return report
+
+
+# Higher-order ops whose body is plain user code run once per call, so that a rewrite inside it
+# computes what the body computed: activation checkpointing (recomputed in the backward by the
+# compiler, the fused op with it) and Dynamo's ``wrap``. Other subgraphs (control flow, autograd
+# functions with user backward graphs...) are searched and their softmax sites reported, not rewritten.
+_REWRITTEN_BODIES = {"tag_activation_checkpoint", "wrap", "invoke_subgraph"}
+
+
+def _subgraphs(gm: fx.GraphModule):
+    """(hop name, attribute name, GraphModule) for each body a higher-order op of ``gm`` calls."""
+    seen = set()
+    for n in gm.graph.nodes:
+        if n.op != "call_function" or not isinstance(n.target, torch._ops.HigherOrderOperator):
+            continue
+        for a in n.all_input_nodes:
+            if a.op == "get_attr" and a.target not in seen:
+                sub = getattr(gm, a.target, None)
+                if isinstance(sub, fx.GraphModule):
+                    seen.add(a.target)
+                    yield n.target.__name__, a.target, sub
+
+
+def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: str) -> None:
+    code_before = gm.code
+    canon = canonicalize_graph(gm, lambda n: fill_meta(n, fake_mode))
+    report.canonicalized += [prefix + c for c in canon]
+    if canon:
         gm.recompile()
-        report.code_before = gm.code
+        code_before = gm.code
+        if not prefix:
+            report.code_before = code_before
+    had_users = {n for n in gm.graph.nodes if n.users}
+    fused_here = []
     for softmax in find_sites(gm):
-        site = softmax.name
+        site = prefix + softmax.name
         m = match_site(softmax)
         res = analyse(m) if not isinstance(m, NearMiss) else m
         if isinstance(res, NearMiss):
-            report.sites.append(SiteReport(site, False, res.reason, res.node, res.attention_like))
-            log.info("fusion_pass: site %s not fused: %s", site, res)
+            report.sites.append(SiteReport(site, False, res.reason, prefix + res.node, res.attention_like))
+            log.info("site %s not fused: %s", site, res)
             continue
-        before = code_lines(report.code_before, [n.name for n in res.region.nodes])
+        before = code_lines(code_before, [n.name for n in res.region.nodes])
         dot = region_dot(site, res.region.nodes)
         old = set(gm.graph.nodes)
         rewrite_region(gm, res, fake_mode)
         new = [n.name for n in gm.graph.nodes if n not in old]
-        report.sites.append(SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new),
-                                       kernels=kernel_summary(res.spec), dot=dot,
-                                       masks=list(res.masks or [])))
-        log.info("fusion_pass: site %s fused: %s", site, res.spec)
-    if any(site.fused for site in report.sites):
-        # masks now read as predicates leave their construction unused
-        gm.graph.eliminate_dead_code()
+        sr = SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new),
+                        kernels=kernel_summary(res.spec), dot=dot, masks=list(res.masks or []))
+        report.sites.append(sr)
+        fused_here.append(sr)
+        log.info("site %s fused: %s", site, res.spec)
+    if fused_here:
+        # masks now read as predicates leave their construction unused: erase what the rewrites
+        # orphaned and nothing else (FX's eliminate_dead_code would also erase in-place method
+        # calls whose result is unused, i.e. the model's mutations)
+        erase_orphans(gm.graph, [n for n in gm.graph.nodes if n in had_users and not n.users])
     gm.graph.lint()
     gm.recompile()
-    report.code_after = gm.code
-    for s in report.sites:
-        if s.fused:
-            s.after = code_lines(report.code_after, s.after.splitlines())
-    return report
+    if prefix:
+        for sr in fused_here:
+            sr.code_after = gm.code
+    for hop, attr, sub in _subgraphs(gm):
+        sub_prefix = f"{prefix}{attr}."
+        if hop in _REWRITTEN_BODIES:
+            _rewrite_graph(sub, report, fake_mode, sub_prefix)
+        else:
+            for softmax in find_sites(sub):
+                report.sites.append(SiteReport(
+                    sub_prefix + softmax.name, False,
+                    f"inside the body of {hop}, which the pass does not rewrite",
+                    sub_prefix + softmax.name, attention_like(softmax)))
 
 
 def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mapping[str, Any]] = None,
@@ -104,8 +153,9 @@ def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Ma
         return gm.forward
     from torch._inductor.compile_fx import compile_fx
     patches = dict(torch._inductor.list_mode_options(mode)) if mode else {}
-    if torch._inductor.config.post_grad_custom_post_pass is None:
-        patches["post_grad_custom_post_pass"] = _CacheKeyPass()
+    # our joint-graph pre-pass: carries our source hash into Inductor's cache key and keeps
+    # Inductor's own attention patterns off this compile (see _OwnAttention)
+    patches["joint_custom_pre_pass"] = _OwnAttention(torch._inductor.config.joint_custom_pre_pass)
     return compile_fx(gm, example_inputs, config_patches=patches)
 
 
@@ -122,15 +172,72 @@ def source_hash() -> str:
     return h.hexdigest()
 
 
-class _CacheKeyPass(CustomGraphPass):
-    """A no-op post-grad pass whose ``uuid`` carries ``source_hash()`` into Inductor's cache key
-    (Inductor's ``CustomGraphPass.uuid`` protocol); set only for our compiles, never globally."""
+class _OwnAttention(CustomGraphPass):
+    """Inductor's joint-graph pre-pass for our compiles only (a scoped config patch, never global).
+
+    fusion_pass owns attention in the graphs it compiles: Inductor's ``fuse_attention`` patterns
+    (``_sfdp_pattern_*``) would otherwise still run afterwards, also on the regions the pass refused,
+    and one of them rewrites a softmax over the *query* dim into SDPA, which normalises over keys
+    (pytorch #196468: a wrong result, not a missed speed-up). This pass runs after Inductor has
+    registered its patterns and before it applies them; it wraps each attention pattern's check
+    (once per process) so that it declines whenever the compile in progress is one of ours, which
+    it tells from this very config entry. Every other pattern and pass of Inductor runs as usual.
+    A user's own pre-pass is kept and called first. ``uuid`` adds our source hash to the cache key
+    (Inductor's ``CustomGraphPass`` protocol), so a kernel or fake change never reuses old code."""
+
+    def __init__(self, inner=None):
+        self.inner = inner
 
     def __call__(self, graph):
+        _decline_inductor_attention_patterns()
+        if self.inner is not None:
+            return self.inner(graph)
         return None
 
     def uuid(self):
-        return "fusion_pass-" + source_hash()
+        inner = None
+        if self.inner is not None:
+            inner = self.inner.uuid() if hasattr(self.inner, "uuid") else None
+            if inner is None:
+                return None  # a user pass without a uuid: Inductor then bypasses its cache
+        return "fusion_pass-" + source_hash() + (f"+{inner}" if inner is not None else "")
+
+
+def _ours_in_progress() -> bool:
+    return isinstance(torch._inductor.config.joint_custom_pre_pass, _OwnAttention)
+
+
+def _is_inductor_attention_pattern(entry) -> bool:
+    name = getattr(entry, "pattern_name", None) or ""
+    if name.startswith("_sfdp"):
+        return True
+    check = getattr(entry, "extra_check", None)
+    for cell in getattr(check, "__closure__", None) or ():
+        try:
+            v = cell.cell_contents
+        except ValueError:
+            continue
+        if getattr(v, "__module__", "").endswith("fx_passes.fuse_attention"):
+            return True
+    return False
+
+
+def _decline_inductor_attention_patterns() -> None:
+    from torch._inductor.fx_passes import joint_graph
+
+    for entries in joint_graph.patterns.patterns.values():
+        for e in entries:
+            check = getattr(e, "extra_check", None)
+            if check is None or getattr(check, "_fusion_pass_wrapped", False):
+                continue
+            if not _is_inductor_attention_pattern(e):
+                continue
+
+            def declining(match, _check=check):
+                return not _ours_in_progress() and _check(match)
+
+            declining._fusion_pass_wrapped = True
+            e.extra_check = declining
 
 
 class collect_reports:

@@ -410,9 +410,103 @@ def rule_exp_log_softmax(node: fx.Node) -> Optional[Tuple[fx.Node, int, Any, Lis
 GRAPH_RULES = (rule_decomposed_softmax, rule_exp_log_softmax)
 
 
+# ---- in-place updates of a fresh tensor, as the functional ops they are ---------------------------
+
+# in-place methods (x.name_(...)) and operators (x op= y) whose out-of-place form computes the same
+# values into a new tensor: elementwise ops that keep self's shape
+_INPLACE_METHODS = {"add", "sub", "mul", "div", "true_divide", "masked_fill", "tanh", "clamp",
+                    "clamp_min", "clamp_max", "neg", "exp", "sigmoid", "abs", "pow", "sqrt", "rsqrt",
+                    "relu", "square", "sin", "cos", "log", "log1p", "expm1", "reciprocal", "nan_to_num",
+                    "fill_diagonal"} - {"fill_diagonal"}
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                      operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def _functional_form(node: fx.Node):
+    """(op, target) of the out-of-place twin of an in-place node, or None."""
+    if node.op == "call_method" and isinstance(node.target, str) and node.target.endswith("_") \
+            and not node.target.startswith("__") and node.target[:-1] in _INPLACE_METHODS:
+        return "call_method", node.target[:-1]
+    if node.op == "call_function" and node.target in _INPLACE_OPERATORS:
+        return "call_function", _INPLACE_OPERATORS[node.target]
+    return None
+
+
+def functionalize_inplace(gm: fx.GraphModule, meta_fn=None) -> List[str]:
+    """``s /= c``, ``s.masked_fill_(m, x)``, ``s += bias``: an in-place update of a tensor that
+    nothing else aliases is the out-of-place op, with every later reader of the tensor reading the
+    new value. Exact when (checked on Dynamo's fake tensors): the tensor's storage is shared by no
+    graph node except the tensor itself and the in-place ops applied to it (no view, no graph input,
+    no buffer), every such op has an out-of-place twin in ``_INPLACE_METHODS`` / ``_INPLACE_OPERATORS``
+    that gives the same shape and dtype (an in-place op keeps self's dtype; a promoting operand
+    would change it), and no ``out=`` or setitem writes into it. Then the storage's value over time
+    is the chain of functional results, and each reader gets the one current at its position."""
+    from .effects import StorageMap, writes
+
+    if meta_fn is None:
+        return []
+    smap = StorageMap(gm.graph)
+    applied = []
+    for group in list(smap.groups.values()):
+        base, rest = group[0], group[1:]
+        if not rest or base.op not in ("call_function", "call_method") or writes(base):
+            continue
+        if not all(_functional_form(n) is not None and n.args and n.args[0] in group for n in rest):
+            continue
+        if any(writes(u) and u not in group for n in group for u in n.users):
+            continue  # setitem / out= into it
+        bv = value(base)
+        new_nodes, current, ok = {}, base, True
+        order = {n: k for k, n in enumerate(gm.graph.nodes)}
+        for n in sorted(rest, key=order.__getitem__):
+            op, target = _functional_form(n)
+            with gm.graph.inserting_before(n):
+                args = (current,) + tuple(n.args[1:])
+                f = gm.graph.create_node(op, target, args, dict(n.kwargs))
+            try:
+                meta_fn(f)
+            except Exception:  # noqa: BLE001 - not computable: leave the group as it was
+                ok = False
+            fv = value(f)
+            if not ok or not isinstance(fv, torch.Tensor) or fv.dtype != bv.dtype or \
+                    tuple(fv.shape) != tuple(bv.shape):
+                ok = False
+                gm.graph.erase_node(f)
+                break
+            for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+                if key in n.meta:
+                    f.meta[key] = n.meta[key]
+            new_nodes[n] = f
+            current = f
+        if not ok:
+            for f in new_nodes.values():
+                gm.graph.erase_node(f)
+            continue
+        # every reader of the storage gets the value current at its own position
+        timeline = [(order[base], base)] + sorted((order[n], new_nodes[n]) for n in rest)
+        members = set(group)
+        for n in group:
+            for u in list(n.users):
+                if u in members or u in new_nodes.values():
+                    continue
+                pos = order[u]
+                cur = base
+                for at, val in timeline:
+                    if at < pos:
+                        cur = val
+                if cur is not n:
+                    u.replace_input_with(n, cur)
+        for n in sorted(rest, key=order.__getitem__, reverse=True):
+            if not n.users:
+                gm.graph.erase_node(n)
+        applied.append(f"functionalised: {', '.join(n.name for n in rest)} on {base.name} "
+                       f"-> {', '.join(f.name for f in new_nodes.values())}")
+    return applied
+
+
 def canonicalize_graph(gm: fx.GraphModule, meta_fn=None) -> List[str]:
     """Apply GRAPH_RULES until none fires; returns one line per rewrite, for the report."""
-    applied = []
+    applied = functionalize_inplace(gm, meta_fn)
     changed = True
     while changed:
         changed = False

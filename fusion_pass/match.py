@@ -10,9 +10,12 @@ Hands on: ``Region`` (nodes of one site, still FX) to the analyser.
 """
 from __future__ import annotations
 
+import functools
+import operator
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
+import torch
 import torch.fx as fx
 
 from .canonicalize import CanonicalOp, repeated_heads, value, view
@@ -127,9 +130,86 @@ def _leads_to_product(n, depth=0, single_use=True) -> bool:
 def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     res = _match_site(softmax)
     if isinstance(res, NearMiss) and not res.attention_like:
-        # "not attention" only when the scores do not come from a product either
-        res.attention_like = _leads_to_product(view(softmax).args[0], single_use=False)
+        # "not attention" is reserved for a softmax that has no product of two tensors above it
+        # and whose probabilities reach none below it, through elementwise and layout ops
+        res.attention_like = attention_like(softmax)
     return res
+
+
+_LAYOUT = {"view", "reshape", "transpose", "permute", "contiguous", "clone", "expand", "expand_as",
+           "unsqueeze", "squeeze", "getitem", "to", "float", "half", "double", "bfloat16", "type",
+           "type_as", "flatten", "unflatten", "t", "narrow", "select", "detach", "dropout",
+           "repeat_interleave", "repeat", "movedim", "swapaxes", "view_as", "reshape_as"}
+
+
+_INPLACE_OPERATOR_NAMES = {operator.iadd: "add", operator.isub: "sub", operator.imul: "mul",
+                           operator.itruediv: "div", operator.truediv: "div", operator.neg: "neg",
+                           operator.abs: "abs", operator.invert: "bitwise_not", operator.pow: "pow",
+                           operator.ipow: "pow"}
+
+
+def _op_name(n: fx.Node) -> str:
+    t = n.target
+    return (t if isinstance(t, str) else getattr(t, "__name__", "")).rstrip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_pointwise(name: str) -> bool:
+    """torch's own tag: every overload of aten.<name> is pointwise (sin, gelu, where, clamp...)."""
+    packet = getattr(torch.ops.aten, name, None)
+    try:
+        overloads = [getattr(packet, o) for o in packet.overloads()] if packet is not None else []
+    except Exception:  # noqa: BLE001 - not an operator packet
+        return False
+    return bool(overloads) and any(torch.Tag.pointwise in o.tags for o in overloads)
+
+
+def _passes_values(n: fx.Node) -> bool:
+    """n computes elementwise from its tensor inputs or only moves them (views, casts, dropout)."""
+    if n.op not in ("call_function", "call_method"):
+        return False
+    op = view(n)
+    if op is not None and op.name in PRODUCTS:
+        return False
+    if op is not None and (op.name in SCORE_OPS or op.name in PROB_OPS):
+        return True
+    name = _INPLACE_OPERATOR_NAMES.get(n.target, None) if n.op == "call_function" else None
+    name = name or _op_name(n)
+    return name in _LAYOUT or _aten_pointwise(name)
+
+
+def _is_product(n) -> bool:
+    op = view(n)
+    return op is not None and op.name in PRODUCTS
+
+
+def attention_like(softmax: fx.Node) -> bool:
+    """The scores come from a product of two tensors (matmul, bmm, einsum, baddbmm) through
+    elementwise and layout ops, or the probabilities reach a product's operand through them.
+    Both walks are memoised (each node visited once), so ``s = s + s`` chains stay linear."""
+    seen = set()
+    stack = [a for a in softmax.all_input_nodes]
+    while stack:
+        n = stack.pop()
+        if n in seen or len(seen) > 10 * MAX_CHAIN:
+            continue
+        seen.add(n)
+        if _is_product(n):
+            return True
+        if _passes_values(n):
+            stack.extend(n.all_input_nodes)
+    seen = set()
+    stack = list(softmax.users)
+    while stack:
+        n = stack.pop()
+        if n in seen or len(seen) > 10 * MAX_CHAIN:
+            continue
+        seen.add(n)
+        if _is_product(n):
+            return True
+        if _passes_values(n):
+            stack.extend(n.users)
+    return False
 
 
 def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:

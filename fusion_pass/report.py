@@ -27,6 +27,8 @@ class SiteReport:
     kernels: str = ""               # which kernels the site runs on
     dot: str = ""                   # the region as a graphviz graph (dump option)
     masks: List[str] = field(default_factory=list)  # mask operands as proven predicates
+    code_after: str = ""            # the code of the site's own graph after the rewrite, when it
+                                    # lives in a subgraph (checkpointed body); else the graph's
 
     def kernel_source(self) -> str:
         """The generated Triton source of this site's kernels (empty when not fused)."""

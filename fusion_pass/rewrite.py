@@ -106,6 +106,9 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
                     _meta(node, fake_mode)
                 elif step[0] == "to_frame":
                     node = _to_frame(graph, node, sizes, fake_mode)
+                elif step[0] == "detach":  # read through .item(): no gradient, as in eager
+                    node = graph.call_method("detach", (node,))
+                    _meta(node, fake_mode)
             captured.append(node)
         call = graph.call_function(ATTENTION_OP, (q, k, v, captured, a.spec.to_key()))
         _meta(call, fake_mode)
