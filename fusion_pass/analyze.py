@@ -131,13 +131,16 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     kt_shape = tuple(ktv.shape)
     if region.kt_is_k and len(kt_shape) >= 2:
         kt_shape = kt_shape[:-2] + (kt_shape[-1], kt_shape[-2])
-    if rank < 2 or ktv.dim() != rank or vv.dim() != rank:
+    # q and k^T meet in one product, so they share a batch layout; v meets the probabilities in
+    # the other, possibly in another layout (BLOOM's (B*H, N, N) bmm after a 4-D QK product): its
+    # batch dims are checked against the probabilities' below, and the frames reconcile the two
+    if rank < 2 or ktv.dim() != rank or vv.dim() < 2:
         return NearMiss(site, region.qk.name, f"q, k^T, v have ranks {qv.dim()}, {ktv.dim()}, "
-                        f"{vv.dim()}; the fused op needs equal ranks >= 2 (no broadcasting products)")
-    if not (_same_shape(qv.shape[:-2], kt_shape[:-2]) and _same_shape(qv.shape[:-2], vv.shape[:-2])):
-        return NearMiss(site, region.qk.name, f"batch dims of q {tuple(qv.shape)}, k^T "
-                        f"{kt_shape} and v {tuple(vv.shape)} are not provably equal "
-                        "(the products would broadcast)")
+                        f"{vv.dim()}; the fused op needs q and k^T of equal rank >= 2 "
+                        "(no broadcasting products)")
+    if not _same_shape(qv.shape[:-2], kt_shape[:-2]):
+        return NearMiss(site, region.qk.name, f"batch dims of q {tuple(qv.shape)} and k^T "
+                        f"{kt_shape} are not provably equal (the product would broadcast)")
     if not (_same(qv.shape[-1], kt_shape[-2]) and _same(kt_shape[-1], vv.shape[-2])):
         return NearMiss(site, region.pv.name, "inner dims of the products are not provably equal")
     for name, t in (("q", qv), ("k", ktv), ("v", vv)):
@@ -170,8 +173,10 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                 return NearMiss(site, op.node.name, "a reshape of the scores that moves the query or "
                                 "key dims")
             sizes = list(op.args[1])
-            if any(isinstance(x, int) and x == -1 for x in sizes[:-2]):
-                return NearMiss(site, op.node.name, "a batch reshape with an inferred (-1) batch size")
+            # an inferred (-1) batch size is kept as is: the rewriter reshapes tensors of the same
+            # batch numel to these sizes, so reshape infers the same number for each of them
+            if sum(1 for x in sizes[:-2] if isinstance(x, int) and x == -1) > 1:
+                return NearMiss(site, op.node.name, "a batch reshape with two inferred (-1) sizes")
             frames.sizes = sizes[:-2]
             cur = tuple(out.shape)
             continue
@@ -249,12 +254,32 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         spec = dataclasses.replace(spec, causal=True)
     if preds:
         spec, captured = _with_predicates(spec, captured, preds, canonical)
+    from .match import shape_only
+    for n in region.nodes:
+        for u in n.users:
+            if n is not region.pv and shape_only(u, n) and any(
+                    size_source(d, [region.q, region.kt]) is None for d in value(n).shape):
+                return NearMiss(site, u.name, f"{u.name} reads the shape of {n.name}, whose sizes "
+                                "are not sizes of q or k")
     effects = _effects_inside(region, captured, spec)
     if isinstance(effects, NearMiss):
         return effects
     return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
                     captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames,
                     masks=lines)
+
+
+def size_source(d, sources):
+    """(node, dim) whose size is ``d`` (an int needs none), or None."""
+    if isinstance(d, int):
+        return ()
+    for src in sources:
+        sv = value(src)
+        for k, sz in enumerate(sv.shape):
+            if not isinstance(sz, int) and sz.node.expr == d.node.expr:
+                return src, k
+    return None
+
 
 
 def _effects_inside(region: Region, captured: "_Captured", spec: AttentionSpec) -> Optional[NearMiss]:
@@ -548,17 +573,21 @@ def _baddbmm_ops(region: Region, captured: _Captured, shape, site, moved, canoni
     """baddbmm(input, q, k^T, beta, alpha) = alpha * (q @ k^T) + beta * input, as score steps."""
     beta, alpha, inp = region.qk_beta, region.qk_alpha, region.qk_input
     dt = dtype_name(value(region.qk).dtype)
-    if not (_number(beta) and _number(alpha)):
+    def symnum(x):
+        return isinstance(x, fx.Node) and isinstance(value(x), (torch.SymFloat, torch.SymInt))
+    if not ((_number(beta) or symnum(beta)) and (_number(alpha) or symnum(alpha))):
         return NearMiss(site, region.qk.name, "baddbmm with run-time beta or alpha")
     ops = []
-    if alpha != 1:
+    if symnum(alpha):  # 1 / sqrt(d) under dynamic shapes: a symbolic number, read per call
+        ops.append(ScoreOp("mul", "scalar", index=captured.add(alpha, "symnum"), dtype=dt))
+    elif alpha != 1:
         ops.append(ScoreOp("mul", "const", value=float(alpha), dtype=dt))
-    if beta != 0:
+    if symnum(beta) or beta != 0:
         iv = value(inp)
         if not isinstance(inp, fx.Node) or not isinstance(iv, torch.Tensor) \
                 or not _broadcasts_into(tuple(iv.shape), shape):
             return NearMiss(site, region.qk.name, "baddbmm's input does not broadcast into the scores")
-        prep = (("mul", float(beta)),) if beta != 1 else ()
+        prep = (("mul", beta if symnum(beta) else float(beta)),) if symnum(beta) or beta != 1 else ()
         if moved:
             fp = _frame_prep(inp, shape, canonical, site, region.qk.name)
             if isinstance(fp, NearMiss):
@@ -645,12 +674,31 @@ def _literal(x):
     (``torch.tensor(finfo.min, dtype=...)``, GPT-Neo's mask value), rounded through its dtype."""
     if _number(x):
         return x
-    if isinstance(x, fx.Node) and x.op == "call_function" and x.target in (torch.tensor, torch.scalar_tensor) \
+    if not isinstance(x, fx.Node):
+        return None
+    xv = value(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() != 0 or not xv.is_floating_point():
+        return None  # a 0-dim float tensor: broadcasting it is reading one number
+    if x.op == "call_function" and x.target in (torch.tensor, torch.scalar_tensor) \
             and x.args and _number(x.args[0]) and set(x.kwargs) <= {"dtype", "device", "requires_grad"} \
             and not x.kwargs.get("requires_grad", False):
-        dtype = x.kwargs.get("dtype")
-        return torch.tensor(x.args[0], dtype=dtype).item()
+        return torch.tensor(x.args[0], dtype=xv.dtype).item()
+    if x.op == "call_function" and x.target is torch.full and len(x.args) == 2 \
+            and tuple(x.args[0]) == () and _number(x.args[1]) \
+            and set(x.kwargs) <= {"dtype", "device", "requires_grad", "layout", "pin_memory"} \
+            and not x.kwargs.get("requires_grad", False):
+        return torch.full((), x.args[1], dtype=xv.dtype).item()  # torch.full((), finfo.min, ...)
+    if x.op == "get_attr" and str(x.target).startswith("_tensor_constant"):
+        # a constant Dynamo lifted at trace time: private to the graph module, never written
+        t = getattr(x.graph.owning_module, x.target, None)
+        if isinstance(t, torch.Tensor) and t.dim() == 0 and not t.requires_grad and not _written(x):
+            return t.item()
     return None
+
+
+def _written(node: fx.Node) -> bool:
+    from .effects import StorageMap
+    return bool(StorageMap(node.graph).writers(node))
 
 
 def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node, moved=False, canonical=None

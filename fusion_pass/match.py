@@ -78,7 +78,38 @@ class Region:
 
 
 def _users_text(n: fx.Node) -> str:
-    return ", ".join(u.name for u in n.users) or "nothing"
+    return ", ".join(u.name for u in data_users(n)) or "nothing"
+
+
+# methods that read only a tensor's metadata (shape, dtype, device) from their first argument, and
+# those that read it from their second (``mask.expand_as(scores)``, ``x.type_as(scores)``)
+_META_SELF = {"size", "dim", "ndimension", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
+              "new_tensor", "get_device", "is_floating_point", "element_size"}
+_META_OTHER = {"expand_as", "view_as", "reshape_as", "type_as"}
+_META_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+
+
+def shape_only(u: fx.Node, n: fx.Node) -> bool:
+    """``u`` reads only ``n``'s shape, dtype or device, never its values: ``n.size(-1)``,
+    ``n.shape``, ``mask.expand_as(n)``, ``n.new_zeros(...)``. Fusing may drop ``n``'s values if the
+    rewriter gives such users a stand-in of the same metadata."""
+    if u.op == "call_method" and u.target in _META_SELF and u.args and u.args[0] is n \
+            and n not in u.args[1:] and n not in u.kwargs.values():
+        return True
+    if u.op == "call_method" and u.target in _META_OTHER and len(u.args) == 2 and u.args[1] is n \
+            and u.args[0] is not n:
+        return True
+    if u.op == "call_function" and u.target is getattr and u.args[0] is n and u.args[1] in _META_ATTRS:
+        return True
+    if u.op == "call_function" and u.target in (torch.Tensor.size, torch.Tensor.dim) and u.args[0] is n \
+            and n not in u.args[1:]:
+        return True
+    return False
+
+
+def data_users(n: fx.Node) -> List[fx.Node]:
+    """The users of ``n`` that read its values (all but ``shape_only`` ones)."""
+    return [u for u in n.users if not shape_only(u, n)]
 
 
 def describe(n) -> str:
@@ -90,7 +121,7 @@ def describe(n) -> str:
 
 
 def _only_user(n: fx.Node, site: str, what: str) -> Union[fx.Node, NearMiss]:
-    users = list(n.users)
+    users = data_users(n)
     if len(users) == 1:
         return users[0]
     if not users:
@@ -114,7 +145,7 @@ def _leads_to_product(n, depth=0, single_use=True) -> bool:
     """Does n reach a product upward through score-chain ops? With ``single_use`` every node on the
     way must have one user (picks the score operand of ``bias + scores``-style commuted spellings
     without guessing from shapes); without, it tells a missed attention from some other softmax."""
-    if not isinstance(n, fx.Node) or depth > MAX_CHAIN or (single_use and len(n.users) != 1):
+    if not isinstance(n, fx.Node) or depth > MAX_CHAIN or (single_use and len(data_users(n)) != 1):
         return False
     op = view(n)
     if op is None:
@@ -251,12 +282,12 @@ def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
             return NearMiss(site, site, "the softmax input is not a graph value", attention_like=False)
         op = view(cur)
         if op is not None and op.name in PRODUCTS:
-            if len(cur.users) != 1:
+            if len(data_users(cur)) != 1:
                 return NearMiss(site, cur.name, f"the raw scores Q @ K^T are also used outside the "
                                 f"region (by {_users_text(cur)})")
             qk = cur
             break
-        if len(cur.users) != 1:
+        if len(data_users(cur)) != 1:
             return NearMiss(site, cur.name, f"the scores are also used outside the region "
                             f"(by {_users_text(cur)})")
         if op is None:

@@ -23,7 +23,7 @@ import torch.fx as fx
 
 from fusion_pass.kernels import ops as _ops  # noqa: F401  (registers torch.ops.fusion_pass.*)
 
-from .analyze import Analysis
+from .analyze import Analysis, size_source
 from .canonicalize import value
 
 ATTENTION_OP = torch.ops.fusion_pass.attention.default
@@ -124,6 +124,7 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
             call.meta[key] = r.pv.meta[key]
             out.meta[key] = r.pv.meta[key]
     r.pv.replace_all_uses_with(out)
+    _rewire_shape_users(gm, a, fake_mode)
     for n in reversed(r.nodes):
         if not n.users:
             graph.erase_node(n)
@@ -132,6 +133,43 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     for rep in r.repeats:  # the K/V head copies, when nothing else reads them
         _erase_unused_chain(graph, rep)
     return out
+
+
+def _rewire_shape_users(gm: fx.GraphModule, a: Analysis, fake_mode) -> None:
+    """Users outside the region that read only a region node's shape, dtype or device (the matcher
+    let them stay: ``mask.expand_as(scores)``, ``scores.size(-1)``) read a stand-in instead: an
+    empty 0-dim tensor of the node's dtype and device expanded to its shape (a view of one element,
+    nothing allocated). Its sizes come from q, k^T and v, so it is defined wherever q and k are."""
+    from .match import shape_only
+
+    r = a.region
+    graph = gm.graph
+    for n in r.nodes:
+        if n is r.pv:
+            continue
+        users = [u for u in n.users if shape_only(u, n)]
+        if not users:
+            continue
+        val = value(n)
+        with graph.inserting_before(r.qk):  # after q and k^T, before every user of the region
+            sizes = [_size_arg(graph, d, [r.q, r.kt], fake_mode) for d in val.shape]
+            if any(sz is None for sz in sizes):  # unreachable: the analysis checked (see below)
+                raise AssertionError(f"no size source for a shape-only use of {n.name}")
+            e = graph.call_function(torch.empty, ((),), {"dtype": val.dtype, "device": val.device})
+            _meta(e, fake_mode)
+            st = graph.call_method("expand", (e, *sizes))
+            _meta(st, fake_mode)
+        for u in users:
+            u.replace_input_with(n, st)
+
+
+def _size_arg(graph, d, sources, fake_mode):
+    got = size_source(d, sources)
+    if got is None:
+        return None
+    if got == ():
+        return int(d)
+    return _size(graph, got[0], got[1], fake_mode)
 
 
 def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+import fusion_pass
+
 FWD = "fusion_pass::attention"
 BWD = "fusion_pass::attention_backward"
 
@@ -38,3 +40,21 @@ def max_rel_error(got, want) -> float:
         denom = max(w.abs().max().item(), 1e-3 * scale, 1e-30)
         worst = max(worst, (g.double() - w.double()).abs().max().item() / denom)
     return worst
+
+
+def check_fused(fn, *inputs, sites=1, dynamic=None, rtol=1e-5):
+    """Compile fn with the backend; assert `sites` fused calls, equal outputs and gradients."""
+    expl = fusion_pass.explain(fn, *inputs, dynamic=dynamic)
+    assert len(expl.fused) == sites, str(expl)
+    ref = fn(*inputs)
+    compiled = torch.compile(fn, backend="fusion_pass", dynamic=dynamic)
+    diff = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
+    g = torch.randn_like(ref)
+    torch.autograd.grad(compiled(*inputs), diff, g)  # compile forward and backward first
+    out, nf, _ = profiled_op_counts(lambda: compiled(*inputs))
+    assert nf == sites
+    assert max_rel_error([out], [ref]) < rtol
+    got, nf, nb = profiled_op_counts(lambda: torch.autograd.grad(out, diff, g))
+    assert nb == sites
+    assert max_rel_error(got, torch.autograd.grad(ref, diff, g)) < rtol * 10
+    return expl

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import fusion_pass
 from fusion_pass import FusionMissedError, Options
 
+from helpers import check_fused as _check_fused
 from helpers import graph_op_count, max_rel_error, profiled_op_counts
 
 
@@ -22,24 +23,6 @@ def fresh_dynamo():
 
 def _qkv(B=2, H=3, Nq=23, Nk=23, D=16, dtype=torch.float32):
     return [torch.randn(B, H, n, D, dtype=dtype, requires_grad=True) for n in (Nq, Nk, Nk)]
-
-
-def _check_fused(fn, *inputs, sites=1, dynamic=None, rtol=1e-5):
-    """Compile fn with the backend; assert `sites` fused calls, equal outputs and gradients."""
-    expl = fusion_pass.explain(fn, *inputs, dynamic=dynamic)
-    assert len(expl.fused) == sites, str(expl)
-    ref = fn(*inputs)
-    compiled = torch.compile(fn, backend="fusion_pass", dynamic=dynamic)
-    diff = [x for x in inputs if isinstance(x, torch.Tensor) and x.requires_grad]
-    g = torch.randn_like(ref)
-    torch.autograd.grad(compiled(*inputs), diff, g)  # compile forward and backward first
-    out, nf, _ = profiled_op_counts(lambda: compiled(*inputs))
-    assert nf == sites
-    assert max_rel_error([out], [ref]) < rtol
-    got, nf, nb = profiled_op_counts(lambda: torch.autograd.grad(out, diff, g))
-    assert nb == sites
-    assert max_rel_error(got, torch.autograd.grad(ref, diff, g)) < rtol * 10
-    return expl
 
 
 # ---- spellings that must fuse --------------------------------------------------------------------
