@@ -24,11 +24,17 @@ What it hands on (to the spec and the kernels): a ``MaskPredicate``:
   the data-free part of the predicate (interval reasoning per tile, exact dense evaluation of the tiles
   it cannot decide), and ``evaluate(...)``: the dense mask, used by the tests as the proof check.
 
-Soundness rules kept throughout: integer index arithmetic is exact in sympy (int64 overflow is not
-modelled: indices are tensor sizes); float values are never computed in sympy, only in torch, in the
-graph's own dtypes and promotion (a float tensor is a finite table {condition: value}); any node whose
-value may be changed by an in-place op is refused; data is only a graph input (placeholder or
-attribute) of integer or boolean dtype.
+Soundness rules kept throughout:
+* integers are exact in sympy, and torch's are equal to them only without wraparound, so every
+  integer node's value range (index symbols over 0 <= p < size, sizes from Dynamo's shape
+  environment and below ``DIM_BOUND``, data over its dtype's whole range) is proven to fit the node's
+  dtype, and every operand to fit the dtype the op computes in (``uint8_t < 300`` compares with 44);
+  integer division or remainder by a possible 0 and float -> int casts out of range are refused;
+* float values are never computed in sympy, only in torch, in the graph's own dtypes and promotion
+  (a float tensor is a finite table {condition: value});
+* aliasing: any node read whose storage some node of the graph may write (in place, through any
+  view, before or after, ``out=``, setitem, a higher-order op's body, an opaque call) is refused;
+* data is only a graph input (placeholder or attribute) of integer or boolean dtype.
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
+from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
 
 from .canonicalize import value
 
@@ -143,8 +150,9 @@ class MaskPredicate:
                     raise ValueError(f"evaluate needs the tensor of data node {node.name}")
                 continue
             t = data[node]
-            arrays[f] = t.detach().cpu().to(torch.int64).numpy() if t.dtype == torch.bool else \
-                t.detach().cpu().numpy()
+            # the predicate's integers are exact: data of a narrow dtype is widened before any
+            # arithmetic (numpy would wrap uint8 1 - d, or refuse it)
+            arrays[f] = t.detach().cpu().to(torch.int64).numpy()
         out = _eval(expr, grids, arrays)
         return torch.from_numpy(np.broadcast_to(np.asarray(out, dtype=bool), tuple(int(n) for n in shape)).copy())
 
@@ -257,6 +265,8 @@ def _interpret(node: fx.Node, score_shape, what: str):
         v = interp.node(node)
     except _Stop as e:
         return NearMissReason(e.node, e.text)
+    except RecursionError:  # the interpreter recurses once per node on the way up
+        return NearMissReason(node, f"{what} is built by a chain of nodes too deep to interpret")
     ren = _rename_to_axes(mv, score_shape)
     if isinstance(ren, str):
         return NearMissReason(node, f"{what}: {ren}")
@@ -330,28 +340,143 @@ def _symexpr(x):
     raise TypeError
 
 
-_INPLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
-                      operator.imod, operator.iand, operator.ior, operator.ixor, operator.ilshift,
-                      operator.irshift, operator.ipow}
-
-
-def _is_inplace(u: fx.Node) -> bool:
-    """A user that may write into its operand (x.add_(...), x &= y, setitem, out=): the operand's
-    recorded value would no longer be what later readers see, so the operand is refused."""
-    if u.op == "call_function" and u.target in _INPLACE_OPERATORS:
-        return True
-    if u.op == "call_method" and isinstance(u.target, str):
-        return u.target.endswith("_") and not u.target.startswith("__")
-    if u.op == "call_function":
-        if u.target is operator.setitem or "out" in u.kwargs:
-            return True
-        name = getattr(u.target, "__name__", "")
-        return name.endswith("_") and not name.startswith("__") and u.target not in (operator.and_, operator.or_)
-    return False
+# aliasing (which storages the graph writes into): one rule for the whole pass, in effects.py
+from .effects import Writes as _Writes, graph_writes as _graph_writes  # noqa: E402
 
 
 def _bool_true(e) -> bool:
     return e is sympy.true
+
+
+# Integer semantics, checked on torch 2.13 (CPU), that the width rules rely on:
+# * arithmetic wraps in the computation dtype: arange(300, dtype=uint8) is 0..255, 0..43;
+#   arange(-3, 3, dtype=uint8) is 253, 254, 255, 0, 1, 2; uint8 a - b and int64 max + 1 wrap;
+# * a Python scalar or 0-dim tensor operand is converted to the tensor's dtype, wrapping, also in
+#   comparisons: int8_t + 1000 adds -24, int8_t < 1000 compares with -24, uint8_t < -1 with 255,
+#   uint8_t < tensor(300) with 44; tensors of two dtypes promote (uint8 + int8 is int16), no wrap;
+# * abs(int8 -128) and -(int8 -128) are -128, int8 -128 // -1 is -128; integer // 0 and % 0 raise;
+# * torch.full(.., -1, dtype=uint8) is 255, but fills that do not fit (300 for uint8, -129 for int8)
+#   raise, as do where / masked_fill with such scalars; float -> int outside the range is
+#   platform-dependent (see _check_float_to_int).
+# Every integer node's exact value is therefore proven to fit its dtype, and every operand the dtype
+# its op computes in; wraparound is not modelled, the mask is refused instead.
+#
+# Every dimension of every tensor is assumed below 2**62: no tensor a machine can hold (or a kernel
+# iterate over) comes near it, and Dynamo gives size symbols no upper bound (int_oo). With it,
+# index arithmetic of the usual forms on int64 (q - k, q + past, |q - k|) is proven not to wrap;
+# products of two sizes are not, and are refused in int64 unless the sizes are static.
+DIM_BOUND = 2 ** 62
+MAX_EXPR = 4000  # sympy tree size (counted with shared subexpressions repeated) of one node's value
+
+
+def _num(x):
+    """A shape-environment bound (sympy integer or Dynamo's int_oo) as a Python int or +-inf."""
+    if isinstance(x, IntInfinity) or x == sympy.oo or x == math.inf:
+        return math.inf
+    if isinstance(x, NegativeIntInfinity) or x == -sympy.oo or x == -math.inf:
+        return -math.inf
+    return int(x)
+
+
+def _fmt(x) -> str:
+    return str(x) if not isinstance(x, float) else ("inf" if x > 0 else "-inf")
+
+
+def _imul(x, y):
+    """Interval-endpoint product, with 0 * inf = 0 (a zero factor is exactly zero)."""
+    return 0 if x == 0 or y == 0 else x * y
+
+
+def _bounds(e, lookup, memo=None):
+    """(lo, hi) (Python ints or +-inf) containing every value of integer expression ``e`` when each
+    symbol and data function ranges over ``lookup(atom)``; None when ``e`` has a form not bounded
+    here. Interval arithmetic: sound, not tight (correlations between operands are dropped)."""
+    memo = {} if memo is None else memo
+    if e in memo:
+        return memo[e]
+
+    def rec(x):
+        return _bounds(x, lookup, memo)
+
+    out = None
+    if e.is_Integer:
+        out = (int(e), int(e))
+    elif e.is_Symbol or isinstance(e, sympy.core.function.AppliedUndef):
+        out = lookup(e if e.is_Symbol else e.func)
+    elif isinstance(e, sympy.Add):
+        rs = [rec(a) for a in e.args]
+        if all(rs):
+            out = (sum(r[0] for r in rs), sum(r[1] for r in rs))
+    elif isinstance(e, sympy.Mul):
+        if all(not (a.is_Rational and not a.is_Integer) for a in e.args):
+            rs = [rec(a) for a in e.args]
+            if all(rs):
+                lo = hi = 1
+                for r in rs:
+                    c = [_imul(lo, r[0]), _imul(lo, r[1]), _imul(hi, r[0]), _imul(hi, r[1])]
+                    lo, hi = min(c), max(c)
+                out = (lo, hi)
+    elif isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) >= 0:
+        r, k = rec(e.base), int(e.exp)
+        if r:
+            c = [r[0] ** k, r[1] ** k]
+            lo = 0 if k % 2 == 0 and r[0] <= 0 <= r[1] else min(c)
+            out = (lo, max(c)) if k else (1, 1)
+    elif isinstance(e, sympy.floor):
+        num, den = sympy.fraction(sympy.together(e.args[0]))
+        rn, rd = rec(num), rec(den)
+        if rn and rd and not rd[0] <= 0 <= rd[1] and all(isinstance(x, int) for x in rn + rd):
+            # num / den is monotone in each argument on a box where den keeps its sign
+            c = [a // d for a in rn for d in rd]
+            out = (min(c), max(c))
+    elif isinstance(e, sympy.Mod):
+        ra, rm = rec(e.args[0]), rec(e.args[1])
+        if ra and rm and not rm[0] <= 0 <= rm[1]:
+            if rm[0] > 0:
+                out = ra if 0 <= ra[0] and ra[1] < rm[0] else (0, rm[1] - 1)
+            else:
+                out = ra if rm[1] < ra[0] and ra[1] <= 0 else (rm[0] + 1, 0)
+    elif isinstance(e, sympy.Abs):
+        r = rec(e.args[0])
+        if r:
+            lo = r[0] if r[0] > 0 else -r[1] if r[1] < 0 else 0
+            out = (lo, max(abs(r[0]), abs(r[1])))
+    elif isinstance(e, (sympy.Max, sympy.Min)):
+        rs = [rec(a) for a in e.args]
+        if all(rs):
+            f = max if isinstance(e, sympy.Max) else min
+            out = (f(r[0] for r in rs), f(r[1] for r in rs))
+    elif isinstance(e, sympy.Piecewise):
+        rs = [rec(a.expr) for a in e.args if a.cond is not sympy.false]
+        if rs and all(rs):
+            out = (min(r[0] for r in rs), max(r[1] for r in rs))
+    memo[e] = out
+    return out
+
+
+def _tree_size(e, cap: int, memo=None) -> int:
+    """Nodes of ``e`` as a tree (what sympy's recursive walks visit), computed over the DAG, stopping
+    once past ``cap``: a guard against ``m = where(c, m, m)`` chains that double the tree per node."""
+    memo = {} if memo is None else memo
+    if e in memo:
+        return memo[e]
+    total = 1
+    for a in e.args:
+        total += _tree_size(a, cap, memo)
+        if total > cap:
+            break
+    memo[e] = total
+    return total
+
+
+def _check_size(v: _V, n):
+    exprs = [v.expr] if v.kind != "table" else [c for c, _ in v.expr]
+    memo, total = {}, 0
+    for x in exprs:
+        if isinstance(x, sympy.Basic):
+            total += _tree_size(x, MAX_EXPR, memo)
+        if total > MAX_EXPR:
+            raise _Stop(n, f"the value's expression grows past {MAX_EXPR} terms")
 
 
 class _Interp:
@@ -360,6 +485,102 @@ class _Interp:
         self.data: List[fx.Node] = []
         self.funcs: List[Any] = []
         self.shape_envs = []
+        self.writes: Dict[fx.Graph, _Writes] = {}
+        self.ranges: Dict[fx.Node, Tuple[Any, Any]] = {}   # proven value range of each integer node
+        self.atom_ranges: Dict[Any, Tuple[int, int]] = {}  # data function -> its dtype's range
+
+    # -- aliasing --------------------------------------------------------------------------------------
+    def check_unwritten(self, n: fx.Node):
+        """``n``'s recorded value is what every reader sees only if nothing writes into its storage."""
+        w = self.writes.get(n.graph)
+        if w is None:
+            w = self.writes[n.graph] = _graph_writes(n.graph)
+        ws = w.of(n)
+        if ws is None:
+            raise _Stop(n, f"no storage recorded for {n.name}: an in-place write into it cannot be ruled out")
+        if ws:
+            u = ws[0]
+            raise _Stop(u, f"an in-place write ({_name(u)}) may change {n.name}, directly or through a "
+                           "view of its storage")
+
+    # -- integer ranges --------------------------------------------------------------------------------
+    def sym_range(self, s) -> Tuple[Any, Any]:
+        """A size symbol's range from Dynamo's shape environment, with the bound we assume on sizes:
+        every tensor dimension (so every nonnegative symbol) is below ``DIM_BOUND``."""
+        for env in self.shape_envs:
+            r = getattr(env, "var_to_range", {}).get(s)
+            if r is not None:
+                lo, hi = _num(r.lower), _num(r.upper)
+                if lo >= 0:
+                    hi = min(hi, DIM_BOUND - 1)
+                return lo, hi
+        return -math.inf, math.inf
+
+    def dim_hi(self, d) -> Any:
+        """The largest value a dimension of size ``d`` (int or SymInt) can have."""
+        if isinstance(d, int):
+            return d
+        r = _bounds(_symexpr(d), self.lookup)
+        return DIM_BOUND - 1 if r is None else min(r[1], DIM_BOUND - 1)
+
+    def lookup(self, x, env=None):
+        if env is not None and x in env:
+            return env[x]
+        if isinstance(x, sympy.Symbol):
+            return self.sym_range(x)
+        return self.atom_ranges.get(x)
+
+    def int_range(self, e, shape):
+        """(lo, hi) bounding integer expression ``e`` over a value of ``shape`` (its index symbols
+        over 0 <= p < size), or None when not bounded; "empty" when the value has no elements."""
+        env = {}
+        for k, d in enumerate(shape):
+            hi = self.dim_hi(d)
+            if hi <= 0:
+                return "empty"
+            env[_P[k]] = (0, hi - 1)
+        return _bounds(e, lambda x: self.lookup(x, env))
+
+    def check_width(self, n, e, shape, dt: torch.dtype, what: str):
+        """Prove that integer ``e`` (the exact value of ``what``) fits ``dt``: torch computes in ``dt``
+        and wraps around where sympy's integers would not."""
+        r = self.int_range(e, shape)
+        if r == "empty":
+            return r
+        info = torch.iinfo(dt)
+        if r is None or r[0] < info.min or r[1] > info.max:
+            got = "is not bounded here" if r is None else f"ranges over [{_fmt(r[0])}, {_fmt(r[1])}]"
+            raise _Stop(n, f"{what} {got}, not provably inside {dt}'s [{info.min}, {info.max}]: torch "
+                           "would wrap around")
+        return r
+
+    def operand_range(self, a, X: _V):
+        """The range of an integer or boolean operand (a literal, a SymInt or a tensor node); "empty"
+        for a tensor without elements."""
+        if X.kind == "bool":
+            return 0, 1
+        if isinstance(a, fx.Node):
+            if a not in self.ranges:
+                self.ranges[a] = _bounds(X.expr, self.lookup) if X.rank is None else None
+            return self.ranges[a]
+        return int(a), int(a)
+
+    def check_promoted(self, n, pairs, ct: torch.dtype):
+        """Each integer operand, converted to the computation dtype ``ct`` (a Python scalar or a 0-dim
+        tensor is converted to the other operand's dtype, wrapping: ``uint8_t < 300`` compares with
+        44), must keep its value."""
+        if ct not in _INT_DTYPES:
+            return
+        info = torch.iinfo(ct)
+        for a, X in pairs:
+            if X.kind not in ("int", "bool") or X.dtype == ct:
+                continue
+            r = self.operand_range(a, X)
+            if r == "empty":
+                continue
+            if r is None or r[0] < info.min or r[1] > info.max:
+                got = "unbounded" if r is None else f"in [{_fmt(r[0])}, {_fmt(r[1])}]"
+                raise _Stop(n, f"operand {a!r} ({got}) is converted to {ct} for this op and may wrap around")
 
     def hints(self):
         out = {}
@@ -401,6 +622,7 @@ class _Interp:
             return self.memo[n]
         v = value(n)
         if isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
+            # a Python integer (Dynamo's SymInt arithmetic is exact): no width to check
             res = _V("int", self.sym(n, n), None, None)
             self.memo[n] = res
             return res
@@ -408,9 +630,7 @@ class _Interp:
             raise _Stop(n, "a run-time number (e.g. .item() of a tensor input), not a constant")
         if not isinstance(v, torch.Tensor):
             raise _Stop(n, "no example tensor recorded")
-        for u in n.users:
-            if _is_inplace(u):
-                raise _Stop(u, f"an in-place op changes {n.name}")
+        self.check_unwritten(n)
         for s in v.shape:
             if isinstance(s, torch.SymInt) and s.node.shape_env not in self.shape_envs:
                 self.shape_envs.append(s.node.shape_env)
@@ -424,6 +644,9 @@ class _Interp:
         else:
             raise _Stop(n, f"{n.op} node is not interpreted")
         res = _canon(res, v, n)
+        _check_size(res, n)
+        if res.kind == "int":
+            self.ranges[n] = self.check_width(n, res.expr, v.shape, v.dtype, f"the {v.dtype} value of {n.name}")
         self.memo[n] = res
         return res
 
@@ -433,6 +656,8 @@ class _Interp:
         f = sympy.Function(f"d_{n.name}", integer=True)
         self.data.append(n)
         self.funcs.append(f)
+        # data may hold any value of its dtype
+        self.atom_ranges[f] = (0, 1) if v.dtype == torch.bool else (torch.iinfo(v.dtype).min, torch.iinfo(v.dtype).max)
         atom = f(*_P[:v.dim()]) if v.dim() else f()
         if v.dtype == torch.bool:
             return _V("bool", sympy.Ne(atom, 0), v.dtype, v.dim())
@@ -562,7 +787,10 @@ def _table_map(tabs: List[List[Tuple[Any, Any]]], fn, n, out_dtype):
         if cond is sympy.false:
             return
         if k == len(tabs):
-            r = fn(*vals)
+            try:
+                r = fn(*vals)
+            except (RuntimeError, ZeroDivisionError, OverflowError) as e:  # e.g. integer // 0
+                raise _Stop(n, f"torch raises on an element: {e}") from None
             if isinstance(r, torch.Tensor):
                 if r.dtype != out_dtype:
                     raise _Stop(n, f"computed dtype {r.dtype} differs from the graph's {out_dtype}")
@@ -631,11 +859,19 @@ def _binary(op: str):
             f = {"logical_and": sympy.And, "logical_or": sympy.Or, "logical_xor": sympy.Xor}[name]
             return _V("bool", f(x, y), dt, r)
         exact_int = all(X.kind in ("int", "bool") for X in (A, C))
-        if exact_int and name in _CMP and dt == torch.bool:
+        if exact_int and (name in _CMP and dt == torch.bool or name in _INT_OPS and dt in _INT_DTYPES):
+            # sympy's integers are exact; torch's are too as long as each operand, converted to the
+            # dtype the op computes in, keeps its value (the result's own range is checked by the
+            # caller, in the node's dtype)
+            it.check_promoted(n, ((a_, A), (c_, C)), _compute_dtype(A, C, dt))
+            if name in ("floordiv", "mod"):
+                rc = it.operand_range(c_, C)
+                if rc is None or rc != "empty" and rc[0] <= 0 <= rc[1]:
+                    raise _Stop(n, f"the divisor {c_!r} may be 0 (torch raises ZeroDivisionError on integers)")
             x, y = _to_int(A), _to_int(C)
-            return _V("bool", _CMP[name](x, y), dt, r)
-        if exact_int and name in _INT_OPS and dt in _INT_DTYPES:
-            return _V("int", _INT_OPS[name](_to_int(A), _to_int(C)), dt, r)
+            if name in _CMP:
+                return _V("bool", _CMP[name](x, y), dt, r)
+            return _V("int", _INT_OPS[name](x, y), dt, r)
         # floats (or integers meeting floats): computed entry by entry in torch, with the graph's
         # operand kinds, so promotion and rounding are the graph's own
         fn = _TORCH_FN.get(name)
@@ -646,6 +882,19 @@ def _binary(op: str):
         tab = _table_map([(_table(A, n), A), (_table(C, n), C)], fn, n, dt)
         return _V("table", tab, dt, r)
     return handle
+
+
+def _compute_dtype(A: _V, C: _V, dt: torch.dtype) -> torch.dtype:
+    """The dtype torch computes a binary op in (its type promotion: a Python scalar or a 0-dim tensor
+    does not widen a dimensioned tensor of its own category)."""
+    def rep(X):
+        if X.rank is None:
+            return True if X.kind == "bool" else 1 if X.kind == "int" else 1.0
+        return torch.empty((1,) * X.rank, dtype=X.dtype, device="meta")
+    try:
+        return torch.result_type(rep(A), rep(C))
+    except (TypeError, RuntimeError):
+        return dt
 
 
 def _to_int(x: _V):
@@ -676,18 +925,29 @@ def _cast(it: _Interp, n, v):
         raise _Stop(n, "cast with a memory format")
     A = it.arg(n.args[0])
     dt = v.dtype
-    src = A.dtype
     if A.kind == "bool" and dt == torch.bool:
         return _V("bool", A.expr, dt, A.rank)
     if dt == torch.bool:
         return _V("bool", _as_bool(A, n), dt, A.rank)
     if A.kind in ("int", "bool") and dt in _INT_DTYPES:
-        if A.kind == "int" and src is not None and torch.iinfo(dt).bits < torch.iinfo(src).bits and _has_data(A.expr):
-            raise _Stop(n, f"narrowing cast {src} -> {dt} of data (may wrap)")
+        # exact when the value fits dt, which the caller proves for every integer node (a narrowing
+        # cast wraps: int64 200 -> int8 is -56)
         return _V("int", _to_int(A), dt, A.rank)
+    if dt in _INT_DTYPES and A.kind == "table":
+        _check_float_to_int(A.expr, dt, n)
     tab = _table_map([(_table(A, n), A)],
                      lambda x: (x if isinstance(x, torch.Tensor) else torch.tensor(x)).to(dt), n, dt)
     return _V("table", tab, dt, A.rank)
+
+
+def _check_float_to_int(table, dt: torch.dtype, n):
+    """A float converted to an integer dtype is truncated toward zero; out of the dtype's range (or
+    inf, NaN) the result is platform-dependent (on x86 CPUs float -> int32 gives INT_MIN for 3e10 and
+    inf; GPUs saturate), so only values whose truncation fits are read."""
+    info = torch.iinfo(dt)
+    for _, x in table:
+        if isinstance(x, float) and (not math.isfinite(x) or not info.min <= math.trunc(x) <= info.max):
+            raise _Stop(n, f"the float {x} converted to {dt} is out of its range (platform-dependent)")
 
 
 def _identity(it, n, v):
@@ -751,6 +1011,10 @@ def _const(fill_pos: Optional[int], fill_default):
             fill = n.args[fill_pos] if len(n.args) > fill_pos else n.kwargs.get("fill_value")
         if isinstance(fill, fx.Node) or not isinstance(fill, (bool, int, float)):
             raise _Stop(n, f"fill value {fill!r} is not a literal")
+        if v.dtype in _INT_DTYPES:
+            _check_float_to_int([(sympy.true, fill)], v.dtype, n)
+        # torch.full(.., -1, dtype=uint8) is 255 (the int64 -> uint8 conversion _cast_value makes);
+        # fills that do not fit otherwise (300 for uint8) raise in eager, so never reach a graph
         x = _cast_value(fill, None, v.dtype)
         if v.dtype == torch.bool:
             return _V("bool", sympy.true if x else sympy.false, v.dtype, v.dim())
@@ -929,7 +1193,8 @@ def _advanced(it, n, v, A, sv, idx):
         if T.kind != "int" or T.dtype not in (torch.int64, torch.int32):
             raise _Stop(t, "a boolean or float index tensor")
         e = _shift(T, rb).expr
-        mp[_P[m]] = _nonneg(e, t, "index")
+        rt = it.ranges.get(t)
+        mp[_P[m]] = e if rt is not None and rt != "empty" and rt[0] >= 0 else _nonneg(e, t, "index")
     for m in range(k, A.rank):
         mp[_P[m]] = _P[m - k + rb]
     return _V(A.kind, _subs(A, mp).expr, A.dtype, v.dim())
@@ -1164,6 +1429,8 @@ def _eval(e, env, arrays):
                 raise ValueError(f"non-integer value in {e}")
             out = out * _eval(a, env, arrays)
         return out
+    if isinstance(e, sympy.Pow) and e.exp.is_Integer and int(e.exp) >= 0:
+        return np.power(_eval(e.base, env, arrays), int(e.exp))
     if isinstance(e, sympy.floor):
         num, den = sympy.fraction(sympy.together(e.args[0]))
         return np.floor_divide(_eval(num, env, arrays), _eval(den, env, arrays))

@@ -262,8 +262,12 @@ def _not(x):
 
 
 def _load(t, *idx):
-    """t[idx] with broadcasting integer grids (advanced indexing); python ints index directly."""
-    return t[tuple(idx)] if idx else t[()]
+    """t[idx] with broadcasting integer grids (advanced indexing); python ints index directly.
+    Widened to int64: the predicate's integers are exact (the pass proved the graph's own
+    arithmetic never wraps), so a uint8 padding mask's ``1 - d`` must not wrap here either (the
+    Triton kernels load data as int64 too)."""
+    out = t[tuple(idx)] if idx else t[()]
+    return out.to(torch.int64)
 
 
 _NS = dict(_fdiv=_fdiv, _mod=_mod, _abs=_abs, _max=_max, _min=_min, _where=_where, _rel=_rel,
