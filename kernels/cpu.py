@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import predicate
+from . import pointwise, predicate, removal
 from .dropout import keep_mask
 from .spec import AttentionSpec, ScoreOp, to_dtype
 
@@ -67,6 +67,22 @@ class _Operands:
                 self.values.append(c.expand(score_shape))
         self.score_shape = tuple(score_shape)
         self._cache = {}
+        # the call's skipping facts (``removal.py``): the removal step keys may be skipped under,
+        # and the upper bound of the elements skipping drops (inf: this call skips nothing)
+        self.removal = None
+        self.worst = math.inf
+
+    def decide_skipping(self, q, k, v, captured, grad_out=None):
+        """Per call, the removal rule's first half: inputs finite (and, for an additive mask, |s|
+        bounded); ``_tile_parts`` checks each row's margin."""
+        r = removal.skip_removal(self.spec) or removal.causal_removal(self.spec)
+        self.removal = r
+        self.worst = math.inf if r is None else \
+            float(removal.worst_masked(self.spec, r, q, k, v, captured, grad_out).item())
+
+    @property
+    def skipping(self) -> bool:
+        return self.removal is not None and self.worst < math.inf
 
     def operand(self, op: ScoreOp, bidx, h0, h1, q0, q1, k0, k1):
         if op.operand == "const":
@@ -204,6 +220,8 @@ def _apply(op: ScoreOp, s: torch.Tensor, x, mask=None) -> torch.Tensor:
         return s.masked_fill(mask, x)
     if k == "fill_not":
         return s.masked_fill(~mask, x)
+    if k == "fn":
+        return pointwise.apply(op.fn, s, op.args)
     raise AssertionError(k)
 
 
@@ -246,31 +264,18 @@ def _keeps_dtype(s: torch.Tensor, x) -> bool:
     return True
 
 
-# spec.causal's contract, and the skippable masks': masked elements reach the softmax at or below this
-_MASKED = -1e4
-
-
-def _skips(spec: AttentionSpec, op: ScoreOp) -> bool:
-    """A predicate step whose masked elements may be skipped: it is the chain's last step (nothing
-    after it can lift a masked score) and leaves masked scores at <= -1e4 or -inf, so on a row that
-    keeps any key their exp(masked - max) is exactly 0. No dropout (its mask is indexed by key)."""
-    if op.operand != "predicate" or spec.dropout_p or op is not spec.score_ops[-1]:
-        return False
-    if op.kind == "add":
-        m = spec.masks[op.index]
-        return m.kind == "additive" and m.masked <= _MASKED and m.kept == 0
-    return op.kind in ("fill", "fill_not") and op.value is not None and op.value <= _MASKED
-
-
 def _key_range(spec: AttentionSpec, ops: "_Operands", bidx, h0, h1, q0, q1, nk: int):
-    """Keys [k0, k1) a tile needs: all, or with a proven causal mask only j < q1, or with a
-    skippable predicate mask the span of keys some row of the tile keeps. Skipped keys are masked
-    for every row of the tile, and exp(masked - max) is 0 on rows that keep a key; rows that keep
-    none are recomputed over all keys by ``_tile_parts``."""
+    """Keys [k0, k1) a tile needs: all, or, when the call may skip (``ops.skipping``, the removal
+    rule's per-call half), with a proven causal mask only j < q1, or with a predicate mask the span
+    of keys some row of the tile keeps. Skipped keys are masked for every row of the tile; the rows
+    on which dropping them is not exact (``removal.rows_ok``), and those that keep no key, are
+    recomputed over all keys by ``_tile_parts``."""
     k0, k1 = 0, nk
-    if spec.causal and not spec.dropout_p:
+    if not ops.skipping:
+        return k0, k1
+    if removal.causal_removal(spec) is not None:
         k1 = min(nk, q1)
-    if spec.score_ops and _skips(spec, spec.score_ops[-1]):
+    if removal.skip_removal(spec) is not None:
         span = ops.key_span(spec.score_ops[-1], (bidx, h0, h1, q0, q1, k0, k1), nk)
         if span is None:  # no row keeps a key: eager's softmax sees every key (NaN or uniform)
             return 0, nk
@@ -312,15 +317,17 @@ def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
 
 def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
     """The tile's scores as a list of row runs (r0, r1, s0, s, inputs, where, m), rows relative to
-    the tile. Usually one run over the tile's key span. A row that keeps no key inside a skipping
-    span (left padding) must see every key, as eager does (NaN or uniform): the runs of such rows
-    are recomputed over all keys, the other rows keep their span's scores."""
+    the tile. Usually one run over the tile's key span. A row on which dropping the keys outside the
+    span is not exact (``removal.rows_ok``: its max is not finite, or not far enough above the
+    skipped elements, as on a row that keeps no key inside the span, left padding) must see every
+    key, as eager does: the runs of such rows are recomputed over all keys, the other rows keep
+    their span's scores."""
     s0, s, inputs, where, m = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs)
     bidx, h0, h1, q0, q1, k0, k1 = where
     nk = kb.shape[-2]
     if k0 == 0 and k1 == nk:
         return [(0, q1 - q0, s0, s, inputs, where, m)]
-    bad = (m <= _MASKED).reshape(-1, q1 - q0).any(0)  # per row, over the tile's heads
+    bad = (~removal.rows_ok(m, ops.worst, ops.removal)).reshape(-1, q1 - q0).any(0)  # per row, over heads
     if not bool(bad.any()):
         return [(0, q1 - q0, s0, s, inputs, where, m)]
     parts = []
@@ -366,6 +373,13 @@ def _flush_subnormal(p: torch.Tensor) -> torch.Tensor:
 
 
 _SMALLEST_NORMAL = 2.0 ** -126
+
+
+def _safe(p: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """SDPA's safe softmax: a row whose every score is -inf (its max ``m`` is -inf) has
+    probabilities 0, not softmax's NaN; with them its output and its gradients are 0."""
+    empty = m == -math.inf
+    return p.masked_fill(empty, 0.0) if bool(empty.any()) else p
 
 
 def _tile_plan(spec: AttentionSpec, ops: "_Operands", bidx, nh: int, nq: int, nk: int, group: int):
@@ -449,6 +463,7 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
         out.zero_()
         lse.fill_(-math.inf)
         return (out.squeeze(0), lse.squeeze(0)) if squeeze else (out, lse)
+    ops.decide_skipping(q, k, v, captured)
     with torch.autocast(q.device.type, enabled=False):
         for bidx in _batch_indices(batch):
             qb, kb, vb = q[bidx], k[bidx], v[bidx]
@@ -461,6 +476,8 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                     p = torch.softmax(s, -1, dtype=sm_dtype)
                     del s
                     _flush_subnormal(p)
+                    if spec.safe_softmax:
+                        p = _safe(p, m)
                     # lse = max + log(sum exp(s - max)), and p at the argmax (its largest element)
                     # is 1 / sum exp(s - max)
                     lse[bidx][h0:h1, a0:a1] = (m.float() - torch.log(p.amax(-1, keepdim=True).float())).squeeze(-1)
@@ -521,10 +538,11 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
     grad_out = grad_out.to(to_dtype(spec.out_dtype))
     # the chain's backward reads a step's input only for tanh (its output) and for the gradient of
     # a captured factor; otherwise the recomputation runs in place like the forward
-    keep_inputs = any(op.kind == "tanh" or op.kind in ("mul", "div") and op.captured_index is not None
+    keep_inputs = any(op.kind in ("tanh", "fn") or op.kind in ("mul", "div") and op.captured_index is not None
                       and dcap[op.captured_index] is not None for op in spec.score_ops)
 
     if nq and nk and math.prod(batch):
+        ops.decide_skipping(q, k, v, captured, grad_out)
         with torch.autocast(q.device.type, enabled=False):
             for bidx in _batch_indices(batch):
                 qb, kb, vb, dob = q[bidx], k[bidx], v[bidx], grad_out[bidx]
@@ -533,23 +551,26 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                     kh = _kv_heads(h0, h1, group)
                     qt, dot = qb[h0:h1, q0:q1], dob[h0:h1, q0:q1]
                     where = (bidx,) + where
-                    for r0, r1, s0, s, inputs, part, _ in _tile_parts(spec, ops, qt, kb, kh, where,
+                    for r0, r1, s0, s, inputs, part, m in _tile_parts(spec, ops, qt, kb, kh, where,
                                                                       keep_inputs=keep_inputs):
                         a0, a1, k0, k1 = part[3:]
                         qr, dor = qt[..., r0:r1, :], dot[..., r0:r1, :]
                         kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
                         p = _flush_subnormal(torch.softmax(s, -1, dtype=sm_dtype))
+                        if spec.safe_softmax:
+                            p = _safe(p, m)
                         pc = p.to(p_dtype) if p.dtype != p_dtype else p
                         if p_drop:
                             keep = _dropout_tile(seed, p_drop, bidx, batch, h0, h1, a0, a1, nq, nk, q.device)
-                            scale = keep * (1.0 / (1.0 - p_drop))
-                            pd = pc * scale
+                            # the forward's own ops, in the probabilities' dtype: a float32 scale
+                            # tensor would promote 16-bit tiles (and the matmuls then refuse them)
+                            pd = pc * keep * (1.0 / (1.0 - p_drop))
                         else:
                             pd = pc
                         dv[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(pd.transpose(-1, -2), dor),
                                                                 group).to(dv.dtype)
                         dpd = torch.matmul(dor, vt.transpose(-1, -2))
-                        dpc = dpd * scale if p_drop else dpd
+                        dpc = dpd * keep * (1.0 / (1.0 - p_drop)) if p_drop else dpd
                         dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
                         ds = torch._softmax_backward_data(dp, p, -1, s.dtype)
                         ds = _chain_backward(spec, ops, inputs, s, ds, part, dcap)
@@ -575,7 +596,7 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
     outs = list(inputs[1:]) + [s_out] if inputs else [None] * (len(steps) - 1) + [s_out]
     ins = list(inputs) if inputs else [None] * len(steps)
     for op, s_in, s_o, in_dt in zip(reversed(steps), reversed(ins), reversed(outs), reversed(in_dtypes)):
-        x = None if op.kind in ("fill", "fill_not", "tanh", "cast") else ops.operand(op, *where)
+        x = None if op.kind in ("fill", "fill_not", "tanh", "cast", "fn") else ops.operand(op, *where)
         kind = op.kind
         d_operand = None
         wants = op.captured_index is not None and dcap[op.captured_index] is not None
@@ -597,6 +618,10 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
             ds = ds * (1 - s_o * s_o)
         elif kind == "cast":
             pass
+        elif kind == "fn":
+            # d f / d s from sympy (pointwise.derivative), written so that its conventions at kinks
+            # are eager's (relu'(0) = 0, clamp' = 1 on the closed interval), evaluated on the tile
+            ds = pointwise.backward(op.fn, op.args, s_in, ds)
         elif kind == "fill":
             ds = ds.masked_fill_(ops.mask(op, where), 0)
         elif kind == "fill_not":

@@ -12,11 +12,19 @@ learnable bias, mixed dtypes) runs on the tiled implementation in ``cpu.py``.
   most one mask step: ``+ tensor`` (additive mask or bias) or a fill with -inf (a boolean mask);
 * one dtype throughout (scores, softmax, probabilities and output: no casts, no promotion);
 * no dropout; 2-D to 4-D operands with equal head dims for q, k and v;
-* rows whose mask removes every key (-inf, or a huge negative value such as finfo.min on every
-  key): eager's softmax gives NaN or a uniform row there, ATen's kernel gives 0 or (through an lse
-  that lost its log-sum to rounding) wrong gradients, so when such a row exists (checked on the
-  mask at run time, reading it once) the call goes to the tiled implementation, which reproduces
-  eager.
+* finite q, k, v (and dO in the backward), checked per call: ATen adds a -inf mask where eager
+  replaces (NaN + -inf is NaN where masked_fill gives -inf) and skips what is_causal removes, so
+  NaN and inf would propagate differently; such calls take the tiled implementation;
+* rows whose mask removes every key with -inf: eager's softmax gives NaN there, ATen's kernel 0
+  (and lse 0), so when such a row exists (checked on the mask) the call goes to the tiled path;
+* ``is_causal`` (keys j > i never computed) only where the removal rule (``removal.py``) proves
+  their probabilities are exactly 0: per call, finite inputs (and a bound of |s| for an additive
+  mask); per row, checked on the lse ATen returns (``removal.rows_ok_from_lse``). When a row fails,
+  the forward is recomputed by the tiled path; the backward decides from the lse it is given, by
+  the same rule, so it never skips where that is not exact;
+* the backward recomputes P = exp(s - lse) from the fp32 lse the forward saved: where |lse| is
+  huge (a row whose every key carries finfo.min: lse = max + log(sum) loses log(sum) to rounding,
+  and P = 1 instead of 1 / Nk), the backward takes the tiled path (``_LSE_LIMIT``).
 Rounding differs from eager only in where the scale is applied (one fp32 rounding).
 """
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Optional, Sequence
 import sympy
 import torch
 
+from . import removal
 from .predicate import as_operand, materialize, parse
 from .spec import AttentionSpec, to_dtype
 
@@ -37,9 +46,11 @@ _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 # float64 stays on the tiled path: our lse output is float32, too coarse for a float64 backward
 _SAME_DTYPES = ("float32", "bfloat16", "float16")
-# mask values at or below this mask a key for any score a model produces; a row of only such keys
-# is "fully masked" (its lse would be dominated by the mask: see _mask)
-_HUGE_NEGATIVE = -1e4
+# ATen's backward recomputes P = exp(s - lse) from the forward's fp32 lse, whose rounding is
+# |lse| * 2^-24: at |lse| <= 2^13 that is <= 2^-11, the order of eager's own rounding of scores of
+# that size; beyond it the lse is dominated by a huge mask value (finfo.min on every key of a row,
+# where log(sum) is lost entirely and P = 1 instead of 1 / Nk) and the backward takes the tiled path
+_LSE_LIMIT = 2.0 ** 13
 
 
 @dataclass(frozen=True)
@@ -98,19 +109,17 @@ def _unexpand(t: torch.Tensor) -> torch.Tensor:
 
 
 def _mask(p: Plan, captured, dtype):
-    """The attn_mask argument, and whether some row of it masks every key."""
+    """The attn_mask argument, and whether some row of it masks every key with -inf."""
     if p.mask_index is None:
         return None, False
     m = _as_4d(captured[p.mask_index])
     if p.mask_kind == "add":
         if m.dtype != dtype:
             return None, True  # a promoting mask: not this kernel's function
-        # A row whose every key carries a huge negative mask (HF's finfo.min on left padding) has
-        # its row max there; ATen saves lse = max + log(sum) in the input dtype, where log(sum)
-        # rounds away next to ~1e38, and its backward then recomputes P = 1 instead of 1 / Nk
-        # (gradients Nk times eager's). -inf rows give NaN in eager and 0 in ATen. Both kinds of
-        # row go to the tiled path, which recomputes the softmax exactly.
-        return m, bool((_unexpand(m).amax(-1) <= _HUGE_NEGATIVE).any())
+        # -inf on every key of a row: NaN in eager, 0 in ATen (the tiled path reproduces eager).
+        # Rows of huge finite values (finfo.min on left padding) are exact in ATen's forward; its
+        # backward checks the lse (_LSE_LIMIT).
+        return m, bool(torch.isneginf(_unexpand(m).amax(-1)).any())
     if m.dtype != torch.bool:
         return None, True
     keep = ~m if p.mask_kind == "fill" else m
@@ -185,8 +194,21 @@ def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
     return mask, causal, empty
 
 
-def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
-    """(scale, attn_mask, is_causal) when ATen's kernel computes this call exactly as eager would."""
+@dataclass(frozen=True)
+class Call:
+    """How one call runs on ATen's kernel: its scale and attn_mask, whether it uses is_causal, and
+    (with is_causal) the removal step and the bound of the elements is_causal drops."""
+
+    scale: float
+    mask: Optional[torch.Tensor]
+    causal: bool = False
+    removal: Optional[removal.Removal] = None
+    worst: float = math.inf
+
+
+def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Call]:
+    """How ATen's kernel computes this call exactly as eager would, before running it (the rows'
+    part of the removal rule is checked on its lse afterwards: ``rows_ok``); None: not at all."""
     p = plan(spec)
     if p is None or not (2 <= q.dim() <= 4) or q.device.type != "cpu":
         return None
@@ -194,19 +216,58 @@ def usable(spec: AttentionSpec, q, k, v, captured) -> Optional[tuple]:
         return None
     if any(t.dtype != q.dtype for t in (k, v)) or str(q.dtype).replace("torch.", "") != spec.qk_dtype:
         return None
+    if not bool(removal.finite(q, k, v, grad_out)):
+        return None  # NaN / inf: the tiled path applies the model's steps as eager does
     if p.mask_kind.startswith("pred_"):
         got = _predicate_mask(p, spec, captured, q, k)
         if got is None or got[2]:
             return None
-        return _scale(p, captured), got[0], got[1]
+        mask, causal = got[0], got[1]
+        if causal:
+            r, worst = _causal_facts(spec, q, k, v, captured, grad_out)
+            if r is None:
+                return None  # the predicate's causal part must then be a dense mask: tiled path
+            return Call(_scale(p, captured), mask, True, r, worst)
+        return Call(_scale(p, captured), mask)
     mask, has_empty_rows = _mask(p, captured, q.dtype)
     if has_empty_rows:
         return None
+    if p.mask_kind in ("fill", "fill_not") and not _scores_finite(spec, q, k, captured):
+        return None  # ATen adds the -inf where eager replaces: the same only for finite scores
     # spec.causal: the mask keeps no element above the diagonal (proven by the pass), so ATen's
-    # is_causal, which skips those tiles, removes only elements the mask removes; every row here
-    # keeps a key (checked above), so their exp underflows to exactly 0 either way
-    causal = spec.causal and mask is not None and q.shape[-2] <= k.shape[-2]
-    return _scale(p, captured), mask, causal
+    # is_causal removes only masked elements; whether that is exact is the removal rule's question
+    if spec.causal and mask is not None and q.shape[-2] <= k.shape[-2]:
+        r, worst = _causal_facts(spec, q, k, v, captured, grad_out)
+        if r is not None:
+            return Call(_scale(p, captured), mask, True, r, worst)
+    return Call(_scale(p, captured), mask)
+
+
+def _scores_finite(spec: AttentionSpec, q, k, captured) -> bool:
+    return math.isfinite(float(removal.score_bound(spec, q, k, captured, tight=False).item()))
+
+
+def _causal_facts(spec: AttentionSpec, q, k, v, captured, grad_out):
+    """(removal, worst) when the call may drop the keys j > i, else (None, inf)."""
+    r = removal.causal_removal(spec)
+    if r is None:
+        return None, math.inf
+    worst = float(removal.worst_masked(spec, r, q, k, v, captured, grad_out).item())
+    return (r, worst) if worst < math.inf else (None, math.inf)
+
+
+def rows_ok(call: Call, lse: torch.Tensor, nk: int, backward: bool = False) -> bool:
+    """The per-row half of the rules, on the lse of this call's forward: every row has a finite lse;
+    with is_causal, every row's dropped keys have probability exactly 0
+    (``removal.rows_ok_from_lse``); in the backward, |lse| <= _LSE_LIMIT."""
+    if lse.numel() == 0:
+        return True
+    ok = torch.isfinite(lse)
+    if backward:
+        ok &= lse.abs() <= _LSE_LIMIT
+    if call.causal:
+        ok &= removal.rows_ok_from_lse(lse, nk, call.worst, call.removal)
+    return bool(ok.all())
 
 
 def forward(q, k, v, scale, mask, causal=False):

@@ -46,6 +46,10 @@ def keep_mask(seed: int, index: torch.Tensor, p: float) -> torch.Tensor:
     return hash_index(seed, index) >= threshold(p)
 
 
+# seeds are drawn in [0, SEED_HIGH): the hash reads the low 32 bits
+SEED_HIGH = 2 ** 31 - 1
+
+
 def new_seed(device: torch.device) -> torch.Tensor:
     """A fresh seed from torch's default generator, so ``torch.manual_seed`` makes runs repeatable."""
-    return torch.randint(0, 2 ** 31 - 1, (1,), dtype=torch.int64, device="cpu")
+    return torch.randint(0, SEED_HIGH, (1,), dtype=torch.int64, device="cpu")

@@ -3,13 +3,14 @@
 Grouped-query attention: k and v may have fewer heads (dim -3) than q, G = Hq / Hkv; query head h
 reads key/value head h // G, as after Llama's ``repeat_kv``, without the repeated copies.
 
-    fusion_pass::attention(q, k, v, captured, spec) -> (out, lse, seed)
+    fusion_pass::attention(q, k, v, captured, spec, seed=None) -> (out, lse, seed)
     fusion_pass::attention_backward(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad)
         -> (dq, dk, dv, dcaptured)
 
 ``spec`` is ``AttentionSpec.to_key()``. ``captured`` are the tensors the score chain reads (bias,
-masks, 0-dim scale tensors), in the spec's order. ``seed`` is the dropout seed drawn by the forward
-(from torch's default generator) and handed to the backward, which regenerates the same mask.
+masks, 0-dim scale tensors), in the spec's order. ``seed`` is the dropout seed, an input the rewriter
+draws with ``torch.randint`` where the model's dropout drew (see ``attention``); the forward returns
+it and the backward regenerates the same mask from it.
 
 Shapes: q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv) with equal batch dims "...";
 captured tensors broadcastable to (..., Nq, Nk). Results: out (..., Nq, Dv), lse (..., Nq) float32.
@@ -18,18 +19,20 @@ Which kernel runs: on CUDA tensors the generated Triton kernels (``triton_attent
 ATen's fused flash kernel when the spec is exactly its function (``cpu_flash.py`` says when);
 everywhere else the tiled implementation of ``cpu.py`` (device-agnostic torch ops, never an N x N
 buffer), which covers every spec. Forward and backward decide independently and consistently:
-both compute the same function, and the tiled backward does not read the forward's lse.
+both compute the same function, and the tiled backward does not read the forward's lse. Every
+path skips a masked key only under the one rule of ``removal.py`` (exact zero probability, NaN and
+inf propagating as in eager), checked per call and per row.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from . import cpu, cpu_flash, predicate
+from . import cpu, cpu_flash, predicate, removal
 from .dropout import new_seed
 from .spec import AttentionSpec, to_dtype
 
@@ -166,25 +169,47 @@ def _triton_backward(grad_out, q, k, v, captured, out, lse, s, ts, tcaptured, or
                         for c, g, ng in zip(captured, grads, needs_grad)]
 
 
+# Dropout's randomness is an input: the rewriter draws ``seed`` with torch.randint at the position
+# of the model's own dropout (so the program's order of random draws is kept), and the op is a pure
+# function of its inputs. Two dropout sites have two randint nodes, which no compiler pass merges
+# (they are ATen random ops), so their calls differ; activation checkpointing recomputes the op with
+# the saved seed, so the recomputed mask is the forward's; and nothing about the op is effectful, so
+# calls without dropout are merged, reordered and recomputed like any pure op. Called directly (not
+# from a rewritten graph) without a seed, a dropout spec draws one here: the eager convenience.
 @torch.library.custom_op("fusion_pass::attention", mutates_args=())
-def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
-              ) -> Tuple[Tensor, Tensor, Tensor]:
+def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str,
+              seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     s = AttentionSpec.from_key(spec)
     _check(q, k, v, captured, s)
-    seed = new_seed(q.device) if s.dropout_p else torch.zeros(1, dtype=torch.int64)
+    if not s.dropout_p:
+        seed = torch.zeros(1, dtype=torch.int64)
+    elif seed is None:
+        seed = new_seed(q.device)
+    else:
+        seed = seed.reshape(1).to("cpu", torch.int64, copy=True)  # an output may not alias an input
     ts, tcaptured, _ = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured, None)
     if _use_triton(q, k, v, ts):
         from . import triton_attention
         out, lse = triton_attention.forward(q, k, v, tcaptured, ts, int(seed.item()))
-    elif (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
-        out, lse = cpu_flash.forward(q, k, v, *fast)
+    elif (got := _flash_forward(s, q, k, v, captured)) is not None:
+        out, lse = got
     else:
         out, lse = cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
     return out.contiguous(), lse.contiguous(), seed
 
 
+def _flash_forward(s: AttentionSpec, q, k, v, captured):
+    """ATen's flash kernel when it computes this call exactly (``cpu_flash.usable``), its rows
+    checked on the lse it returns (``cpu_flash.rows_ok``); None: the tiled path computes it."""
+    fast = cpu_flash.usable(s, q, k, v, captured)
+    if fast is None:
+        return None
+    out, lse = cpu_flash.forward(q, k, v, fast.scale, fast.mask, fast.causal)
+    return (out, lse) if cpu_flash.rows_ok(fast, lse, k.shape[-2]) else None
+
+
 @attention.register_fake
-def _attention_fake(q, k, v, captured, spec):
+def _attention_fake(q, k, v, captured, spec, seed=None):
     s = AttentionSpec.from_key(spec)
     out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=to_dtype(s.out_dtype))
     lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float32)
@@ -202,8 +227,9 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
     if _use_triton(q, k, v, ts):
         dq, dk, dv, dcap = _triton_backward(grad_out, q, k, v, captured, out, lse, s, ts, tcaptured,
                                             origin, int(seed.item()), needs_grad)
-    elif not any(needs_grad) and (fast := cpu_flash.usable(s, q, k, v, captured)) is not None:
-        dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, *fast)
+    elif not any(needs_grad) and (fast := cpu_flash.usable(s, q, k, v, captured, grad_out)) is not None \
+            and cpu_flash.rows_ok(fast, lse, k.shape[-2], backward=True):
+        dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, fast.scale, fast.mask, fast.causal)
         dcap = []
     else:
         dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
@@ -256,7 +282,10 @@ def _in_grad_layout(g: Tensor) -> Tensor:
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, captured, spec = inputs
+    q, k, v, captured, spec = inputs[:5]
+    # the dispatcher drops an argument equal to its default, and the backward must return one
+    # gradient per argument it kept: seed=None is dropped
+    ctx.n_grads = 5 if inputs[5] is None else 6
     out, lse, seed = output
     ctx.spec = spec
     ctx.n_captured = len(captured)
@@ -273,7 +302,7 @@ def _backward(ctx, grad_out, grad_lse, grad_seed):
         grad_out, q, k, v, captured, out, lse, seed, ctx.spec, needs)
     it = iter(dcap)
     dcaptured = [next(it) if n else None for n in needs]
-    return dq, dk, dv, dcaptured, None
+    return (dq, dk, dv, dcaptured, None, None)[:ctx.n_grads]  # spec and seed have no gradient
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
@@ -282,21 +311,27 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 def kernel_summary(spec: AttentionSpec) -> str:
     """Which kernels a spec runs on, in words, for the report."""
     p = cpu_flash.plan(spec)
+    causal = removal.causal_removal(spec) is not None
+    skips = removal.skip_removal(spec) is not None
     if p is not None and p.mask_kind.startswith("pred_"):
         cpu_kind = ("ATen flash kernel when the mask is causal and/or depends on only one of i, j "
                     "(is_causal plus a (B, 1, 1, Nk)-sized mask built from the predicate); "
                     "otherwise, and for rows with no key, the tiled implementation")
     elif p is not None:
-        cpu_kind = ("ATen flash kernel" + (", skipping tiles above the diagonal" if spec.causal else "")
-                    + " (tiled implementation for rows with no key and for bias gradients)")
+        cpu_kind = ("ATen flash kernel" + (", skipping tiles above the diagonal (is_causal)" if causal else "")
+                    + " (tiled implementation for rows with no key, for inputs that are not finite "
+                      "and for bias gradients)")
     else:
         cpu_kind = "tiled implementation"
-    if spec.masks and spec.score_ops and cpu._skips(spec, spec.score_ops[-1]):
+    if skips:
         cpu_kind += "; the tiled implementation skips the keys no row of a query block keeps"
+    rule = removal.describe(spec)
+    rule = f"; {rule}" if rule else ""
     if spec.biases:
         return (f"tiled implementation on every device, computing the bias from the indices per tile "
-                f"(no Triton kernel takes biases yet){'; it skips the keys no row of a query block keeps' if spec.masks and cpu._skips(spec, spec.score_ops[-1]) else ''}")
-    return f"CUDA: generated Triton kernels; CPU: {cpu_kind}"
+                f"(no Triton kernel takes biases yet)"
+                f"{'; it skips the keys no row of a query block keeps' if skips else ''}{rule}")
+    return f"CUDA: generated Triton kernels; CPU: {cpu_kind}{rule}"
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor],

@@ -27,10 +27,14 @@ Kernels (one generated module per spec; ``generate_source(spec)`` returns its te
   semantics, data tensors read with torch's indexing rules) and evaluated per tile, giving the
   tensor the graph's mask held (bool, or where(keep, kept, masked) read as fp32); no N x N mask.
 * Block skipping (``SKIP``, a constexpr of the forward, dq and dkdv kernels): when the chain ends
-  in a predicate step that leaves masked scores at <= -1e4 (``skip_op``, cpu._skips' rule), the
-  host computes per (b, h, query block) the range of key blocks holding a kept key, exactly
-  (``block_ranges``; a block with a row that keeps no key visits every key block, so such rows
-  are eager's uniform or NaN rows), and the transposed ranges for the dK/dV kernel.
+  in a predicate step whose masked keys the removal rule lets a kernel skip (``removal.py``,
+  ``skip_op``), the host computes per (b, h, query block) the range of key blocks holding a kept
+  key, exactly (``block_ranges``; a block with a row that keeps no key visits every key block, so
+  such rows are eager's uniform or NaN rows), and the transposed ranges for the dK/dV kernel. The
+  rule's run-time half stays on the device: a call whose inputs are not finite (or whose scores
+  have no finite bound) visits every block; the forward kernel checks each row's max against
+  THRESH and recomputes its query block over every key block when a row fails; the backward
+  widens the ranges of the query blocks whose saved lse fails the same rule.
 
 The score chain is emitted as ``score_mod(s, c0, ..., m0, ...)`` and its reverse-mode derivative as
 ``score_mod_backward(ds, s, c0, ...)``. Everything in the kernels is fp32 except the dot operands
@@ -46,13 +50,16 @@ not depend on the batch index / head) with torch ops, in chunks, per forward and
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import importlib.util
+import linecache
 import math
 import os
+import stat
 import sys
 import tempfile
+import types
 import weakref
 from typing import List, Optional, Sequence
 
@@ -60,12 +67,12 @@ import sympy
 import torch
 import triton
 
-from . import predicate
+from . import pointwise, predicate, removal
 from .dropout import threshold
 from .spec import AttentionSpec, ScoreOp, to_dtype
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-_HANDLED_KINDS = {"mul", "div", "add", "sub", "rsub", "fill", "fill_not", "tanh", "cast"}
+_HANDLED_KINDS = {"mul", "div", "add", "sub", "rsub", "fill", "fill_not", "tanh", "cast", "fn"}
 _ARITH_KINDS = {"mul", "div", "add", "sub", "rsub"}
 _TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16"}
 _FP32_MAX = float(torch.finfo(torch.float32).max)
@@ -192,7 +199,7 @@ def _mod(a, b):
 @@MASK_FUNCS@@
 @triton.jit(do_not_specialize=["seed"])
 def attn_fwd(
-    Q, K, V, Out, LSE,@@OPERAND_ARGS@@ RANGES, r_sb, r_sh,
+    Q, K, V, Out, LSE,@@OPERAND_ARGS@@ RANGES, r_sb, r_sh, THRESH,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -213,27 +220,44 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
     lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
-    for blk_n in range(lo, hi):
-        start_n = blk_n * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N_K
-        valid = m_valid[:, None] & n_valid[None, :]
-        k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
-        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
-@@LOAD_OPERANDS@@
-        s = score_mod(s@@CARGS@@)
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row whose keys so far are all -inf keeps m = -inf; subtracting 0 instead avoids
-        # -inf - -inf = NaN, so a later block with finite scores still counts
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp(s - m_safe[:, None])
-        alpha = tl.exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-@@FWD_DROPOUT@@
-        v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
-        m_i = m_new
+    n_blocks = tl.cdiv(N_K, BLOCK_N)
+    # with SKIP, a second pass over every key block for a block with a row on which skipping is
+    # not exact (kernels/removal.py: its max not finite, or less than THRESH): no host round trip
+    for attempt in tl.static_range(2 if SKIP else 1):
+        if attempt == 1:
+            m_i = tl.where(redo, float("-inf"), m_i)
+            l_i = tl.where(redo, 0.0, l_i)
+            acc = tl.where(redo, 0.0, acc)
+            lo = 0
+            hi = tl.where(redo, n_blocks, 0)
+        for blk_n in range(lo, hi):
+            start_n = blk_n * BLOCK_N
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            n_valid = offs_n < N_K
+            valid = m_valid[:, None] & n_valid[None, :]
+            k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+            s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+@@LOAD_OPERANDS_12@@
+            s = score_mod(s@@CARGS@@)
+            s = tl.where(n_valid[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row whose keys so far are all -inf keeps m = -inf; subtracting 0 instead avoids
+            # -inf - -inf = NaN, so a later block with finite scores still counts
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+@@FWD_DROPOUT_12@@
+            v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
+            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
+            m_i = m_new
+        if attempt == 0:
+            if SKIP:
+                # removal.rows_ok: m finite and m - THRESH >= |m| 2^-20 (THRESH: worst + margin)
+                ok = (m_i - tl.load(THRESH) >= tl.abs(m_i) * 9.5367431640625e-07) \
+                    & (m_i < float("inf")) & (m_i > float("-inf"))
+                bad = tl.sum((m_valid & ~ok).to(tl.int32), 0)
+                redo = (bad > 0) & ((lo > 0) | (hi < n_blocks))
     # a fully masked row (all -inf) has l_i = 0: 0/0 gives eager's NaN row, and lse is NaN as in
     # cpu.py (max - log(max p) with p NaN)
     out = acc / l_i[:, None]
@@ -453,6 +477,8 @@ def _step(op: ScoreOp, spec: AttentionSpec, s: str) -> str:
         return f"tl.where({_mask_var(op)} != 0, {_lit(op.value)}, {s})"
     if k == "fill_not":
         return f"tl.where({_mask_var(op)} != 0, {s}, {_lit(op.value)})"
+    if k == "fn":  # printed from the function's sympy form (pointwise.py)
+        return pointwise.triton_source(op.fn, op.args, s)[0]
     raise AssertionError(k)
 
 
@@ -505,6 +531,8 @@ def _chain_backward_lines(spec: AttentionSpec) -> List[str]:
                 lines.append("ds = -ds")
         elif k == "tanh":
             lines.append(f"ds = ds * (1.0 - {s_out} * {s_out})")
+        elif k == "fn":  # d f / d s from sympy (pointwise.derivative), evaluated at the step's input
+            lines.append(f"ds = ds * {pointwise.triton_source(op.fn, op.args, s_in)[1]}")
         elif k == "fill":
             lines.append(f"ds = tl.where({_mask_var(op)} != 0, 0.0, ds)")
         elif k == "fill_not":
@@ -795,6 +823,7 @@ def generate_source(spec: AttentionSpec) -> str:
         "@@BWD_DROPOUT_12@@": _reindent(_BWD_DROPOUT, 4) if drop else "            pd = p",
         "@@CARGS@@": cparams,
         "@@FWD_DROPOUT@@": _FWD_DROPOUT if drop else "",
+        "@@FWD_DROPOUT_12@@": _reindent(_FWD_DROPOUT, 4) if drop else "",
         "@@BWD_DROPOUT@@": _BWD_DROPOUT if drop else "        pd = p",
         "@@STORE_DC@@": _indent(store, 8) if store else "",
         "@@DROP_SCALE@@": _lit(1.0 / (1.0 - spec.dropout_p)) if drop else "1.0",
@@ -813,19 +842,100 @@ def generate_source(spec: AttentionSpec) -> str:
     # markers inside lines, and @@DROP_SCALE@@ inside the dropout snippets just inserted
     for marker, rep in subs.items():
         src = src.replace(marker, rep)
+    if spec.safe_softmax:
+        src = _safe_softmax(src)
+    return src
+
+
+# SDPA's safe softmax (spec.safe_softmax): a row whose every score is -inf (l = 0 after the online
+# softmax) gives output 0 and lse = +inf, so that the backward's p = exp(s - lse) is 0 on it, as
+# are its gradients; a NaN row stays NaN (l is NaN, not 0)
+_SAFE_EDITS = (
+    ("    out = acc / l_i[:, None]\n",
+     "    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])\n"),
+    ('    lse = tl.where(l_i == 0.0, float("nan"), m_i + tl.log(l_i))\n',
+     '    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log(l_i))\n'),
+    ("        inv_r = 1.0 / tl.where(m_valid, r, 1.0)",
+     "        inv_r = tl.where(r == 0.0, 0.0, 1.0 / tl.where(m_valid, r, 1.0))"),
+)
+
+
+def _safe_softmax(src: str) -> str:
+    for old, new in _SAFE_EDITS:
+        if old not in src:
+            raise AssertionError(f"safe softmax: template line not found: {old.strip()}")
+        src = src.replace(old, new)
     return src
 
 
 # ---------------------------------------------------------------------------------------------
-# Loading: one module per spec, written to disk so triton.jit can read its source
+# Loading: one module per spec, its source also written to a private per-user cache folder
 # ---------------------------------------------------------------------------------------------
+#
+# Security: a shared temporary folder with predictable names lets any local user plant code that
+# the next compile imports. So (1) the folder is per user (``cache_dir``): $FUSION_PASS_CACHE_DIR,
+# else $XDG_CACHE_HOME/fusion_pass/kernels, else ~/.cache/fusion_pass/kernels, created 0o700 and
+# used only when it is a directory owned by this user that neither group nor others may write
+# (otherwise a fresh private folder from tempfile.mkdtemp); (2) file names are the SHA-256 of the
+# content; (3) the file's bytes are compared with the generated source, and rewritten atomically
+# when they differ; (4) the module is executed from the generated source in memory, and linecache
+# is primed with it, so neither Python nor Triton (which reads a kernel's source through
+# inspect/linecache) ever runs what is on disk: the file is there for people and tools to read.
 
 _MODULES: dict = {}
-CACHE_DIR = os.path.join(tempfile.gettempdir(), "fusion_pass_kernels")
+CACHE_ENV = "FUSION_PASS_CACHE_DIR"
+_FALLBACK_DIR: Optional[str] = None
 
 
 def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _private_dir(path: str) -> bool:
+    """A directory (not a symlink to one) owned by this user, not writable by group or others."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not (st.st_mode & 0o022)
+
+
+def cache_dir() -> str:
+    """The folder generated kernel sources are written to (see the security note above)."""
+    global _FALLBACK_DIR
+    base = os.environ.get(CACHE_ENV)
+    if not base:
+        root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        base = os.path.join(root, "fusion_pass", "kernels")
+    try:
+        os.makedirs(base, mode=0o700, exist_ok=True)
+    except OSError:
+        pass
+    if _private_dir(base):
+        return base
+    if _FALLBACK_DIR is None or not _private_dir(_FALLBACK_DIR):
+        _FALLBACK_DIR = tempfile.mkdtemp(prefix="fusion_pass_kernels_")  # 0o700, ours
+    return _FALLBACK_DIR
+
+
+def _write_verified(path: str, data: bytes) -> None:
+    """Make the file at ``path`` hold exactly ``data``: read it back, and when it differs (or is
+    missing) write a new file beside it and rename it over (atomic: no reader sees half a file)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".attn_", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def kernels(spec: AttentionSpec):
@@ -834,20 +944,18 @@ def kernels(spec: AttentionSpec):
     mod = _MODULES.get(key)
     if mod is None:
         src = generate_source(spec)
-        digest = hashlib.sha256(src.encode()).hexdigest()[:20]
-        os.makedirs(CACHE_DIR, exist_ok=True)
-        path = os.path.join(CACHE_DIR, f"attn_{digest}.py")
-        if not os.path.exists(path):
-            # write-then-rename so concurrent processes never import a half-written file
-            tmp = f"{path}.{os.getpid()}.tmp"
-            with open(tmp, "w") as f:
-                f.write(src)
-            os.replace(tmp, path)
+        data = src.encode()
+        digest = hashlib.sha256(data).hexdigest()[:32]
+        path = os.path.join(cache_dir(), f"attn_{digest}.py")
+        _write_verified(path, data)
+        # what runs is ``src`` itself: linecache serves it to inspect (and so to triton.jit), and
+        # an entry without mtime is never re-read from disk
+        linecache.cache[path] = (len(src), None, src.splitlines(True), path)
         name = f"fusion_pass_generated.attn_{digest}_{int(_interpret())}"
-        mspec = importlib.util.spec_from_file_location(name, path)
-        mod = importlib.util.module_from_spec(mspec)
+        mod = types.ModuleType(name)
+        mod.__file__ = path
         sys.modules[name] = mod  # triton resolves a kernel's globals through its module
-        mspec.loader.exec_module(mod)
+        exec(compile(src, path, "exec"), mod.__dict__)  # noqa: S102 - our generated source
         _MODULES[key] = mod
     return mod
 
@@ -882,6 +990,8 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
     for op in spec.score_ops:
         if op.kind not in _HANDLED_KINDS:
             return False
+        if op.kind == "fn" and pointwise.triton_source(op.fn, op.args, "s") is None:
+            return False  # the printer lacks a construct: the tiled implementation runs it
         if op.operand == "predicate":
             if op.kind in ("fill", "fill_not") and (op.value is None or not _fits_fp32(op.value)):
                 return False
@@ -986,9 +1096,16 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     bm, bn, warps, stages = _blocks(d, dv, backward=False)
     grid = (triton.cdiv(nq, bm), B * H)
     ranges = block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+    thresh = torch.zeros(1, dtype=torch.float32, device=q.device)
+    if ranges is not None:
+        # the removal rule (removal.py) per call, on the device: a call that must not skip visits
+        # every key block; the kernel checks each row's margin against THRESH itself
+        thresh = _threshold32(spec, q4, k4, v4, captured)
+        full = torch.tensor([0, triton.cdiv(nk, bn)], dtype=torch.int32, device=q.device)
+        ranges = (torch.where(torch.isposinf(thresh), full, ranges[0]).contiguous(), ranges[1])
     mod.attn_fwd[grid](
         q4, k4, v4, out, lse, *_operands(spec, captured, (B, H, nq, nk)),
-        *_range_args(ranges[0] if ranges else None, B, H, q.device),
+        *_range_args(ranges[0] if ranges else None, B, H, q.device), thresh,
         *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
         H, G, nq, nk, d, dv, _seed32(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
@@ -1023,6 +1140,8 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     grads = _grad_indices(spec)
     n_mb, n_nb = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
     ranges = block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+    if ranges is not None:
+        ranges = _backward_ranges(spec, ranges, q4, k4, v4, do4, captured, lse3, bm, n_mb, n_nb)
     skip = ranges is not None
     # skipped tiles write no operand gradient: their buffers start at zero (the exact gradient of
     # a tile whose probabilities are all 0)
@@ -1070,8 +1189,6 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
 # Block skipping: which key blocks each query block visits (and the transpose, for dK/dV)
 # ---------------------------------------------------------------------------------------------
 
-# the same rule as cpu._skips: masked elements reach the softmax at or below this
-_MASKED = -1e4
 # elements of one chunk of keep evaluated at once while building the block ranges (the
 # evaluation's int64 intermediates are 8x that in bytes)
 RANGE_CHUNK_ELEMENTS = {"cuda": 1 << 24}
@@ -1079,20 +1196,10 @@ _RANGE_CHUNK_DEFAULT = 1 << 22
 
 
 def skip_op(spec: AttentionSpec) -> Optional[ScoreOp]:
-    """The predicate step whose masked keys the kernels may skip (cpu._skips' rule): the chain's
-    last step (nothing after it can lift a masked score), masked scores at <= -1e4 or -inf (their
-    exp(s - max) is 0 on a row that keeps a key), no dropout; else None."""
-    if not spec.score_ops or spec.dropout_p:
-        return None
-    op = spec.score_ops[-1]
-    if op.operand != "predicate":
-        return None
-    m = spec.masks[op.index]
-    if op.kind == "add":
-        ok = m.kind == "additive" and m.kept == 0 and _mask_value(m, m.masked) <= _MASKED
-    else:
-        ok = op.kind in ("fill", "fill_not") and op.value is not None and op.value <= _MASKED
-    return op if ok else None
+    """The predicate step whose masked keys the kernels may skip: the chain's last step, when the
+    removal rule (``removal.skip_removal``) allows skipping at all; whether a call and each row
+    may is decided at run time (``_threshold32``, the forward kernel's check, ``_backward_ranges``)."""
+    return spec.score_ops[-1] if removal.skip_removal(spec) is not None else None
 
 
 # block ranges computed from data tensors, shared by the calls (the layers) that read the same data:
@@ -1245,6 +1352,36 @@ def _linear_block_ranges(m, invert: bool, sizes, nq: int, nk: int, block_m: int,
     klo, khi = klo.clamp(0, n_nb), khi.clamp(0, n_nb)
     return _ranges(klo.reshape(1, 1, n_mb), khi.reshape(1, 1, n_mb), rowless.reshape(1, 1, n_mb),
                    n_mb, n_nb, dev)
+
+
+def _threshold32(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> torch.Tensor:
+    """THRESH of the forward kernel, a 1-element fp32 tensor on q's device: the least row max on
+    which skipping is exact in this call (``removal.threshold``), rounded up to fp32; +inf when
+    the call must not skip. ``finite_scores``: Triton's max does not propagate NaN, so the kernels
+    skip only where the scores are provably finite."""
+    r = removal.skip_removal(spec)
+    worst = removal.worst_masked(spec, r, q, k, v, captured, grad_out, finite_scores=True)
+    thr = removal.threshold(worst, r)
+    t32 = thr.float()
+    t32 = torch.where(t32.double() < thr, torch.nextafter(t32, torch.full_like(t32, math.inf)), t32)
+    return t32.reshape(1)
+
+
+def _backward_ranges(spec: AttentionSpec, ranges, q, k, v, do, captured, lse, bm: int, n_mb: int,
+                     n_nb: int):
+    """The backward's block ranges: the forward's, except that every query block with a row on
+    which the removal rule does not prove skipping exact, decided from the lse the forward saved
+    (``removal.rows_ok_from_lse``, with dO among the inputs that must be finite), visits every
+    key block (and the dK/dV ranges follow). Torch ops on the device: no host round trip."""
+    r = removal.skip_removal(spec)
+    B, H, nq = lse.shape
+    worst = removal.worst_masked(spec, r, q, k, v, captured, do, finite_scores=True)
+    fail = ~removal.rows_ok_from_lse(lse, k.shape[-2], worst, r)
+    fail = torch.nn.functional.pad(fail, (0, n_mb * bm - nq)).reshape(B, H, n_mb, bm).any(-1)
+    rows = ranges[0]
+    lo = rows[..., 0].expand(B, H, n_mb)
+    hi = rows[..., 1].expand(B, H, n_mb)
+    return _ranges(lo, hi, fail, n_mb, n_nb, lse.device)
 
 
 def _range_args(ranges: Optional[torch.Tensor], B: int, H: int, device):

@@ -214,11 +214,15 @@ def test_fast_path_is_taken_only_for_its_exact_function():
     assert cpu_flash.usable(scale_bias, q, q, q, [torch.zeros(2, 1, 1, 8)]) is not None
     # a mask that removes every key of a row: eager gives NaN, ATen's kernel 0 -> tiled path
     assert cpu_flash.usable(scale_bias, q, q, q, [torch.full((8,), -math.inf)]) is None
-    # ... and one whose keys all carry finfo.min (HF's left padding): ATen's saved lse loses its
-    # log-sum next to 1e38 and its backward goes wrong -> tiled path
+    # ... and one whose keys all carry finfo.min (HF's left padding): ATen's forward is exact, but
+    # its saved lse loses its log-sum next to 1e38 and its backward would go wrong -> tiled backward
     padded = torch.zeros(2, 1, 8, 8)
     padded[1, :, :3] = torch.finfo(torch.float32).min
-    assert cpu_flash.usable(scale_bias, q, q, q, [padded]) is None
+    call = cpu_flash.usable(scale_bias, q, q, q, [padded])
+    _, lse = cpu_flash.forward(q, q, q, call.scale, call.mask, call.causal)
+    assert cpu_flash.rows_ok(call, lse, 8) and not cpu_flash.rows_ok(call, lse, 8, backward=True)
+    # inputs that are not finite: the tiled path, which applies the model's steps as eager does
+    assert cpu_flash.usable(scale_bias, q.masked_fill(q > 2, math.nan), q, q, [padded]) is None
     # bias after a soft-cap, a finite replacing fill, dropout: not ATen's function
     softcap = _spec([dict(kind="tanh"), dict(kind="add", operand="tensor", index=0)], ("tensor",), f32)
     fill = _spec([dict(kind="fill", index=0, value=-1e4)], ("tensor",), f32)
