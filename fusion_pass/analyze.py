@@ -14,6 +14,7 @@ Hands on: ``Analysis`` (spec + graph operands) to the rewriter.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import operator
 
@@ -119,6 +120,8 @@ def _number(x) -> bool:
 
 
 def analyse(region: Region) -> Union[Analysis, NearMiss]:
+    if region.sdpa is not None:
+        return _analyse_sdpa(region)
     site = region.site
     qv, ktv, vv = value(region.q), value(region.kt), value(region.v)
     if region.group > 1:  # the checks below are on the products' own (repeated) operands
@@ -269,6 +272,109 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                     masks=lines)
 
 
+def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
+    """scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa) as
+    a spec: scale, then the mask (a boolean mask keeps where True: ``where(m, s, -inf)``; a float
+    mask is added; ``is_causal`` keeps j <= i, top-left aligned as SDPA's own), softmax in float32,
+    dropout, P @ V. SDPA's softmax is *safe*: a row whose every score is -inf gives zeros (not
+    eager softmax's NaN), hence ``safe_softmax``. The site is taken only when that gains: when the
+    mask is proven a predicate, so the kernels skip tiles and never read an N x N mask; an SDPA call
+    with no mask, with ``is_causal`` alone or with a data mask already runs ATen's fused kernel,
+    and is reported as kept."""
+    op, site, node = region.sdpa, region.site, region.pv
+    kw = op.kwargs
+    qv, kv, vv, ov = value(region.q), value(region.kt), value(region.repeats[1] if region.group > 1
+                                                               else region.v), value(node)
+    if not all(isinstance(t, torch.Tensor) for t in (qv, kv, vv, ov)):
+        return NearMiss(site, node.name, "no example value recorded for q, k, v or the output")
+    if not (qv.dim() == kv.dim() == vv.dim() >= 2):
+        return NearMiss(site, node.name, f"q, k, v have ranks {qv.dim()}, {kv.dim()}, {vv.dim()}")
+    if qv.dtype not in FLOAT_DTYPES or kv.dtype != qv.dtype or vv.dtype != qv.dtype:
+        return NearMiss(site, node.name, "q, k, v are not of one floating dtype")
+    gqa = kw.get("enable_gqa")
+    if not isinstance(gqa, bool):
+        return NearMiss(site, node.name, "enable_gqa is a run-time value")
+    qb, kb = tuple(qv.shape[:-2]), tuple(kv.shape[:-2])
+    if gqa and qv.dim() >= 3 and not _same(qb[-1], kb[-1]):
+        if not (_same_shape(qb[:-1], kb[:-1]) and isinstance(qb[-1], int) and isinstance(kb[-1], int)
+                and kb[-1] > 0 and qb[-1] % kb[-1] == 0):
+            return NearMiss(site, node.name, "enable_gqa with head counts that do not divide")
+        region.group = qb[-1] // kb[-1]
+    elif not _same_shape(qb, kb):
+        return NearMiss(site, node.name, f"batch dims of q {tuple(qv.shape)} and k {tuple(kv.shape)} "
+                        "are not provably equal")
+    if not (_same_shape(kb, tuple(vv.shape[:-2])) and _same(qv.shape[-1], kv.shape[-1])
+            and _same(kv.shape[-2], vv.shape[-2])):
+        return NearMiss(site, node.name, f"k {tuple(kv.shape)} and v {tuple(vv.shape)} do not pair, "
+                        f"or q {tuple(qv.shape)} and k have different head dims")
+    p = kw.get("dropout_p")
+    if not _number(p) or not 0 <= p < 1:
+        return NearMiss(site, node.name, f"dropout_p {describe_value(p)} is not a constant in [0, 1)")
+    causal = kw.get("is_causal")
+    if not isinstance(causal, bool):
+        return NearMiss(site, node.name, "is_causal is a run-time value")
+    mask = kw.get("attn_mask")
+    if causal and mask is not None:
+        return NearMiss(site, node.name, "attn_mask together with is_causal (SDPA refuses it)")
+    if causal or mask is None:
+        return NearMiss(site, node.name, "kept: SDPA's own fused kernel is already the fastest exact "
+                        "kernel for this call (" + ("is_causal alone: it skips the tiles above the "
+                        "diagonal itself" if causal else "no mask: nothing to skip") + ")", kept=True)
+
+    dt = qv.dtype
+    acc = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt  # SDPA's score dtype
+    da = dtype_name(acc)
+    score_shape = tuple(qv.shape[:-1]) + (kv.shape[-2],)
+    captured, ops = _Captured(), []
+    scale = kw.get("scale")
+    if scale is None:
+        e = qv.shape[-1]
+        if isinstance(e, int):
+            ops.append(ScoreOp("mul", "const", value=1.0 / math.sqrt(e), dtype=da))
+        else:  # a symbolic head dim: 1 / sqrt(q.size(-1)) computed in the graph, read per call
+            ops.append(ScoreOp("mul", "scalar", index=captured.add(region.q, "scalar",
+                                                                   (("inv_sqrt_size", -1),)), dtype=da))
+    elif _number(scale):
+        ops.append(ScoreOp("mul", "const", value=float(scale), dtype=da))
+    elif isinstance(scale, fx.Node) and isinstance(value(scale), (torch.SymFloat, torch.SymInt)):
+        ops.append(ScoreOp("mul", "scalar", index=captured.add(scale, "symnum"), dtype=da))
+    else:
+        return NearMiss(site, node.name, f"scale {describe_value(scale)} is not a number")
+    if mask is not None:
+        mv = value(mask)
+        if not isinstance(mask, fx.Node) or not isinstance(mv, torch.Tensor):
+            return NearMiss(site, node.name, "attn_mask is not a graph tensor")
+        if not _broadcasts_into(tuple(mv.shape), score_shape):
+            return NearMiss(site, node.name, f"attn_mask {tuple(mv.shape)} does not broadcast into "
+                            f"the scores {score_shape}")
+        if mv.dtype == torch.bool:
+            ops.append(ScoreOp("fill_not", "none", value=-math.inf, index=captured.add(mask, "tensor"),
+                               dtype=da))
+        elif mv.dtype == dt:
+            ops.append(ScoreOp("add", "tensor", index=captured.add(mask, "tensor"), dtype=da))
+        else:
+            return NearMiss(site, node.name, f"attn_mask of dtype {mv.dtype} with {dt} inputs")
+    spec = AttentionSpec(score_ops=tuple(ops), captured=captured.spec_kinds, qk_dtype=da,
+                         softmax_dtype=da, prob_dtype=dtype_name(dt), out_dtype=dtype_name(dt),
+                         dropout_p=float(p), safe_softmax=True)
+    lines, _, preds = _mask_predicates(spec, captured, score_shape)
+    if not preds:
+        return NearMiss(site, node.name, "kept: SDPA's own fused kernel is already the fastest exact "
+                        "kernel for this call (its mask is data, which SDPA reads as the kernels "
+                        "would: nothing to skip)", kept=True)
+    spec, captured = _with_predicates(spec, captured, preds, score_shape)
+    if p:
+        lines.append(f"dropout p={p}: fusion_pass's counter-based dropout, equal in distribution to "
+                     "SDPA's, not bit-equal (a different random stream)")
+    frames = Frames()
+    effects = _effects_inside(region, captured, spec)
+    if isinstance(effects, NearMiss):
+        return effects
+    return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
+                    captured_preps=captured.preps, q_dtype=acc, v_dtype=dt, frames=frames,
+                    masks=lines)
+
+
 def size_source(d, sources):
     """(node, dim) whose size is ``d`` (an int needs none), or None."""
     if isinstance(d, int):
@@ -286,10 +392,10 @@ def _effects_inside(region: Region, captured: "_Captured", spec: AttentionSpec) 
     """The fused op runs at the P @ V product's position and reads q, k, v and the captured
     operands there; eager read q and k at the QK product (or at the head repeats), the operands at
     their steps. That is the same only if nothing writes into any of them (through any view) in
-    between, the grad mode does not change in between (it decides which results need gradients),
-    and, with dropout, no other random op draws in between (the op draws its seed at its own
-    position, so the order of draws must not change)."""
-    from .effects import StorageMap, is_random
+    between, and the grad mode does not change in between (it decides which results need
+    gradients). Dropout's draw needs no check: the rewriter draws the seed at the dropout's own
+    position (``rewrite._dropout_seed``)."""
+    from .effects import StorageMap
 
     graph = region.pv.graph
     smap = StorageMap(graph)
@@ -304,17 +410,9 @@ def _effects_inside(region: Region, captured: "_Captured", spec: AttentionSpec) 
             return NearMiss(region.site, w.name, f"{w.name} writes into {what} in place between the "
                             "QK product and P @ V; the fused op would read the new values")
     lo, hi = order.get(start, 0), order.get(region.pv, 0)
-    drop = next((op.node for op in region.prob_chain if op.name == "dropout"), None)
     for n in graph.nodes:
-        k = order.get(n, -1)
-        if not lo < k < hi:
-            continue
-        if n.op == "call_function" and n.target in _GRAD_MODE_SETTERS:
+        if lo < order.get(n, -1) < hi and n.op == "call_function" and n.target in _GRAD_MODE_SETTERS:
             return NearMiss(region.site, n.name, "the grad mode changes inside the region")
-        if spec.dropout_p and drop is not None and k > order.get(drop, hi) and is_random(n) \
-                and n not in region.nodes:
-            return NearMiss(region.site, n.name, f"random op {n.name} draws between the dropout and "
-                            "P @ V; the fused op's draw would move after it")
     return None
 
 
@@ -322,19 +420,22 @@ _GRAD_MODE_SETTERS = {torch._C._set_grad_enabled, torch.set_grad_enabled}
 
 
 def _implies_causal(op: ScoreOp, pred, is_last: bool) -> bool:
-    """keep(b, h, i, j) implies j <= i (its band's upper end is 0), the masked elements end at <= -1e4
-    or -inf, and nothing after this step can lift them (it is the chain's last step)."""
+    """keep(b, h, i, j) implies j <= i (its band's upper end is 0), nothing after this step can move
+    the masked elements (it is the chain's last step), and their value is recorded. A structural
+    fact: whether skipping them is exact is the kernels' one removal rule, per call and per row
+    (``kernels/removal.py``); a finite fill such as -1e4 is not "removed" by itself."""
+    from fusion_pass.kernels import removal
+
     if not is_last:
         return False
     band = pred.classify().band
     if band[1] is None or sympy.simplify(band[1]) != 0:
         return False
     if op.kind == "add" and pred.kind == "additive":
-        return pred.masked_value is not None and pred.masked_value <= -1e4 \
-            and pred.kept_value == 0
+        return removal.recorded(pred.masked_value) and pred.kept_value == 0
     if op.kind in ("fill", "fill_not") and pred.kind == "bool":
         # fill: c is True where masked, so keep = ~c; fill_not: keep = c (pred.keep is c itself)
-        return op.kind == "fill_not" and op.value is not None and op.value <= -1e4
+        return op.kind == "fill_not" and removal.recorded(op.value)
     return False
 
 
@@ -622,6 +723,12 @@ def _score_op(op, pos, dtype, captured: _Captured, score_shape, site, moved=Fals
         return None
     if name == "tanh":
         return ScoreOp("tanh", dtype=dt)
+    if name == "fn":
+        return ScoreOp("fn", fn=op.kwargs["fn"], args=op.kwargs["args"], dtype=dt)
+    if name in ("mul", "add") and op.args[0] is op.args[1]:
+        if name == "mul":  # s * s
+            return ScoreOp("fn", fn="mul_self", dtype=dt)
+        return ScoreOp("mul", "const", value=2.0, dtype=dt)  # s + s == 2 * s exactly
     if name == "cast":
         return ScoreOp("cast", dtype=dt)
     if name in ("mul", "div", "add", "sub"):
@@ -697,8 +804,9 @@ def _literal(x):
 
 
 def _written(node: fx.Node) -> bool:
-    from .effects import StorageMap
-    return bool(StorageMap(node.graph).writers(node))
+    from .effects import graph_writes
+    ws = graph_writes(node.graph).of(node)
+    return ws is None or bool(ws)  # no recorded storage: a write cannot be ruled out
 
 
 def _fill_op(kind, mask, fill, dt, captured, score_shape, site, node, moved=False, canonical=None

@@ -196,6 +196,78 @@ def _einsum(node: fx.Node):
     return None
 
 
+def _sdpa(node: fx.Node):
+    """scaled_dot_product_attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False,
+    scale=None, enable_gqa=False): a whole attention in one call."""
+    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+    defaults = (None, None, None, None, 0.0, False, None, False)
+    got = {n: _get(node, i, n, d) for i, (n, d) in enumerate(zip(names, defaults))}
+    if len(node.args) > len(names) or set(node.kwargs) - set(names):
+        return None
+    return CanonicalOp("sdpa", (got["query"], got["key"], got["value"]),
+                       {k: got[k] for k in names[3:]})
+
+
+def _fn(name: str, params=()):
+    """A unary pointwise function of its first argument (``kernels/pointwise.py``'s table), with
+    its constant parameters ``params`` ((name, default) pairs, positional after the input or by
+    keyword); a parameter that is not a constant leaves the node outside the vocabulary."""
+    def read(node: fx.Node):
+        x = _get(node, 0, "input")
+        args = []
+        for k, (pname, default) in enumerate(params):
+            a = _get(node, k + 1, pname, default)
+            if isinstance(a, fx.Node) or isinstance(a, bool) and pname != "tanh_approx":
+                return None
+            args.append(a)
+        if node.kwargs.get("inplace"):
+            return None
+        extra = set(node.kwargs) - {p for p, _ in params} - {"input", "inplace"}
+        if extra or len(node.args) > 1 + len(params):
+            return None
+        return CanonicalOp("fn", (x,), {"fn": name, "args": tuple(args)})
+    return read
+
+
+def _gelu(node: fx.Node):
+    approx = _get(node, 1, "approximate", "none")
+    if approx not in ("none", "tanh") or len(node.args) > 2 or set(node.kwargs) - {"input", "approximate"}:
+        return None
+    return CanonicalOp("fn", (_get(node, 0, "input"),), {"fn": "gelu", "args": (approx == "tanh",)})
+
+
+def _clamp(lo_default=None, hi_default=None, which=("min", "max")):
+    def read(node: fx.Node):
+        x = _get(node, 0, "input")
+        vals = []
+        for k, pname in enumerate(which):
+            a = _get(node, k + 1, pname, None)
+            if a is not None and not _is_number(a):
+                return None
+            vals.append(float(a) if a is not None else None)
+        lo, hi = (vals + [None, None])[:2] if which == ("min", "max") else \
+            ((vals[0], None) if which == ("min",) else (None, vals[0]))
+        if lo is None and hi is None:
+            return None
+        return CanonicalOp("fn", (x,), {"fn": "clamp", "args": (lo, hi)})
+    return read
+
+
+def _is_number(a) -> bool:
+    return isinstance(a, (int, float)) and not isinstance(a, bool)
+
+
+def _pow(node: fx.Node):
+    x, c = _get(node, 0, "input"), _get(node, 1, "exponent")
+    if not _is_number(c) or not isinstance(x, fx.Node) or len(node.args) + len(node.kwargs) != 2:
+        return None
+    return CanonicalOp("fn", (x,), {"fn": "pow", "args": (c,)})
+
+
+_UNARY_FNS = ("sin", "cos", "exp", "expm1", "log", "log1p", "sqrt", "rsqrt", "reciprocal", "neg",
+              "square", "abs", "sigmoid", "erf", "relu")
+
+
 def _item(node: fx.Node):
     return CanonicalOp("item", (node.args[0],))
 
@@ -214,6 +286,15 @@ FUNCTIONS: Dict[Any, Callable] = {
     torch.transpose: _transpose, torch.permute: _permute,
     torch.masked_fill: _masked_fill, torch.where: _where,
     torch.reshape: _reshape, torch.baddbmm: _baddbmm, torch.einsum: _einsum,
+    F.scaled_dot_product_attention: _sdpa,
+    **{getattr(torch, n): _fn(n) for n in _UNARY_FNS},
+    torch.special.erf: _fn("erf"), torch.special.expm1: _fn("expm1"), torch.special.log1p: _fn("log1p"),
+    F.sigmoid: _fn("sigmoid"), F.relu: _fn("relu"), F.silu: _fn("silu"), F.gelu: _gelu,
+    F.softplus: _fn("softplus", (("beta", 1.0), ("threshold", 20.0))),
+    F.leaky_relu: _fn("leaky_relu", (("negative_slope", 0.01),)),
+    operator.neg: _fn("neg"), operator.abs: _fn("abs"), torch.pow: _pow, operator.pow: _pow,
+    torch.clamp: _clamp(), torch.clip: _clamp(), torch.clamp_min: _clamp(which=("min",)),
+    torch.clamp_max: _clamp(which=("max",)),
 }
 METHODS: Dict[str, Callable] = {
     "matmul": _matmul, "bmm": _matmul, "__matmul__": _matmul,
@@ -225,6 +306,9 @@ METHODS: Dict[str, Callable] = {
     "transpose": _transpose, "permute": _permute, "masked_fill": _masked_fill,
     "contiguous": _noise, "clone": _noise, "item": _item,
     "view": _reshape, "reshape": _reshape, "baddbmm": _baddbmm,
+    **{n: _fn(n) for n in _UNARY_FNS}, "pow": _pow, "__pow__": _pow,
+    "clamp": _clamp(), "clip": _clamp(), "clamp_min": _clamp(which=("min",)),
+    "clamp_max": _clamp(which=("max",)), "__neg__": _fn("neg"), "__abs__": _fn("abs"),
 }
 
 

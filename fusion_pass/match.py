@@ -21,7 +21,8 @@ import torch.fx as fx
 from .canonicalize import CanonicalOp, repeated_heads, value, view
 
 # ops that may sit between QK and softmax (each reads the running score and at most one operand)
-SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity", "reshape"}
+SCORE_OPS = {"mul", "div", "add", "sub", "masked_fill", "where", "tanh", "cast", "identity", "reshape",
+             "fn"}
 # ops that may sit between softmax and PV
 PROB_OPS = {"cast", "identity", "dropout", "reshape"}
 # the QK product: a plain product, or baddbmm's beta * input + alpha * (q @ k^T)
@@ -38,6 +39,8 @@ class NearMiss:
     node: str
     reason: str
     attention_like: bool = True  # False: a softmax that is not between two products at all
+    kept: bool = False  # True: an attention left as it is because it already runs the fastest
+                        # exact kernel (an SDPA call with nothing to skip): handled, not missed
 
     def __bool__(self):
         return False
@@ -59,6 +62,7 @@ class Region:
     group: int = 1                        # > 1: k and v are heads repeated G times (GQA / MQA)
     repeats: List[fx.Node] = field(default_factory=list)  # the repeat nodes, removed when unused
     kt_is_k: bool = False
+    sdpa: Optional[CanonicalOp] = None    # the region is one scaled_dot_product_attention call
     qk_input: Optional[fx.Node] = None    # baddbmm's input (added to the scores), else None
     qk_beta: object = 1
     qk_alpha: object = 1
@@ -68,6 +72,8 @@ class Region:
     @property
     def nodes(self) -> List[fx.Node]:
         """The nodes the rewrite removes, in graph order."""
+        if self.sdpa is not None:
+            return [self.pv]
         ns = [self.qk] + [op.node for op, _ in self.score_chain] + [self.softmax] \
             + [op.node for op in self.prob_chain] + [self.pv]
         return ns
@@ -159,6 +165,9 @@ def _leads_to_product(n, depth=0, single_use=True) -> bool:
 
 
 def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
+    op = view(softmax)
+    if op is not None and op.name == "sdpa":
+        return _match_sdpa(softmax, op)
     res = _match_site(softmax)
     if isinstance(res, NearMiss) and not res.attention_like:
         # "not attention" is reserved for a softmax that has no product of two tensors above it
@@ -297,12 +306,13 @@ def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
             return NearMiss(site, cur.name, f"the score chain reads {op.name} ({describe(cur)}), "
                             "which is not an elementwise op the pass can fuse")
         positions = [i for i in _chain_arg(op) if i < len(op.args) and _leads_to_product(op.args[i])]
+        if len(positions) == 2 and op.args[0] is op.args[1]:
+            positions = [0]  # s * s, s + s: the score on both sides (a pointwise function of s)
         if not positions:
             return NearMiss(site, cur.name, f"no Q @ K^T product above {op.name} ({describe(cur)}) "
                             "through single-use elementwise ops", attention_like=False)
-        if len(positions) > 1:
-            return NearMiss(site, cur.name, f"both operands of {op.name} come from products; "
-                            "which one is the score is ambiguous")
+        # both operands come from products through elementwise ops ((q1 k1^T) * (q2 k2^T)): either
+        # may be the score, the other is then an N x N operand; both readings are the same program
         chain.append((op, positions[0]))
         cur = op.args[positions[0]]
     if qk is None:
@@ -337,6 +347,21 @@ def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     return region
 
 
+def _match_sdpa(node: fx.Node, op: CanonicalOp) -> Union[Region, NearMiss]:
+    """An SDPA call is a whole region: q, k (not transposed), v; the analysis reads its mask,
+    scale, causality and dropout. Heads repeated before the call (``repeat_kv``) are read once."""
+    q, k, v = op.args
+    for name, n in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(n, fx.Node):
+            return NearMiss(node.name, node.name, f"{name} is not a graph tensor")
+    region = Region(softmax=node, qk=node, pv=node, q=q, kt=k, k=k, v=v, kt_is_k=True, sdpa=op)
+    rk, rv = repeated_heads(k), repeated_heads(v)
+    if rk is not None and rv is not None and rk[1] == rv[1] and rk[1] > 1 and not op.kwargs.get("enable_gqa"):
+        region.repeats = [k, v]
+        region.k, region.v, region.group = rk[0], rv[0], rk[1]
+    return region
+
+
 def _untransposed(kt: fx.Node) -> Optional[fx.Node]:
     """k when kt is exactly k with its last two dims swapped (transpose or permute), else None.
 
@@ -360,5 +385,6 @@ def _untransposed(kt: fx.Node) -> Optional[fx.Node]:
 
 
 def find_sites(gm: fx.GraphModule) -> List[fx.Node]:
-    """Every softmax in the graph, in order: each is a candidate attention site."""
-    return [n for n in gm.graph.nodes if (op := view(n)) is not None and op.name == "softmax"]
+    """Every softmax and every scaled_dot_product_attention call in the graph, in order: each is a
+    candidate attention site."""
+    return [n for n in gm.graph.nodes if (op := view(n)) is not None and op.name in ("softmax", "sdpa")]

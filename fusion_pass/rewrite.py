@@ -106,11 +106,20 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
                     _meta(node, fake_mode)
                 elif step[0] == "to_frame":
                     node = _to_frame(graph, node, sizes, fake_mode)
+                elif step[0] == "inv_sqrt_size":  # SDPA's default scale 1 / sqrt(E), E symbolic
+                    node = _size(graph, node, step[1], fake_mode)
+                    node = graph.call_function(torch.scalar_tensor, (node,), {"dtype": torch.float64})
+                    _meta(node, fake_mode)
+                    node = graph.call_method("rsqrt", (node,))
+                    _meta(node, fake_mode)
                 elif step[0] == "detach":  # read through .item(): no gradient, as in eager
                     node = graph.call_method("detach", (node,))
                     _meta(node, fake_mode)
             captured.append(node)
-        call = graph.call_function(ATTENTION_OP, (q, k, v, captured, a.spec.to_key()))
+        args = (q, k, v, captured, a.spec.to_key())
+        if a.spec.dropout_p:
+            args += (_dropout_seed(graph, r, fake_mode),)
+        call = graph.call_function(ATTENTION_OP, args)
         _meta(call, fake_mode)
         out = graph.call_function(operator.getitem, (call, 0))
         _meta(out, fake_mode)
@@ -133,6 +142,20 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     for rep in r.repeats:  # the K/V head copies, when nothing else reads them
         _erase_unused_chain(graph, rep)
     return out
+
+
+def _dropout_seed(graph: fx.Graph, r, fake_mode) -> fx.Node:
+    """The dropout seed, drawn by torch.randint where the model's dropout drew its mask: the
+    program's random draws keep their order, compilers know the draw is random (never merged or
+    dead-code eliminated), and the op stays a pure function of its inputs."""
+    from fusion_pass.kernels.dropout import SEED_HIGH
+
+    drop = next((op.node for op in r.prob_chain if op.name == "dropout"), r.pv)
+    with graph.inserting_before(drop):
+        seed = graph.call_function(torch.randint, (0, SEED_HIGH, (1,)),
+                                   {"dtype": torch.int64, "device": torch.device("cpu")})
+    _meta(seed, fake_mode)
+    return seed
 
 
 def _rewire_shape_users(gm: fx.GraphModule, a: Analysis, fake_mode) -> None:

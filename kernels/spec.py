@@ -49,6 +49,7 @@ SCORE_OP_KINDS = {
     "fill_not": "where(m, s, x)   (torch.where keeping s where m holds)",
     "tanh": "tanh(s)",
     "cast": "s.to(dtype)",
+    "fn": "f(s, *args)   (a pointwise function from pointwise.FUNCTIONS: sin, gelu, clamp...)",
 }
 OPERAND_KINDS = ("none", "const", "scalar", "tensor", "predicate", "bias")
 # what each captured operand of the op is: a tensor broadcastable to the scores, a 0-dim tensor read
@@ -86,10 +87,17 @@ class ScoreOp:
     value: Optional[float] = None
     index: Optional[int] = None
     dtype: str = "float32"
+    fn: Optional[str] = None      # kind "fn": the function's name in pointwise.FUNCTIONS
+    args: tuple = ()              # kind "fn": its constant arguments after the score
 
     def __post_init__(self):
         if self.kind not in SCORE_OP_KINDS:
             raise ValueError(f"unknown score op kind {self.kind!r}")
+        object.__setattr__(self, "args", tuple(self.args))  # from a key: a JSON list
+        if self.kind == "fn":
+            from .pointwise import FUNCTIONS
+            if self.fn not in FUNCTIONS:
+                raise ValueError(f"unknown pointwise score function {self.fn!r}")
         if self.operand not in OPERAND_KINDS:
             raise ValueError(f"unknown operand kind {self.operand!r}")
 
@@ -104,6 +112,7 @@ class ScoreOp:
             "rsub": f"{x} - {s}", "tanh": f"tanh({s})", "cast": f"{s}.to({self.dtype})",
             "fill": f"where({self.mask_name()}, {_fmt(self.value)}, {s})",
             "fill_not": f"where({self.mask_name()}, {s}, {_fmt(self.value)})",
+            "fn": f"{self.fn}({', '.join([s] + [repr(a) for a in self.args])})",
         }[self.kind]
 
     def operand_str(self) -> str:
@@ -151,14 +160,19 @@ class AttentionSpec:
     out_dtype: str = "float32"
     dropout_p: float = 0.0
     # proven from the mask operand that ends the score chain: every kept element has key index
-    # j <= query index i (causal, possibly with padding or a window); its other elements reach the
-    # softmax at <= -1e4 or -inf. A kernel may then skip tiles above the diagonal on rows that keep
-    # at least one key (rows that keep none must still be computed as eager does).
+    # j <= query index i (causal, possibly with padding or a window), and that step's masked value
+    # is recorded (the fill's constant, the additive predicate's masked value, or the mask tensor's
+    # values). A structural fact only: whether a kernel may skip the elements above the diagonal
+    # is decided per call and per row by the one removal rule (removal.py), which also covers
+    # finite fills (-1e4, -1e9, finfo.min) that eager still weighs when scores are large.
     causal: bool = False
     # masks proven equal to predicates, read by "predicate" steps (see predicate.py)
     masks: tuple = ()
     # biases computed from indices, read by "bias" steps (see predicate.BiasSpec)
     biases: tuple = ()
+    # SDPA's softmax: a row whose every final score is -inf gives probabilities 0 (output 0, no
+    # gradient) instead of eager softmax's NaN row. Set for sites that were SDPA calls.
+    safe_softmax: bool = False
 
     def __post_init__(self):
         for kind in self.captured:
@@ -190,7 +204,7 @@ class AttentionSpec:
     def score_mod_str(self) -> str:
         expr = "s"
         for op in self.score_ops:
-            expr = op.apply_str(expr if op.kind in ("fill", "fill_not", "tanh", "cast")
+            expr = op.apply_str(expr if op.kind in ("fill", "fill_not", "tanh", "cast", "fn")
                                 else f"({expr})" if expr != "s" else expr)
         return expr
 
@@ -202,6 +216,8 @@ class AttentionSpec:
             parts.append(f"dropout p={self.dropout_p}")
         if self.causal:
             parts.append("causal (proven from the mask)")
+        if self.safe_softmax:
+            parts.append("safe softmax (SDPA's: a row of only -inf scores gives zeros)")
         for k, m in enumerate(self.masks):
             parts.append(f"m{k}[b, h, i, j] = {m}")
         for k, bi in enumerate(self.biases):
@@ -261,6 +277,9 @@ def _symbolic(spec: "AttentionSpec"):
             expr = x - expr
         elif k == "tanh":
             expr = sympy.tanh(expr)
+        elif k == "fn":
+            from .pointwise import expr as pointwise_expr
+            expr = pointwise_expr(op.fn, expr, op.args)
         elif k in ("fill", "fill_not"):
             m = sympy.Function(op.mask_name())(b, h, i, j)
             fill = sympy.Float(op.value) if math.isfinite(op.value) else (

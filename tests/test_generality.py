@@ -104,3 +104,52 @@ def test_views_with_inferred_batch_size(dynamic):
         p = s.softmax(-1).view(q.shape[0], -1, n, n)
         return p @ v
     check_fused(f, *_qkv(), dynamic=dynamic)
+
+
+# ---- any pointwise score function ------------------------------------------------------------------
+
+_POINTWISE = {
+    "sin": lambda s: torch.sin(s),
+    "cos-method": lambda s: s.cos(),
+    "exp-scaled": lambda s: torch.exp(s * 0.1),
+    "sigmoid": lambda s: torch.sigmoid(s),
+    "silu": lambda s: torch.nn.functional.silu(s),
+    "gelu": lambda s: torch.nn.functional.gelu(s),
+    "gelu-tanh": lambda s: torch.nn.functional.gelu(s, approximate="tanh"),
+    "abs": lambda s: s.abs(),
+    "neg": lambda s: -s,
+    "clamp": lambda s: torch.clamp(s, -1.5, 2.0),
+    "clamp-min": lambda s: s.clamp(min=-0.5),
+    "pow3": lambda s: s ** 3,
+    "log1p-abs": lambda s: torch.log1p(s.abs()),
+    "square": lambda s: s * s,
+    "leaky": lambda s: torch.nn.functional.leaky_relu(s, 0.2),
+    "softplus": lambda s: torch.nn.functional.softplus(s, beta=2.0),
+    "relu-plus-bias": lambda s: torch.relu(s) + 0.5,
+}
+
+
+@pytest.mark.parametrize("name", sorted(_POINTWISE))
+def test_pointwise_score_function(name):
+    fn = _POINTWISE[name]
+
+    def f(q, k, v):
+        return fn(q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v
+    expl = check_fused(f, *_qkv())
+    assert "score_mod" in str(expl)
+
+
+def test_pointwise_function_with_learnable_bias_and_mask():
+    def f(q, k, v, bias, keep):
+        s = torch.nn.functional.gelu(q @ k.transpose(-1, -2)) + bias
+        s = s.masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+    bias = torch.randn(1, H, N, N, requires_grad=True)
+    check_fused(f, *_qkv(), bias, _keep())
+
+
+def test_two_products_either_is_the_score():
+    """(q k^T) * (q2 k2^T): both sides are products; one is the score, the other an operand."""
+    def f(q, k, v, q2):
+        return ((q @ k.transpose(-1, -2)) * (q2 @ k.transpose(-1, -2)) * 0.1).softmax(-1) @ v
+    check_fused(f, *_qkv(), torch.randn(B, H, N, D, requires_grad=True))

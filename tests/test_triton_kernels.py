@@ -11,13 +11,18 @@ import pytest
 import sympy
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, INTERPRET
 from fusion_pass.kernels import cpu, predicate
 from fusion_pass.kernels import triton_attention as ta
 from fusion_pass.kernels.dropout import keep_mask
 from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Under the interpreter (CPU) a case takes 5-20 s: the default run checks every pattern in fp32 and
+# `python -m pytest -m slow` the half-precision sweep; on a GPU every case runs by default.
+_SLOW_HERE = [pytest.mark.slow] if INTERPRET else []
+slow_here = pytest.mark.slow if INTERPRET else (lambda test: test)
+DTYPE_SWEEP = [pytest.param(dt, marks=[] if dt == torch.float32 else _SLOW_HERE) for dt in DTYPES]
 # the "+ small atol" of the 2x-eager rule, per dtype (absorbs eager errors that happen to be ~0)
 ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
@@ -188,7 +193,7 @@ def _run(pattern, dtype, B=2, H=3, nq=37, nk=53, d=40, dv=None, make_qkv=None):
 # Tests
 # ---------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_name)
+@pytest.mark.parametrize("dtype", DTYPE_SWEEP, ids=dtype_name)
 @pytest.mark.parametrize("pattern", list(PATTERNS))
 def test_patterns(pattern, dtype):
     out = _run(pattern, dtype)
@@ -198,6 +203,7 @@ def test_patterns(pattern, dtype):
         assert torch.isfinite(out).all()
 
 
+@slow_here
 @pytest.mark.parametrize("d", [16, 64])  # 40 runs in test_patterns
 def test_head_dims(d):
     _run("plain", torch.float16, d=d)
@@ -311,6 +317,7 @@ def test_grouped_query_matches_cpu():
         torch.testing.assert_close(g.double(), r.detach(), atol=2e-5, rtol=1e-4)
 
 
+@slow_here
 def test_backward_is_deterministic():
     spec, q, k, v, captured, needs_grad = _dropout_case()
     out, lse = ta.forward(q, k, v, captured, spec, 7)
@@ -615,10 +622,11 @@ def test_predicate_with_dropout_matches_cpu():
         torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
 
 
-def test_skipped_key_blocks_are_never_read():
-    """The kernels really skip: V rows of key block 0 (and K's) poisoned with NaN. A query block
-    whose range excludes that key block reads neither, so its output and dQ stay finite and equal
-    to the clean run; without skipping 0 * NaN would poison them."""
+def test_skipped_key_blocks_are_never_read(monkeypatch):
+    """The kernels really skip, and only where the removal rule allows it. Ranges that (wrongly)
+    leave out a key block some rows keep change exactly those query blocks' output and dQ: the
+    kernels read nothing outside their ranges. NaN in K and V is no longer a way to see that: a
+    call whose inputs are not finite skips nothing, so NaN spreads as in eager (0 * NaN)."""
     torch.manual_seed(17)
     m = _mask_spec(sympy.Not(sympy.And(sympy.Le(_j, _i), sympy.Lt(_i - _j, 8))))
     spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=0.25),
@@ -630,14 +638,25 @@ def test_skipped_key_blocks_are_never_read():
     out, lse = ta.forward(q, k, v, [], spec)
     go = torch.randn_like(out)
     dq = ta.backward(go, q, k, v, [], out, lse, spec)[0]
+    real = ta._block_ranges
+
+    def lying(*a, **kw):  # query block 3 (rows 48-63) told to start at key block 3
+        rows, cols = real(*a, **kw)
+        rows = rows.clone()
+        rows[..., 3, 0] = 3
+        return rows, ta._ranges(rows[..., 0], rows[..., 1], torch.zeros_like(rows[..., 0], dtype=torch.bool),
+                                rows.shape[-2], 4, rows.device)[1]
+
+    monkeypatch.setattr(ta, "_block_ranges", lying)
+    out_l, lse_l = ta.forward(q, k, v, [], spec)
+    dq_l = ta.backward(go, q, k, v, [], out_l, lse_l, spec)[0]
+    assert torch.equal(out_l[:, :, :48], out[:, :, :48]) and torch.equal(dq_l[:, :, :48], dq[:, :, :48])
+    assert not torch.allclose(out_l[:, :, 48:56], out[:, :, 48:56])  # rows 48-55 keep keys 41-47
+    monkeypatch.setattr(ta, "_block_ranges", real)
     kp, vp = k.clone(), v.clone()
-    kp[:, :, :16] = math.nan
     vp[:, :, :16] = math.nan
-    out_p, lse_p = ta.forward(q, kp, vp, [], spec)
-    dq_p = ta.backward(go, q, kp, vp, [], out_p, lse_p, spec)[0]
-    assert torch.isnan(out_p[:, :, :16]).all()  # block 0 reads the poisoned keys
-    assert torch.equal(out_p[:, :, 32:], out[:, :, 32:])
-    assert torch.equal(dq_p[:, :, 32:], dq[:, :, 32:])
+    out_p, _ = ta.forward(q, kp, vp, [], spec)
+    assert torch.isnan(out_p).all()  # eager: p = 0 times NaN in every row
 
 
 def test_predicate_support_and_fallback():
@@ -738,3 +757,53 @@ def test_block_ranges_from_data_are_shared_until_the_data_changes():
     assert again is not first and not torch.equal(again[0], first[0])
     other = am.clone()
     assert ta.block_ranges(spec, [other], (2, 3, 50, 50), 16, 16) is not again
+
+
+# ---------------------------------------------------------------------------------------------
+# Pointwise score functions and SDPA's safe softmax: the Triton kernels against cpu.py
+# ---------------------------------------------------------------------------------------------
+
+def _against_cpu(spec, captured, needs_grad, B=2, H=2, nq=21, nk=29, d=16, atol=2e-5):
+    torch.manual_seed(1)
+    q, k, v = (torch.randn(B, H, n, d, device=DEVICE) for n in (nq, nk, nk))
+    grad_out = torch.randn(B, H, nq, d, device=DEVICE)
+    assert ta.supports(q, k, v, spec)
+    out, lse = ta.forward(q, k, v, captured, spec, seed=0)
+    got = ta.backward(grad_out, q, k, v, captured, out, lse, spec, 0, needs_grad)
+    ref_out, ref_lse = cpu.attention_forward(q.cpu(), k.cpu(), v.cpu(), [c.cpu() for c in captured], spec)
+    want = cpu.attention_backward(grad_out.cpu(), q.cpu(), k.cpu(), v.cpu(), [c.cpu() for c in captured],
+                                  ref_out, ref_lse, spec, 0, needs_grad)
+    assert torch.allclose(out.cpu(), ref_out, atol=atol, equal_nan=True)
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.allclose(g.cpu(), w, atol=10 * atol, equal_nan=True)
+    for g, w in zip(got[3], want[3]):
+        assert (g is None) == (w is None)
+        if g is not None:
+            assert torch.allclose(g.cpu(), w, atol=10 * atol, rtol=1e-4)
+    return out
+
+
+@pytest.mark.parametrize("fn,args", [("gelu", (False,)), ("gelu", (True,)), ("sin", ()),
+                                     ("clamp", (-1.0, 1.5)), ("softplus", (2.0, 20.0)),
+                                     ("mul_self", ()), ("sigmoid", ()), ("abs", ())],
+                         ids=lambda a: str(a))
+def test_pointwise_score_functions_match_cpu(fn, args):
+    """The forward printed from the function's sympy form and the backward from its sympy
+    derivative agree with the CPU path (the model's own op, its derivative evaluated on tiles),
+    including the gradient of a learnable bias added after the function."""
+    ops = (ScoreOp("mul", "const", value=0.3), ScoreOp("fn", fn=fn, args=args),
+           ScoreOp("add", "tensor", index=0))
+    spec = AttentionSpec(score_ops=ops, captured=("tensor",))
+    bias = torch.randn(1, 2, 21, 29, device=DEVICE)
+    _against_cpu(spec, [bias], [True])
+    assert f"{fn}(" in ta.generate_source(spec) or fn in ("mul_self",) or "tl." in ta.generate_source(spec)
+
+
+def test_safe_softmax_rows_of_only_minus_inf_are_zero():
+    """SDPA's safe softmax: a fully masked row gives 0 (and no gradient), not NaN."""
+    keep = torch.rand(2, 1, 21, 29, device=DEVICE) < 0.6
+    keep[0, 0, 3] = False  # one fully masked row
+    ops = (ScoreOp("mul", "const", value=0.25), ScoreOp("fill_not", "none", value=-math.inf, index=0))
+    spec = AttentionSpec(score_ops=ops, captured=("tensor",), safe_softmax=True)
+    out = _against_cpu(spec, [keep], [False])
+    assert (out[0, :, 3] == 0).all() and torch.isfinite(out).all()
