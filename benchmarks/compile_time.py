@@ -123,6 +123,9 @@ def main(argv=None):
                 row = res[name]
                 os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="fp_ct_")
                 for kind in ("cold", "warm"):
+                    from fusion_pass.measure import progress
+                    progress(f"{label} {name} round {rnd + 1} of {args.rounds}: first call, {kind} "
+                             "cache (compiles)", "compile_time")
                     torch._dynamo.reset()
                     fn = make(torch.compile(model, backend=backend))
                     t = time.perf_counter()
@@ -136,6 +139,8 @@ def main(argv=None):
         # steady state: the last compiled function of each backend, round-robin with eager
         # (all three stay valid: Dynamo's cache entries are kept per backend until reset)
         fns = {"eager": make(model), **fns}
+        from fusion_pass.measure import progress
+        progress(f"{label}: steady state, {args.repeats} round(s) of eager, stock and ours", "compile_time")
         for f in fns.values():
             f()
         times = {k: [] for k in fns}

@@ -68,7 +68,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fusion_pass
-from fusion_pass.measure import profile_call
+from fusion_pass.measure import profile_call, progress
 
 HERE = Path(__file__).resolve().parent
 
@@ -235,6 +235,8 @@ def bench_size(n, variant, args, rows):
         # warm-up (the first call compiles) and correctness against eager
         ref, rs = None, {}
         for name, (prepare, call) in calls.items():
+            progress(f"{variant} N={n} {pass_}: {'compiling' if name in ('stock', 'ours', 'flex') else 'warming up'}"
+                     f" {name} ({args.warmup} untimed call(s))", "cpu_bench")
             row = rs[name] = dict(variant=variant, N=n, pass_=pass_, impl=name, repeats=repeats,
                                   all_ms=[])
             try:
@@ -255,6 +257,7 @@ def bench_size(n, variant, args, rows):
                 row["error"] = f"{type(e).__name__}: {e}"[:300]
         ref = None
         # timing, round-robin over the implementations
+        progress(f"{variant} N={n} {pass_}: timing {repeats} round(s) of {', '.join(calls)}", "cpu_bench")
         for _ in range(repeats):
             for name, (prepare, call) in calls.items():
                 if "error" in rs[name]:
@@ -267,6 +270,7 @@ def bench_size(n, variant, args, rows):
                 except Exception as e:
                     rs[name]["error"] = f"{type(e).__name__}: {e}"[:300]
         # peak memory (and, for ours, the fused-op count) of one more call
+        progress(f"{variant} N={n} {pass_}: peak memory, one profiled call each", "cpu_bench")
         for name, (prepare, call) in calls.items():
             row = rs[name]
             if "error" in row:
@@ -405,7 +409,7 @@ def main(argv=None):
         expl = fusion_pass.explain(MODULES[variant](), q, k, v, mask)
         print(f"explain ({variant}): {expl.summary()}")
         for s in expl.sites:
-            print(f"  {s.site}: {s.status}  "
+            print(f"  {s.label}: {s.status}  "
                   + (f"[{s.spec.score_mod_str()}]" if s.fused else f"({s.reason})"))
 
     rows = []
@@ -431,6 +435,10 @@ def main(argv=None):
                 cpu=_cpu_model(), total_s=round(total, 1), B=1, H=12, D=64, dtype="float32")
     out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out}")
+    sys.path.insert(0, str(HERE))
+    from plot import plot_results
+    for png in plot_results(out, rows):
+        print(f"wrote {png.relative_to(Path.cwd()) if png.is_relative_to(Path.cwd()) else png}")
     bad = [r for r in rows if r["impl"] == "ours" and "error" not in r and not r["fused_calls"]]
     return 1 if bad or any("error" in r for r in rows) else 0
 

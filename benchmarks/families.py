@@ -102,9 +102,14 @@ def main(argv=None):
     transformers.logging.set_verbosity_error()
 
     t0 = time.time()
-    rows = [explain_family(name, args.dump) for name in args.families]
+    from fusion_pass.measure import progress
+    rows = []
+    for name in args.families:
+        progress(f"{name}: explain (Dynamo and the pass)", "families")
+        rows.append(explain_family(name, args.dump))
     if not args.no_stock:
         for r in rows:
+            progress(f"{r['family']}: compiling with stock torch.compile, counting SDPA calls", "families")
             r["stock"] = stock_fused(r["family"])
     total_sites = sum(r["sites"] for r in rows)
     total_fused = sum(r["fused"] for r in rows)

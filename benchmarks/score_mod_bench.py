@@ -24,6 +24,8 @@ import time
 import torch
 import torch.nn as nn
 
+from fusion_pass.measure import progress
+
 SCALE = 0.125
 CAP = 50.0
 
@@ -153,9 +155,11 @@ def main(argv=None):
                 if pass_ == "fwd":
                     ff = flex(variant, H, n)
                     calls["flex (compiled)"] = lambda: _nograd(ff, (q, k, v))
-                for c in calls.values():  # compile / warm up
+                for name, c in calls.items():  # compile / warm up
+                    progress(f"{variant} N={n} {pass_}: compiling / warming up {name}", "score_mod_bench")
                     c()
                 times = {name: [] for name in calls}
+                progress(f"{variant} N={n} {pass_}: timing {args.repeats} round(s)", "score_mod_bench")
                 for _ in range(args.repeats):
                     for name, c in calls.items():
                         times[name].append(timed(c))

@@ -28,7 +28,8 @@ from .analyze import analyse
 from .effects import erase_orphans
 from .match import NearMiss, attention_like, find_sites, match_site
 from .options import Options
-from .report import Explanation, GraphReport, SiteReport, code_lines, dump, region_dot
+from .report import (Explanation, GraphReport, SiteReport, attach_mask_inputs, code_lines, dump,
+                     module_path, region_dot)
 from .canonicalize import canonicalize_graph
 from .rewrite import fill_meta, find_fake_mode, rewrite_region
 
@@ -97,8 +98,9 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
         m = match_site(softmax)
         res = analyse(m) if not isinstance(m, NearMiss) else m
         if isinstance(res, NearMiss):
-            report.sites.append(SiteReport(site, False, res.reason, prefix + res.node, res.attention_like))
-            log.info("site %s not fused: %s", site, res)
+            report.sites.append(SiteReport(site, False, res.reason, prefix + res.node, res.attention_like,
+                                           module=module_path(softmax), kept=res.kept))
+            log.info("site %s not fused: %s", report.sites[-1].label, res)
             continue
         before = code_lines(code_before, [n.name for n in res.region.nodes])
         dot = region_dot(site, res.region.nodes)
@@ -106,10 +108,12 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
         rewrite_region(gm, res, fake_mode)
         new = [n.name for n in gm.graph.nodes if n not in old]
         sr = SiteReport(site, True, spec=res.spec, before=before, after="\n".join(new),
-                        kernels=kernel_summary(res.spec), dot=dot, masks=list(res.masks or []))
+                        kernels=kernel_summary(res.spec), dot=dot, masks=list(res.masks or []),
+                        module=module_path(softmax),
+                        dot_after=region_dot(site, [n for n in gm.graph.nodes if n not in old]))
         report.sites.append(sr)
         fused_here.append(sr)
-        log.info("site %s fused: %s", site, res.spec)
+        log.info("site %s fused: %s", sr.label, res.spec)
     if fused_here:
         # masks now read as predicates leave their construction unused: erase what the rewrites
         # orphaned and nothing else (FX's eliminate_dead_code would also erase in-place method
@@ -129,25 +133,29 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
                 report.sites.append(SiteReport(
                     sub_prefix + softmax.name, False,
                     f"inside the body of {hop}, which the pass does not rewrite",
-                    sub_prefix + softmax.name, attention_like(softmax)))
+                    sub_prefix + softmax.name, attention_like(softmax), module=module_path(softmax)))
 
 
 def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mapping[str, Any]] = None,
                         mode: Optional[str] = None) -> Callable:
+    """The backend Dynamo calls (``backend="fusion_pass"``); torch passes ``options`` and ``mode``
+    of ``torch.compile`` as keywords. ``Backend(...)`` below is the same with options bound."""
     opts = Options.parse(options)
     if opts.enable:
         sink = _sink()
         report = run_pass(gm, index=len(sink) if sink is not None else next(_graph_counter))
         if sink is not None:
             sink.append(report)
+        if sink is not None or opts.dump:
+            attach_mask_inputs(gm, example_inputs, report.sites)
         if opts.report:
             Explanation([report]).write(opts.report)
         if opts.dump:
             dump(Explanation([report]), opts.dump)
-        missed = [s for s in report.sites if not s.fused and s.attention_like]
+        missed = [s for s in report.sites if not s.fused and s.attention_like and not s.kept]
         if opts.strict and missed:
             raise FusionMissedError("fusion_pass (strict): attention site(s) not fused:\n"
-                                    + "\n".join(f"  {s.site}: {s.reason} (at node {s.node})"
+                                    + "\n".join(f"  {s.label}: {s.reason} (at node {s.node})"
                                                 for s in missed))
     if not opts.inductor:
         return gm.forward
@@ -157,6 +165,47 @@ def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Ma
     # Inductor's own attention patterns off this compile (see _OwnAttention)
     patches["joint_custom_pre_pass"] = _OwnAttention(torch._inductor.config.joint_custom_pre_pass)
     return compile_fx(gm, example_inputs, config_patches=patches)
+
+
+class Backend:
+    """The backend with its options bound, validated here (a ``ValueError`` now, not at the first
+    call), composable with every ``torch.compile`` argument::
+
+        fast = torch.compile(model, backend=fusion_pass.Backend(strict=True, report="out/"),
+                             mode="max-autotune", dynamic=True)
+
+    torch passes ``mode=`` (and ``options=``, which override these) on to a callable backend;
+    ``Backend(mode=...)`` sets Inductor's mode for callers that cannot. Two ``Backend`` with the
+    same options compare equal, so Dynamo reuses what one compiled for the other."""
+
+    def __init__(self, *, mode: Optional[str] = None, **options: Any):
+        from .options import validate, validate_mode
+        self.mode = validate_mode(mode)
+        self.options = validate(options)
+        Options(**self.options)
+
+    def __call__(self, gm: fx.GraphModule, example_inputs, options: Optional[Mapping[str, Any]] = None,
+                 mode: Optional[str] = None) -> Callable:
+        from .options import validate
+        if mode is not None and self.mode is not None and mode != self.mode:
+            raise ValueError(f"fusion_pass: mode {self.mode!r} given to Backend and {mode!r} to "
+                             "torch.compile; give one")
+        return fusion_pass_backend(gm, example_inputs, options={**self.options, **validate(options)},
+                                   mode=mode or self.mode)
+
+    def _key(self):
+        return (self.mode, tuple(sorted(self.options.items())))
+
+    def __eq__(self, other):
+        return isinstance(other, Backend) and self._key() == other._key()
+
+    def __hash__(self):
+        return hash(self._key())
+
+    def __repr__(self):
+        args = [f"mode={self.mode!r}"] if self.mode else []
+        args += [f"{k}={v!r}" for k, v in sorted(self.options.items())]
+        return f"fusion_pass.Backend({', '.join(args)})"
 
 
 @functools.lru_cache(maxsize=None)

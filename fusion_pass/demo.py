@@ -15,7 +15,7 @@ import statistics
 import torch
 
 import fusion_pass
-from fusion_pass.measure import median_ms, peak_bytes
+from fusion_pass.measure import median_ms, peak_bytes, progress
 
 
 def build(name: str, seq: int, layers: int, hidden: int, heads: int):
@@ -53,17 +53,19 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     torch.manual_seed(0)
+    progress(f"building {args.model} from a config (no download)")
     model, inputs = build(args.model, args.seq, args.layers, args.hidden, args.heads)
     print(f"model: {type(model).__name__}, {args.layers} layers, hidden {args.hidden}, "
           f"{args.heads} heads, sequence {args.seq}, eager attention, fp32, CPU threads "
           f"{torch.get_num_threads()}")
 
     model.eval()
+    progress("tracing the model with Dynamo and running the pass (fusion_pass.explain)")
     with torch.no_grad():
         expl = fusion_pass.explain(model, **inputs)
     print("\n" + expl.summary())
     for s in expl.sites:
-        line = f"  {s.site}: {s.status}"
+        line = f"  {s.label}: {s.status}"
         line += f"  [{s.spec.score_mod_str()}]" if s.fused else f"  ({s.reason})"
         print(line)
 
@@ -84,7 +86,9 @@ def main(argv=None) -> int:
         return run
 
     with torch.no_grad():
+        progress("running eager for the reference output")
         ref = model(**inputs).last_hidden_state
+        progress("compiling with backend=\"fusion_pass\" (forward; Inductor compiles the rest)")
         diff = (fwd(ours)() - ref).abs().max().item()
     print(f"\nmax |ours - eager| on the output: {diff:.2e}\n")
 
@@ -93,19 +97,23 @@ def main(argv=None) -> int:
     for label, make in (("forward", fwd), ("forward+backward", train_step)):
         model.train(label != "forward")
         fns = [(name, make(m)) for name, m in impls]
-        for _, fn in fns:  # compile / warm up
+        for name, fn in fns:  # compile / warm up
+            progress(f"{label}: {'compiling' if name != 'eager' else 'warming up'} {name}")
             fn()
             model.zero_grad(set_to_none=True)
         # round-robin: a slow phase of a shared machine hits every implementation alike
         times = {name: [] for name, _ in fns}
-        for _ in range(args.repeats):
+        for r in range(args.repeats):
+            progress(f"{label}: timing round {r + 1} of {args.repeats} (each implementation once)")
             for name, fn in fns:
                 times[name].append(median_ms(fn, repeats=1, warmup=0))
                 model.zero_grad(set_to_none=True)
         for name, fn in fns:
+            progress(f"{label}: peak memory of {name} (one call under torch.profiler)")
             mib = peak_bytes(fn) / 2 ** 20
             model.zero_grad(set_to_none=True)
             rows.append((label, name, statistics.median(times[name]), mib))
+    progress("done")
     print("| pass | implementation | median ms | vs stock compile | peak MiB | vs stock compile |")
     print("|---|---|---:|---:|---:|---:|")
     for label, name, ms, mib in rows:
@@ -113,4 +121,7 @@ def main(argv=None) -> int:
         print(f"| {label} | {name} | {ms:.1f} | {base[2] / ms:.2f}x | {mib:.1f} | "
               f"{mib / base[3]:.2f}x |")
     print("\n(time ratio > 1: faster than stock torch.compile; memory ratio < 1: less memory)")
+    print(f"(how: after one compiling call each, {args.repeats} rounds that call eager, stock and "
+          "ours once each in turn, median per implementation; peak memory: one more call under "
+          "torch.profiler, the most bytes it held above what was live before it, output included)")
     return 0

@@ -9,11 +9,23 @@ allocated before the call, which counts the same thing.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import statistics
+import sys
 import time
 from typing import Callable
 
 import torch
+
+
+_T0 = time.perf_counter()
+
+
+def progress(msg: str, prog: str = "fusion_pass") -> None:
+    """One line saying what a long job is doing now, to stderr (the results go to stdout), with
+    the seconds since the job started."""
+    print(f"[{prog} {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -47,8 +59,7 @@ def profile_call(fn: Callable[[], object]):
     {op name: number of calls})."""
     from torch._C._profiler import _EventType
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
+    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
         fn()
     stack = list(prof.profiler.kineto_results.experimental_event_tree())
     events, names = [], {}
@@ -70,3 +81,37 @@ def profile_call(fn: Callable[[], object]):
             live -= ours.pop(ptr)
         peak = max(peak, live)
     return peak, names
+
+
+@contextlib.contextmanager
+def quiet_profile(**kwargs):
+    """``torch.profiler.profile(**kwargs)`` without Kineto's ``USDT ... profiler_start`` and
+    ``profiler_stop`` lines. Kineto writes them to file descriptor 2 from C++ at every log level
+    (``KINETO_LOG_LEVEL`` does not silence them), so descriptor 2 goes to /dev/null while the
+    profiler starts and stops, and only then; what ``fn`` writes while profiled is kept."""
+    prof = torch.profiler.profile(**kwargs)
+    with _stderr_fd_silenced():
+        prof.__enter__()
+    try:
+        yield prof
+    finally:
+        with _stderr_fd_silenced():
+            prof.__exit__(None, None, None)
+
+
+@contextlib.contextmanager
+def _stderr_fd_silenced():
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 (embedded interpreters): nothing to silence
+        yield
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)

@@ -166,13 +166,17 @@ FAMILIES = {
 }
 
 
-def _params(name):
+def _params(name, slow=False):
     builder, sites, why = FAMILIES[name]
     marks = [pytest.mark.xfail(strict=False, reason=why)] if why else []
+    marks += [pytest.mark.slow] if slow else []
     return pytest.param(name, id=name, marks=marks)
 
 
 ALL = [_params(name) for name in FAMILIES]
+# Training every family compiled takes minutes: the default run trains BERT (the fastest) and
+# `python -m pytest -m slow` the rest.
+TRAIN = [_params(name, slow=name != "bert") for name in FAMILIES]
 
 
 def _output(result):
@@ -195,7 +199,7 @@ def test_explain_fuses_every_attention_site(name):
     assert len(expl.fused) == sites and not expl.missed, str(expl)
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", TRAIN)
 def test_compiled_training_fused_and_equal_to_eager(name):
     torch.manual_seed(0)
     builder, sites, _ = FAMILIES[name]
@@ -220,6 +224,7 @@ def test_compiled_training_fused_and_equal_to_eager(name):
 
 # ---- KV-cache decode: query length 1 against a cache of prompt + 1, then prompt + 2 ---------------
 
+@pytest.mark.slow
 def test_kv_cache_decode_fused_and_equal_to_eager():
     torch.manual_seed(0)
     builder, sites, _ = FAMILIES["llama-gqa"]

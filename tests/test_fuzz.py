@@ -208,6 +208,7 @@ def programs(draw):
     )
 
 
+@pytest.mark.slow  # 25 programs, each compiled forward and backward: `python -m pytest -m slow`
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(programs(), st.booleans())
 def test_random_attention_program_is_fused_and_equal_to_eager(program, training):

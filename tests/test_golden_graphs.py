@@ -15,6 +15,7 @@ regenerate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(regenerate)
 
 
+@pytest.mark.slow  # a Dynamo trace of every family: `python -m pytest -m slow`
 @pytest.mark.parametrize("name", sorted(regenerate.FAMILIES))
 def test_golden_graph_is_current(name):
     import torch
