@@ -252,3 +252,67 @@ def test_classifier_softmax_is_not_attention():
         return torch.softmax(F.linear(x, w), -1)
     expl = fusion_pass.explain(f, torch.randn(3, 4), torch.randn(5, 4))
     assert not expl.missed and not expl.fused
+
+
+# ---- random programs with mutations next to attention (Hypothesis) ----------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+# each mutation: (name, code applied to state dict ``t`` of tensors) -- in place, result unused
+_MUTATIONS = {
+    "counter": "t['calls'].add_(1)",
+    "cache_copy": "t['cache'].index_copy_(2, t['pos'], k)",
+    "cache_slice": "t['cache'][:, :, :4] = v[:, :, :4]",
+    "scale_v": "v.mul_(1.5)",
+    "scale_q": "q.mul_(0.5)",
+    "fill_buf": "t['buf'].fill_(3.0)",
+    "view_write": "t['buf'][0].zero_()",
+    "mask_write": "t['keep'][:2].fill_(True)",
+}
+
+
+def _program(before, after, use_mask):
+    lines = ["def f(q, k, v, t):"]
+    lines += [f"    {_MUTATIONS[m]}" for m in before]
+    lines.append("    s = (q @ k.transpose(-1, -2)) * 0.25")
+    if use_mask:
+        lines.append("    s = s.masked_fill(~t['keep'], float('-inf'))")
+    lines.append("    out = s.softmax(-1) @ v")
+    lines += [f"    {_MUTATIONS[m]}" for m in after]
+    lines.append("    return out")
+    ns = {"torch": torch}
+    exec("\n".join(lines), ns)  # noqa: S102 - a generated test program
+    return ns["f"]
+
+
+def _state():
+    keep = torch.ones(16, 16, dtype=torch.bool).tril()
+    return {"calls": torch.zeros((), dtype=torch.int64), "cache": torch.zeros(1, 2, 16, 8),
+            "pos": torch.randperm(16), "buf": torch.ones(4, 4), "keep": keep}
+
+
+@settings(max_examples=8, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(before=st.lists(st.sampled_from(sorted(_MUTATIONS)), max_size=2, unique=True),
+       after=st.lists(st.sampled_from(sorted(_MUTATIONS)), min_size=1, max_size=3, unique=True),
+       use_mask=st.booleans())
+def test_random_mutations_next_to_attention_match_eager(before, after, use_mask):
+    """Every mutated tensor equals eager's after the call, and the output too; the site is fused
+    unless a mutation writes into something the region reads (then it is a reported near miss)."""
+    torch._dynamo.reset()
+    f = _program(before, after, use_mask)
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    st_e, st_c = _state(), _state()
+    st_c["pos"] = st_e["pos"].clone()
+    args_e = [x.clone() for x in (q, k, v)]
+    args_c = [x.clone() for x in (q, k, v)]
+    want = f(*args_e, st_e)
+    expl = fusion_pass.explain(f, *[x.clone() for x in (q, k, v)], _state())
+    assert len(expl.sites) == 1 and (expl.fused or expl.missed), str(expl)
+    got = torch.compile(f, backend="fusion_pass")(*args_c, st_c)
+    assert torch.allclose(got, want, atol=1e-5, equal_nan=True)
+    for a, b in zip(args_c, args_e):
+        assert torch.equal(a, b)
+    for key in st_e:
+        assert torch.equal(st_c[key], st_e[key]), key
