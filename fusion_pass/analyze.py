@@ -264,12 +264,7 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                     size_source(d, [region.q, region.kt]) is None for d in value(n).shape):
                 return NearMiss(site, u.name, f"{u.name} reads the shape of {n.name}, whose sizes "
                                 "are not sizes of q or k")
-    effects = _effects_inside(region, captured, spec)
-    if isinstance(effects, NearMiss):
-        return effects
-    return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
-                    captured_preps=captured.preps, q_dtype=qk_dtype, v_dtype=v_dtype, frames=frames,
-                    masks=lines)
+    return _analysis(region, spec, captured, qk_dtype, v_dtype, frames, lines)
 
 
 def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
@@ -366,12 +361,16 @@ def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
     if p:
         lines.append(f"dropout p={p}: fusion_pass's counter-based dropout, equal in distribution to "
                      "SDPA's, not bit-equal (a different random stream)")
-    frames = Frames()
+    return _analysis(region, spec, captured, acc, dt, Frames(), lines)
+
+
+def _analysis(region, spec, captured, q_dtype, v_dtype, frames, lines) -> Union[Analysis, NearMiss]:
+    """The Analysis of a region, once nothing inside it moves under the fused op's feet."""
     effects = _effects_inside(region, captured, spec)
     if isinstance(effects, NearMiss):
         return effects
     return Analysis(region=region, spec=spec, captured=captured.nodes, captured_kinds=captured.kinds,
-                    captured_preps=captured.preps, q_dtype=acc, v_dtype=dt, frames=frames,
+                    captured_preps=captured.preps, q_dtype=q_dtype, v_dtype=v_dtype, frames=frames,
                     masks=lines)
 
 

@@ -227,8 +227,13 @@ def attention_like(softmax: fx.Node) -> bool:
     """The scores come from a product of two tensors (matmul, bmm, einsum, baddbmm) through
     elementwise and layout ops, or the probabilities reach a product's operand through them.
     Both walks are memoised (each node visited once), so ``s = s + s`` chains stay linear."""
-    seen = set()
-    stack = [a for a in softmax.all_input_nodes]
+    return _reaches_product(softmax.all_input_nodes, lambda n: n.all_input_nodes) or \
+        _reaches_product(softmax.users, lambda n: n.users)
+
+
+def _reaches_product(start, step) -> bool:
+    """A product is reachable from ``start`` through value-passing ops, following ``step``."""
+    seen, stack = set(), list(start)
     while stack:
         n = stack.pop()
         if n in seen or len(seen) > 10 * MAX_CHAIN:
@@ -237,18 +242,7 @@ def attention_like(softmax: fx.Node) -> bool:
         if _is_product(n):
             return True
         if _passes_values(n):
-            stack.extend(n.all_input_nodes)
-    seen = set()
-    stack = list(softmax.users)
-    while stack:
-        n = stack.pop()
-        if n in seen or len(seen) > 10 * MAX_CHAIN:
-            continue
-        seen.add(n)
-        if _is_product(n):
-            return True
-        if _passes_values(n):
-            stack.extend(n.users)
+            stack.extend(step(n))
     return False
 
 
