@@ -6,6 +6,7 @@ switch must be set before any Triton kernel is defined, hence here, at collectio
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
@@ -14,3 +15,12 @@ if not torch.cuda.is_available():
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 import sys, os; sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches reset before and after a test, so compiled frames of one test never serve
+    another (files that compile use it for every test: ``pytestmark``)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

@@ -14,11 +14,7 @@ from helpers import check_fused as _check_fused
 from helpers import graph_op_count, max_rel_error, profiled_op_counts
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 def _qkv(B=2, H=3, Nq=23, Nk=23, D=16, dtype=torch.float32):
@@ -158,11 +154,16 @@ def test_training_dropout_fuses_and_keeps_expectation():
     expl = fusion_pass.explain(f, q, k, v)
     assert len(expl.fused) == 1 and expl.fused[0].spec.dropout_p == 0.25
     compiled = torch.compile(f, backend="fusion_pass")
-    ones = torch.ones(1, 1, 40, 1)
-    # with v = 1 every output row is sum_j keep_j * p_j / (1 - p): mean 1 over many rows
-    rows = torch.cat([compiled(q, k, ones.expand(2, 3, 40, 1)) for _ in range(20)])
-    assert abs(rows.mean().item() - 1.0) < 0.05
-    assert not torch.allclose(compiled(q, k, v), compiled(q, k, v))  # a fresh mask per call
+    # with v = the identity the output is the dropped-out probabilities themselves: each element
+    # is exactly 0 or p_ij / (1 - p), and about 3/4 of them are kept (binomial, 5 sigma)
+    eye = torch.eye(40).expand(2, 3, 40, 40)
+    dropped = compiled(q, k, eye)
+    probs = torch.softmax(q @ k.transpose(-1, -2), -1)
+    kept = dropped != 0
+    assert torch.allclose(dropped[kept], (probs / 0.75)[kept], rtol=1e-5, atol=1e-7)
+    frac = kept.double().mean().item()
+    assert abs(frac - 0.75) < 5 * (0.75 * 0.25 / kept.numel()) ** 0.5
+    assert not torch.equal(compiled(q, k, eye), dropped)  # a fresh mask per call
 
 
 # ---- near misses: must NOT rewrite, with the reason -------------------------------------------

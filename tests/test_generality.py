@@ -10,11 +10,7 @@ from helpers import check_fused
 B, H, N, D = 2, 3, 13, 8  # odd length: tiles never divide it
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 def _qkv():

@@ -30,11 +30,7 @@ from helpers import profiled_op_counts
 MIN32 = torch.finfo(torch.float32).min
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 @pytest.fixture

@@ -25,11 +25,7 @@ from test_masks import CASES
 MIN = torch.finfo(torch.float32).min
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 @pytest.fixture

@@ -31,11 +31,7 @@ transformers = pytest.importorskip("transformers")
 VOCAB, LAYERS = 100, 2
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 # ---- the models: one builder each, deterministic (same seed -> same weights) ----------------------

@@ -18,11 +18,7 @@ from helpers import check_fused, max_rel_error, profiled_op_counts
 B, H, N, D = 2, 4, 19, 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 def _qkv(heads=H):

@@ -14,11 +14,7 @@ from fusion_pass import FusionMissedError
 from helpers import max_rel_error, profiled_op_counts
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 def _qkv(B=1, H=2, N=16, D=8, grad=False):

@@ -57,11 +57,7 @@ def _qkv(n=8):
     return [torch.randn(2, 2, n, 8) for _ in range(3)]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
 
 
 # ---- 1. sites named by their module --------------------------------------------------------------
