@@ -186,12 +186,17 @@ def useful_flops(pairs: int, h: int, d: int, mode: str) -> float:
     return f * 3.5 if mode == "fwdbwd" else f
 
 
-def blocks(d: int, backward: bool):
-    """(BLOCK_M, BLOCK_N) of ours' Triton kernels: their own ``_blocks`` when importable (it
-    returns interpreter tiles under TRITON_INTERPRET=1), else its table as of this writing."""
+def blocks(d: int, backward: bool, dtype=None, device=None):
+    """(BLOCK_M, BLOCK_N) of ours' Triton kernels for this dtype on this device (the tiles depend
+    on the architecture and dtype): their own ``_blocks`` when importable (interpreter tiles under
+    TRITON_INTERPRET=1), else its table as of this writing."""
     try:
+        import torch
+
         from fusion_pass.kernels import triton_attention
-        return tuple(triton_attention._blocks(d, d, backward)[:2])
+        dtype = dtype if dtype is not None else torch.bfloat16
+        device = device if device is not None else ("cuda" if torch.cuda.is_available() else None)
+        return tuple(triton_attention._blocks(d, d, backward, dtype=dtype, device=device)[:2])
     except Exception:
         if backward:
             return (64, 64) if d <= 64 else (32, 32) if d <= 128 else (16, 32)
@@ -244,7 +249,8 @@ def computed_tiles(spec, captured, score_shape4, d: int, backward: bool, device=
     the module exposes no ranges), "none" (the kernel gets no ranges: every tile)."""
     import torch
     B, H, nq, nk = (int(x) for x in score_shape4)
-    bm, bn = blocks(d, backward)
+    from fusion_pass.kernels.spec import to_dtype
+    bm, bn = blocks(d, backward, to_dtype(spec.qk_dtype), device)
     n_mb, n_nb = -(-nq // bm), -(-nk // bn)
     total = B * H * n_mb * n_nb
     fn, source = None, "rule"

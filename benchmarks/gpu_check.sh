@@ -7,7 +7,7 @@
 #   bash benchmarks/gpu_check.sh            # from anywhere; results go to $OUT if set
 #
 # Expects the project installed (pip install --no-deps --no-build-isolation -e .) and a CUDA GPU.
-# Budget: tests <= 170 s, benchmark <= 285 s (it stops starting rows after <= 230 s; on the
+# Budget: tests <= 170 s, static <= 160 s, benchmark <= 285 s (it stops starting rows after <= 230 s; on the
 # timeout's SIGTERM it prints the table of what it measured within the 15 s grace), total <= 470 s.
 set -u
 if [ -z "${GPU_CHECK_INNER:-}" ]; then
@@ -45,9 +45,21 @@ else
 fi
 echo "tests took $(( $(date +%s) - start )) s"
 
+echo "== static check (benchmarks/gpu_static.py) for this device, and static vs real"
+# the gates of issue 15 for this GPU's architecture (d=128 bf16, every pattern), then the same
+# kernels compiled by the JIT on the device: registers and spills must match the static figures
+cc=$(python -c "import torch; a, b = torch.cuda.get_device_capability(); print(100 if a >= 10 else 90 if a == 9 else 80)" 2>/dev/null || echo 90)
+timeout -k 5 100 python benchmarks/gpu_static.py --arch "$cc" --d 128 --dtype bfloat16 -j 8 --cache "$RES/gpu_static_cache.json" \
+    --json "$RES/gpu_static.json" --markdown "$RES/gpu_static.md" > "$RES/gpu_static.log" 2>&1
+echo "static rc=$? (1: a gate failed; 124: timed out); failures:"; grep '^FAIL' "$RES/gpu_static.log" | head -20
+timeout -k 5 60 python benchmarks/gpu_static.py --real --d 128 --dtype bfloat16 --pattern plain causal softcap \
+    > "$RES/gpu_static_real.log" 2>&1
+echo "static-vs-real rc=$?"; tail -8 "$RES/gpu_static_real.log"
+echo "static took $(( $(date +%s) - start )) s"
+
 echo "== benchmark"
 left=$(( 460 - ($(date +%s) - start) ))
-budget=$(( left - 50 ))
+budget=$(( left - 50 ))  # the benchmark gets what the steps before left
 [ "$budget" -gt 230 ] && budget=230
 if [ "$budget" -lt 30 ]; then
     echo "no time left for the benchmark"

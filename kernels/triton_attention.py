@@ -51,6 +51,7 @@ not depend on the batch index / head) with torch ops, in chunks, per forward and
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import linecache
@@ -90,6 +91,9 @@ _TEMPLATE = '''\
 # @@SPEC_STR@@
 import triton
 import triton.language as tl
+
+# the forward has a full-tile path (tiles every row keeps whole skip the mask and bounds work)
+HAS_FULL_TILES = @@HAS_FULL@@
 
 
 @triton.jit
@@ -197,16 +201,37 @@ def _mod(a, b):
 
 
 @@MASK_FUNCS@@
+@triton.jit
+def _load_rows(P, rows, s_r, cols, s_c, n_c, EVEN_D: tl.constexpr):
+    # a tile whose rows are all in bounds (a full tile): only the head dim may need a mask
+    ptrs = P + rows[:, None] * s_r + cols[None, :] * s_c
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols[None, :] < n_c, other=0.0)
+
+
+@triton.jit
+def _program_ids(N, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    # one 1-D grid of cdiv(N, BLOCK) * (batch*heads) programs (no 65535 limit on any axis);
+    # with REVERSE the last blocks (a causal mask's heaviest query blocks) are scheduled first
+    n_blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    blk = pid % n_blocks
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    return blk, (pid // n_blocks).to(tl.int64)
+
+
 @triton.jit(do_not_specialize=["seed"])
 def attn_fwd(
-    Q, K, V, Out, LSE,@@OPERAND_ARGS@@ RANGES, r_sb, r_sh, THRESH,
+    Q, K, V, Out, LSE,@@OPERAND_ARGS@@ RANGES, r_sb, r_sh, FULL, f_sb, f_sh, THRESH,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, SKIP: tl.constexpr,
+    FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1).to(tl.int64)
+    pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // G  # grouped-query: the K/V head this query head reads
@@ -214,55 +239,77 @@ def attn_fwd(
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     m_valid = offs_m < N_Q
-    q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
+    q = _load_tile(Q + off_b * sqb + off_h * sqh + tl.cast(pid_m * BLOCK_M, tl.int64) * sqm,
+                   tl.arange(0, BLOCK_M), sqm, N_Q - pid_m * BLOCK_M, offs_d, sqd, D)
+    K_bh = K + off_b * skb + off_hk * skh
+    V_bh = V + off_b * svb + off_hk * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
     lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
     n_blocks = tl.cdiv(N_K, BLOCK_N)
-    # with SKIP, a second pass over every key block for a block with a row on which skipping is
+    # full tiles [flo, fhi) within [lo, hi): every row keeps every key and no key is out of
+    # bounds, so the mask step and the bounds checks are left out there (FlexAttention's full
+    # blocks); the tiles before and after take the masked path
+    if FULL_TILES:
+        if SKIP:
+            flo = tl.load(FULL + off_b * f_sb + off_h * f_sh + pid_m * 2)
+            fhi = tl.load(FULL + off_b * f_sb + off_h * f_sh + pid_m * 2 + 1)
+        else:
+            flo = lo
+            fhi = N_K // BLOCK_N
+        flo = tl.minimum(tl.maximum(flo, lo), hi)
+        fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    else:
+        flo = lo
+        fhi = lo
+    # with SKIP, a last pass over every key block for a block with a row on which skipping is
     # not exact (kernels/removal.py: its max not finite, or less than THRESH): no host round trip
-    for attempt in tl.static_range(2 if SKIP else 1):
-        if attempt == 1:
+    for phase in tl.static_range(4 if SKIP else 3):
+        if phase == 0:
+            b0 = lo
+            b1 = flo
+        elif phase == 1:
+            b0 = flo
+            b1 = fhi
+        elif phase == 2:
+            b0 = fhi
+            b1 = hi
+        else:
+            # removal.rows_ok: m finite and m - THRESH >= |m| 2^-20 (THRESH: worst + margin)
+            m_nat = m_i * @@TO_NATURAL@@
+            ok = (m_nat - tl.load(THRESH) >= tl.abs(m_nat) * 9.5367431640625e-07) \
+                & (m_nat < float("inf")) & (m_nat > float("-inf"))
+            bad = tl.sum((m_valid & ~ok).to(tl.int32), 0)
+            redo = (bad > 0) & ((lo > 0) | (hi < n_blocks))
             m_i = tl.where(redo, float("-inf"), m_i)
             l_i = tl.where(redo, 0.0, l_i)
             acc = tl.where(redo, 0.0, acc)
-            lo = 0
-            hi = tl.where(redo, n_blocks, 0)
-        for blk_n in range(lo, hi):
+            b0 = 0
+            b1 = tl.where(redo, n_blocks, 0)
+        for blk_n in range(b0, b1):
             start_n = blk_n * BLOCK_N
             offs_n = start_n + tl.arange(0, BLOCK_N)
-            n_valid = offs_n < N_K
-            valid = m_valid[:, None] & n_valid[None, :]
-            k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
-            s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
-@@LOAD_OPERANDS_12@@
-            s = score_mod(s@@CARGS@@)
-            s = tl.where(n_valid[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # a row whose keys so far are all -inf keeps m = -inf; subtracting 0 instead avoids
-            # -inf - -inf = NaN, so a later block with finite scores still counts
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m_i - m_safe)
+            if phase == 1:
+@@FWD_FULL_BODY@@
+            else:
+@@FWD_MASKED_BODY@@
             l_i = l_i * alpha + tl.sum(p, 1)
 @@FWD_DROPOUT_12@@
-            v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
+            if phase == 1:
+                v = _load_rows(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
+                               offs_dv, svd, DV, EVEN_D)
+            else:
+                v = _load_tile(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
+                               N_K - start_n, offs_dv, svd, DV)
             acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
             m_i = m_new
-        if attempt == 0:
-            if SKIP:
-                # removal.rows_ok: m finite and m - THRESH >= |m| 2^-20 (THRESH: worst + margin)
-                ok = (m_i - tl.load(THRESH) >= tl.abs(m_i) * 9.5367431640625e-07) \
-                    & (m_i < float("inf")) & (m_i > float("-inf"))
-                bad = tl.sum((m_valid & ~ok).to(tl.int32), 0)
-                redo = (bad > 0) & ((lo > 0) | (hi < n_blocks))
     # a fully masked row (all -inf) has l_i = 0: 0/0 gives eager's NaN row, and lse is NaN as in
     # cpu.py (max - log(max p) with p NaN)
     out = acc / l_i[:, None]
-    lse = tl.where(l_i == 0.0, float("nan"), m_i + tl.log(l_i))
-    tl.store(Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+    lse = tl.where(l_i == 0.0, float("nan"), @@LSE_EXPR@@)
+    tl.store(Out + off_b * sob + off_h * soh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + off_bh * N_Q + offs_m, lse, mask=m_valid)
 
@@ -272,8 +319,7 @@ def attn_bwd_preprocess(
     Out, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, N_Q, DV,
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1).to(tl.int64)
+    pid_m, off_bh = _program_ids(N_Q, BLOCK_M, False)
     off_b = off_bh // H
     off_h = off_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -296,8 +342,7 @@ def attn_bwd_dkdv(
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
     SKIP: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    off_bk = tl.program_id(1).to(tl.int64)
+    pid_n, off_bk = _program_ids(N_K, BLOCK_N, False)
     off_b = off_bk // (H // G)
     off_hk = off_bk % (H // G)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -322,14 +367,14 @@ def attn_bwd_dkdv(
             valid = m_valid[:, None] & n_valid[None, :]
             q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
             do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(v.dtype)
-            lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+            lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0) * @@TO_LOG@@
             delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
             s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS_12@@
             s = score_mod(s0@@CARGS@@)
             # padding is zeroed by where, not by a 0/1 product: a fully masked row's NaN must reach
             # dV as in eager, while the padding's must not
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(valid, @@EXP@@(s - lse[:, None]), 0.0)
             if ROW_STATS:
                 p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
             dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
@@ -355,8 +400,7 @@ def attn_bwd_dq(
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
     SKIP: tl.constexpr,@@GRAD_FLAGS@@
 ):
-    pid_m = tl.program_id(0)
-    off_bh = tl.program_id(1).to(tl.int64)
+    pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
     off_h = off_bh % H
     off_hk = off_h // G  # grouped-query: the K/V head this query head reads
@@ -366,7 +410,8 @@ def attn_bwd_dq(
     m_valid = offs_m < N_Q
     q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(V.dtype.element_ty)
-    lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+    # in the units of the exponential (base 2 when log2(e) is folded into the chain)
+    lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0) * @@TO_LOG@@
     # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0)
     lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
     if ROW_STATS:
@@ -389,7 +434,7 @@ def attn_bwd_dq(
             s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS_12@@
             s = score_mod(s0@@CARGS@@)
-            p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+            p = tl.where(valid, @@EXP@@(s - lse[:, None]), 0.0)
             dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
 @@BWD_DROPOUT_12@@
             r += tl.sum(p, 1)
@@ -412,7 +457,7 @@ def attn_bwd_dq(
         s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
 @@LOAD_OPERANDS@@
         s = score_mod(s0@@CARGS@@)
-        p = tl.where(valid, tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(valid, @@EXP@@(s - lse[:, None]), 0.0)
         if ROW_STATS:
             p = p * inv_r[:, None]
         dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
@@ -435,6 +480,131 @@ _BWD_DROPOUT = '''\
         keep = _dropout_keep(seed, off_bh, offs_m, offs_n, N_Q, N_K)
         pd = tl.where(keep, p * @@DROP_SCALE@@, 0.0)
         dp = tl.where(keep, dp * @@DROP_SCALE@@, 0.0)'''
+
+
+# The forward's loop body, masked (partial tiles: bounds, the whole chain) and full (tiles every row
+# keeps whole: no bounds checks, the skipped predicate's step left out). In both, ``s`` ends in
+# the units of the exponential the kernel takes (base 2 with log2(e) folded into the chain when
+# ``_log2_chain`` proves that safe, else natural units and tl.exp).
+_FWD_MASKED = """\
+n_valid = offs_n < N_K
+valid = m_valid[:, None] & n_valid[None, :]
+k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn, N_K - start_n,
+               offs_d, skd, D)
+s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+@@LOADS@@
+s = score_mod(s@@CARGS@@)
+s = tl.where(n_valid[None, :], s, float("-inf"))
+m_new = tl.maximum(m_i, tl.max(s, 1))
+# a row whose keys so far are all -inf keeps m = -inf; subtracting 0 instead avoids
+# -inf - -inf = NaN, so a later block with finite scores still counts
+m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+p = @@EXP@@(s - m_safe[:, None])
+alpha = @@EXP@@(m_i - m_safe)"""
+
+_FWD_FULL = """\
+valid = m_valid[:, None]
+k = _load_rows(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn, offs_d, skd, D,
+               EVEN_D)
+s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+@@LOADS@@
+@@FULL_SCORES@@
+m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+p = @@FULL_P@@
+alpha = @@EXP@@(m_i - m_safe)"""
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+_NONLINEAR = {"tanh", "fn", "cast"}
+
+
+def _log2_chain(spec: AttentionSpec, ops) -> Optional[List[str]]:
+    """The chain ``ops`` as lines computing s * log2(e) (so that exp(s - m) = exp2(s' - m')),
+    with log2(e) folded into its first constant scale (no extra multiply, and a division by a
+    constant becomes a product), or None where that is not exact up to rounding: an operand
+    whose values are unknown added after the scale point (a bias tensor may hold finfo.min, whose
+    product with log2(e) overflows to -inf and would turn eager's uniform fully masked row into
+    NaN), or a constant whose scaled value overflows. Nonlinear steps (tanh, pointwise functions,
+    casts) stay in natural units: the scale goes after the last of them."""
+    last_nl = max((p for p, op in enumerate(ops) if op.kind in _NONLINEAR), default=-1)
+    lines = [f"s = {_step(op, spec, 's')}" for op in ops[:last_nl + 1]]
+    folded = False
+
+    def scaled(v):
+        v = float(v)
+        if math.isnan(v) or math.isinf(v):
+            return v
+        w = v * LOG2E
+        return w if abs(w) <= _FP32_MAX else None  # an fp32 literal in the kernel
+
+    for op in ops[last_nl + 1:]:
+        k = op.kind
+        if k in ("mul", "div"):
+            if not folded and op.operand == "const":
+                c = scaled(op.value) if k == "mul" else (LOG2E / op.value if op.value else None)
+                if c is None or not abs(c) <= _FP32_MAX:
+                    return None
+                lines.append(f"s = s * {_lit(c)}")
+                folded = True
+            else:  # products commute with the scale
+                lines.append(f"s = {_step(op, spec, 's')}")
+            continue
+        if not folded:
+            lines.append(f"s = s * {_lit(LOG2E)}")
+            folded = True
+        if k in ("add", "sub", "rsub"):
+            if op.operand == "const":
+                v = scaled(op.value)
+                if v is None:
+                    return None
+                x = _lit(v)
+            elif op.operand == "predicate":
+                m = spec.masks[op.index]
+                if m.kind == "additive":
+                    if scaled(_mask_value(m, m.kept)) is None or scaled(_mask_value(m, m.masked)) is None:
+                        return None
+                x = f"({_operand_expr(op, spec)} * {_lit(LOG2E)})"
+            else:
+                return None
+            lines.append(f"s = {dict(add=f's + {x}', sub=f's - {x}', rsub=f'{x} - s')[k]}")
+        elif k in ("fill", "fill_not"):
+            v = scaled(op.value)
+            if v is None:
+                return None
+            lines.append(f"s = {_step(dataclasses.replace(op, value=v), spec, 's')}")
+        else:
+            return None
+    if not folded:
+        lines.append(f"s = s * {_lit(LOG2E)}")
+    return lines
+
+
+def _full_ops(spec: AttentionSpec):
+    """The chain on a full tile (every row keeps every key): the skipped predicate's step is the
+    identity there (a fill whose mask is false, a where keeping s) or adds the kept value; None
+    when the last step is another kind (no full-tile path)."""
+    op = skip_op(spec)
+    if op is None:
+        return spec.score_ops
+    if op.kind in ("fill", "fill_not"):
+        return spec.score_ops[:-1]
+    m = spec.masks[op.index]
+    if op.kind == "add" and m.kind == "additive":
+        kept = _mask_value(m, m.kept)
+        if kept == 0.0:
+            return spec.score_ops[:-1]
+        return spec.score_ops[:-1] + (ScoreOp("add", "const", value=kept),)
+    return None
+
+
+def _scale_only(lines: Sequence[str]) -> Optional[float]:
+    """The constant c > 0 when a log2 chain is just ``s = s * c``."""
+    if len(lines) == 1 and lines[0].startswith("s = s * "):
+        with contextlib.suppress(ValueError):
+            c = float(lines[0][len("s = s * "):])
+            if c > 0 and math.isfinite(c):
+                return c
+    return None
 
 
 def _lit(x: float) -> str:
@@ -766,7 +936,9 @@ def generate_source(spec: AttentionSpec) -> str:
         + "".join(f", m{k}" for k in range(len(spec.masks)))
     mask_funcs, mask_calls = _mask_sources(spec)
     arities = _data_arities(spec) if spec.masks else {}
-    chain = [f"s = {_step(op, spec, 's')}" for op in spec.score_ops]
+    lchain = _log2_chain(spec, spec.score_ops)
+    fold = lchain is not None
+    chain = lchain if fold else [f"s = {_step(op, spec, 's')}" for op in spec.score_ops]
     keep = [f"s{p + 1} = {_step(op, spec, f's{p}')}" for p, op in enumerate(spec.score_ops)]
     bwd = _chain_backward_lines(spec)
 
@@ -784,9 +956,31 @@ def generate_source(spec: AttentionSpec) -> str:
             loads.append(f"c{i} = tl.load(C{i} + off_b * C{i}_sb + off_h * C{i}_sh"
                          f" + offs_m[:, None].to(tl.int64) * C{i}_sm"
                          f" + offs_n[None, :].to(tl.int64) * C{i}_sn, mask=valid, other=0)")
+    skip = skip_op(spec)
+    full_loads = list(loads)
     for k, m in enumerate(spec.masks):
         operand_args.append(" ".join(f"M{k}_n{t}," for t in range(len(m.axes))))
         loads.append(f"m{k} = mask{k}(off_b, off_h, offs_m, offs_n, {', '.join(mask_calls[k])})")
+        if skip is None or skip.index != k or skip.operand != "predicate":
+            full_loads.append(loads[-1])
+    exp = "tl.math.exp2" if fold else "tl.exp"
+    masked_body = _FWD_MASKED.replace("@@LOADS@@", "\n".join(loads) if loads else "pass")
+    fops = _full_ops(spec)
+    full_chain = None
+    if fops is not None:
+        full_chain = _log2_chain(spec, fops) if fold else [f"s = {_step(op, spec, 's')}" for op in fops]
+    if full_chain is None:
+        full_body = masked_body
+    else:
+        c = _scale_only(full_chain) if fold else None
+        if c is not None:  # FlashAttention-2's form: the max of the raw products, one FMA per score
+            scores = f"m_new = tl.maximum(m_i, tl.max(s, 1) * {_lit(c)})"
+            full_p = f"tl.math.exp2(s * {_lit(c)} - m_safe[:, None])"
+        else:
+            scores = "\n".join(full_chain + ["m_new = tl.maximum(m_i, tl.max(s, 1))"])
+            full_p = f"{exp}(s - m_safe[:, None])"
+        full_body = _FWD_FULL.replace("@@LOADS@@", "\n".join(full_loads) if full_loads else "pass") \
+            .replace("@@FULL_SCORES@@", scores).replace("@@FULL_P@@", full_p)
     dc_args = "".join(f" DC{i}," for i in grads)
     grad_flags = "".join(f" GRAD_C{i}: tl.constexpr," for i in grads)
     store = []
@@ -798,7 +992,7 @@ def generate_source(spec: AttentionSpec) -> str:
                          f" + offs_n[None, :], dc{i}, mask=valid)")
         else:
             # one partial sum per (bh, query block, key block): deterministic, no atomics
-            store.append(f"    tl.store(DC{i} + (off_bh * tl.num_programs(0) + pid_m) * num_n_blocks"
+            store.append(f"    tl.store(DC{i} + (off_bh * tl.cdiv(N_Q, BLOCK_M) + pid_m) * num_n_blocks"
                          f" + blk_n, tl.sum(tl.sum(tl.where(valid, dc{i}, 0.0), 1), 0))")
 
     src = _TEMPLATE
@@ -811,6 +1005,13 @@ def generate_source(spec: AttentionSpec) -> str:
         "@@MASK_FUNCS@@": mask_funcs,
         "@@SCORE_MOD_STR@@": spec.score_mod_str(),
         "@@CHAIN@@": _indent(chain, 4),
+        "@@HAS_FULL@@": str(full_chain is not None),
+        "@@FWD_FULL_BODY@@": _reindent(full_body, 16),
+        "@@FWD_MASKED_BODY@@": _reindent(masked_body, 16),
+        "@@EXP@@": exp,
+        "@@TO_LOG@@": _lit(LOG2E) if fold else "1.0",
+        "@@TO_NATURAL@@": _lit(LN2) if fold else "1.0",
+        "@@LSE_EXPR@@": f"(m_i + tl.math.log2(l_i)) * {_lit(LN2)}" if fold else "m_i + tl.log(l_i)",
         "@@CHAIN_KEEP@@": _indent(keep, 4),
         "@@CHAIN_BWD@@": _indent(bwd, 4),
         "@@DC_RETURN@@": "".join(f", dc{i}" for i in grads),
@@ -853,8 +1054,8 @@ def generate_source(spec: AttentionSpec) -> str:
 _SAFE_EDITS = (
     ("    out = acc / l_i[:, None]\n",
      "    out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])\n"),
-    ('    lse = tl.where(l_i == 0.0, float("nan"), m_i + tl.log(l_i))\n',
-     '    lse = tl.where(l_i == 0.0, float("inf"), m_i + tl.log(l_i))\n'),
+    ('    lse = tl.where(l_i == 0.0, float("nan"), ',
+     '    lse = tl.where(l_i == 0.0, float("inf"), '),
     ("        inv_r = 1.0 / tl.where(m_valid, r, 1.0)",
      "        inv_r = tl.where(r == 0.0, 0.0, 1.0 / tl.where(m_valid, r, 1.0))"),
 )
@@ -1020,24 +1221,61 @@ def _fits_fp32(x: float) -> bool:
     return math.isnan(x) or math.isinf(x) or abs(x) <= _FP32_MAX
 
 
-def _blocks(d: int, dv: int, backward: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages)."""
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs, per (architecture, direction):
+# the first entry whose head-dim bound covers max(d, dv). Hopper/Blackwell: the forward at
+# 128 x 128 (8 warps: two warpgroups of 64 rows each) so every dot is a warpgroup MMA, 3 stages of
+# K/V in flight; the backward's tiles at >= 64 rows on both sides (dS^T Q and P^T dO have BLOCK_N
+# rows) so its dots are warpgroup MMAs too. Ampere: FlashAttention-2's sizes.
+_TILES = {
+    (90, False): ((64, (128, 128, 8, 3)), (128, (128, 128, 8, 3)), (256, (128, 64, 8, 2))),
+    (90, True): ((64, (64, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (64, 64, 8, 1))),
+    (80, False): ((64, (128, 64, 4, 3)), (128, (128, 64, 8, 2)), (256, (64, 32, 4, 1))),
+    (80, True): ((64, (64, 64, 4, 2)), (128, (32, 32, 4, 2)), (256, (16, 32, 4, 1))),
+}
+# fp32 inputs (IEEE or TF32 dots): twice the bytes per operand, the pre-Hopper sizes everywhere
+_TILES_FP32 = {
+    False: ((64, (128, 64, 8, 2)), (128, (64, 64, 4, 2)), (256, (64, 32, 4, 1))),
+    True: ((64, (64, 64, 4, 2)), (128, (32, 32, 4, 2)), (256, (16, 32, 4, 1))),
+}
+_ARCH_OVERRIDE: List[int] = []
+
+
+@contextlib.contextmanager
+def target_arch(arch: int):
+    """Choose tiles for compute capability ``arch`` (80, 90, 100...) whatever the device: for
+    compiling ahead of time without the GPU (benchmarks/gpu_static.py)."""
+    _ARCH_OVERRIDE.append(int(arch))
+    try:
+        yield
+    finally:
+        _ARCH_OVERRIDE.pop()
+
+
+def _arch(device) -> Optional[int]:
+    if _ARCH_OVERRIDE:
+        return _ARCH_OVERRIDE[-1]
+    if device is not None and torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return None
+
+
+def _blocks(d: int, dv: int, backward: bool, dtype=None, device=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call (see _TILES)."""
     if _interpret():
         # small tiles keep the interpreter fast while still giving several key blocks to the
         # online softmax and partial tiles at the edges
         return 16, 16, 4, 1
     dmax = max(d, dv)
-    if backward:
-        if dmax <= 64:
-            return 64, 64, 4, 2
-        if dmax <= 128:
-            return 32, 32, 4, 2
-        return 16, 32, 4, 1
-    if dmax <= 64:
-        return 128, 64, 8, 2
-    if dmax <= 128:
-        return 64, 64, 4, 2
-    return 64, 32, 4, 1
+    arch = _arch(device)
+    if dtype in (torch.float16, torch.bfloat16) and arch is not None:
+        table = _TILES[(90 if arch >= 90 else 80, bool(backward))]
+    else:
+        table = _TILES_FP32[bool(backward)]
+    for bound, cfg in table:
+        if dmax <= bound:
+            return cfg
+    return table[-1][1]
 
 
 def _to4d(t: torch.Tensor) -> torch.Tensor:
@@ -1093,23 +1331,28 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     out = torch.empty((B, H, nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
     lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     mod = kernels(spec)
-    bm, bn, warps, stages = _blocks(d, dv, backward=False)
-    grid = (triton.cdiv(nq, bm), B * H)
+    bm, bn, warps, stages = _blocks(d, dv, backward=False, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(nq, bm) * B * H,)
     ranges = block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
     thresh = torch.zeros(1, dtype=torch.float32, device=q.device)
+    full = None
     if ranges is not None:
         # the removal rule (removal.py) per call, on the device: a call that must not skip visits
         # every key block; the kernel checks each row's margin against THRESH itself
         thresh = _threshold32(spec, q4, k4, v4, captured)
-        full = torch.tensor([0, triton.cdiv(nk, bn)], dtype=torch.int32, device=q.device)
-        ranges = (torch.where(torch.isposinf(thresh), full, ranges[0]).contiguous(), ranges[1])
+        whole = torch.tensor([0, triton.cdiv(nk, bn)], dtype=torch.int32, device=q.device)
+        ranges = (torch.where(torch.isposinf(thresh), whole, ranges[0]).contiguous(), ranges[1])
+        full = full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
+    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (ranges is None or full is not None)
     mod.attn_fwd[grid](
         q4, k4, v4, out, lse, *_operands(spec, captured, (B, H, nq, nk)),
-        *_range_args(ranges[0] if ranges else None, B, H, q.device), thresh,
+        *_range_args(ranges[0] if ranges else None, B, H, q.device),
+        *_range_args(full, B, H, q.device), thresh,
         *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
         H, G, nq, nk, d, dv, _seed32(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-        num_warps=warps, num_stages=stages, SKIP=ranges is not None, **_flags())
+        num_warps=warps, num_stages=stages, SKIP=ranges is not None, FULL_TILES=full_tiles,
+        EVEN_D=(d == _pow2(d) and dv == _pow2(dv)), **_flags())
     return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
 
 
@@ -1128,12 +1371,12 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     dvt = torch.empty((B, H // G, nk, dv), dtype=v.dtype, device=v.device)
     delta = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     ops = _operands(spec, captured, (B, H, nq, nk))
-    bm, bn, warps, stages = _blocks(d, dv, backward=True)
+    bm, bn, warps, stages = _blocks(d, dv, backward=True, dtype=q.dtype, device=q.device)
     bdv = _pow2(dv)
     row_stats = _needs_row_stats(spec, o4.dtype)
     inv_r = torch.empty((B, H, nq) if row_stats else (1,), dtype=torch.float32, device=q.device)
     if not row_stats:
-        mod.attn_bwd_preprocess[(triton.cdiv(nq, bm), B * H)](
+        mod.attn_bwd_preprocess[(triton.cdiv(nq, bm) * B * H,)](
             o4, do4, delta, *o4.stride(), *do4.stride(), H, nq, dv, BLOCK_M=bm, BLOCK_DV=bdv)
     common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv,
                   num_warps=warps, num_stages=stages, **_flags())
@@ -1157,13 +1400,13 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
             bufs[i] = new((B, H, nq, nk), dtype=torch.float32, device=q.device)
         else:
             bufs[i] = new((B * H, n_mb, n_nb), dtype=torch.float32, device=q.device)
-    mod.attn_bwd_dq[(n_mb, B * H)](
+    mod.attn_bwd_dq[(n_mb * B * H,)](
         q4, k4, v4, do4, lse3, delta, inv_r, dq, *ops, *[bufs[i] for i in grads],
         *_range_args(ranges[0] if skip else None, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
         H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common, **flags)
     # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
-    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn), B * (H // G))](
+    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn) * B * (H // G),)](
         q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, *ops,
         *_range_args(ranges[1] if skip else None, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
@@ -1352,6 +1595,55 @@ def _linear_block_ranges(m, invert: bool, sizes, nq: int, nk: int, block_m: int,
     klo, khi = klo.clamp(0, n_nb), khi.clamp(0, n_nb)
     return _ranges(klo.reshape(1, 1, n_mb), khi.reshape(1, 1, n_mb), rowless.reshape(1, 1, n_mb),
                    n_mb, n_nb, dev)
+
+
+def full_ranges(spec: AttentionSpec, score_shape4, block_m: int, block_n: int, device=None):
+    """Per query block, [flo, fhi) of the key blocks every (real) row keeps whole and that lie
+    inside the keys: the forward's full tiles, which skip the mask step and bounds checks. An int32
+    (1, 1, n_mb, 2) tensor for a conjunction of linear conditions (causal, windows: each row keeps
+    an interval, ``predicate.span_plan``), computed in O(Nq); None otherwise (no full tiles)."""
+    op = skip_op(spec)
+    if op is None or _full_ops(spec) is None:
+        return None
+    m = spec.masks[op.index]
+    R = len(m.axes)
+    B, H, nq, nk = (int(x) for x in score_shape4)
+    rows = _linear_rows(m, op.kind == "fill", tuple(int(x) for x in score_shape4[4 - R:]), nq, nk,
+                        device)
+    if rows is None:
+        return None
+    lo, hi = rows  # kept keys of row i: [lo(i), hi(i)] (empty when lo > hi)
+    n_mb = triton.cdiv(nq, block_m)
+    pad = n_mb * block_m - nq
+    # padding rows do not constrain; an empty real row leaves its block no full tile
+    flo = torch.nn.functional.pad(lo, (0, pad), value=-1).reshape(n_mb, block_m).amax(-1)
+    fhi = torch.nn.functional.pad(hi, (0, pad), value=nk).reshape(n_mb, block_m).amin(-1)
+    kb_lo = torch.div(flo + block_n - 1, block_n, rounding_mode="floor").clamp(min=0)
+    kb_hi = torch.div(torch.minimum(fhi + 1, torch.full_like(fhi, nk)), block_n,
+                      rounding_mode="floor")
+    kb_hi = torch.maximum(kb_hi, kb_lo)
+    return torch.stack([kb_lo, kb_hi], -1).to(torch.int32).reshape(1, 1, n_mb, 2).contiguous()
+
+
+def _linear_rows(m, invert: bool, sizes, nq: int, nk: int, dev):
+    """(lo, hi) int64 (Nq,) of the keys each row keeps, for a conjunction of linear conditions on
+    i and j with no data, batch or head; None otherwise."""
+    plan = predicate.span_plan(m, invert)
+    parts = plan[1] if isinstance(plan, tuple) and plan[0] == "and" else [plan]
+    if plan is None or not all(isinstance(p, predicate._Lin) for p in parts):
+        return None
+    i = torch.arange(nq, device=dev, dtype=torch.int64)
+    lo = torch.zeros(nq, dtype=torch.int64, device=dev)
+    hi = torch.full((nq,), nk - 1, dtype=torch.int64, device=dev)
+    for p in parts:  # a*j + b*i + c <= 0
+        t = -p.b * i - p.c(*sizes)
+        if p.a > 0:
+            hi = torch.minimum(hi, torch.div(t, p.a, rounding_mode="floor"))
+        elif p.a < 0:
+            lo = torch.maximum(lo, -torch.div(-t, p.a, rounding_mode="floor"))
+        else:  # no j: the row keeps every key or none
+            hi = torch.where(t >= 0, hi, -1)
+    return lo, hi
 
 
 def _threshold32(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> torch.Tensor:
