@@ -113,6 +113,32 @@ class Frames:
     reshape_qk: bool = False
     reshape_v: bool = False
     reshape_out: bool = False
+    expand_k: bool = False   # k has one head broadcast over q's heads, v has them all: expand k
+    expand_v: bool = False   # the other way round
+    full_q: bool = False     # expand q to k's batch dims in the QK product's layout (then move it)
+    full_k: bool = False     # expand k to q's batch dims in the QK product's layout (then move it)
+    full_v: object = None    # expand v to the P @ V product's batch dims: their sizes (a list),
+    #                          or "q" when that layout is the op's own (q's sizes after any move)
+
+
+def _broadcast_mode(qb, kb, group: int) -> Optional[str]:
+    """How a product broadcasts its second operand's batch dims ``kb`` into the first's ``qb``:
+    None when equal; "head" when kb is qb except that its last batch dim (the heads) is 1, one
+    head over all of q's, which the fused op reads as grouped heads (``ops._grouped``); "full"
+    for any other right-aligned broadcast (each dim 1 or equal, fewer dims allowed), which the
+    rewriter expands; "no" when qb itself would be broadcast or the batch enlarged. With heads
+    repeated (``group`` > 1) the heads must match and only the dims before them may broadcast (the
+    rewriter then expands those, keeping the unrepeated heads)."""
+    if _same_shape(qb, kb):
+        return None
+    if len(kb) > len(qb) or not _broadcasts_into(kb, qb):
+        return "no"
+    if group > 1:
+        return "full" if len(kb) == len(qb) >= 1 and _same(kb[-1], qb[-1]) else "no"
+    if len(qb) == len(kb) >= 1 and _same_shape(qb[:-1], kb[:-1]) and isinstance(kb[-1], int) \
+            and kb[-1] == 1:
+        return "head"
+    return "full"
 
 
 def _number(x) -> bool:
@@ -137,13 +163,21 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     # q and k^T meet in one product, so they share a batch layout; v meets the probabilities in
     # the other, possibly in another layout (BLOOM's (B*H, N, N) bmm after a 4-D QK product): its
     # batch dims are checked against the probabilities' below, and the frames reconcile the two
-    if rank < 2 or ktv.dim() != rank or vv.dim() < 2:
+    if rank < 2 or ktv.dim() < 2 or vv.dim() < 2:
         return NearMiss(site, region.qk.name, f"q, k^T, v have ranks {qv.dim()}, {ktv.dim()}, "
-                        f"{vv.dim()}; the fused op needs q and k^T of equal rank >= 2 "
-                        "(no broadcasting products)")
-    if not _same_shape(qv.shape[:-2], kt_shape[:-2]):
-        return NearMiss(site, region.qk.name, f"batch dims of q {tuple(qv.shape)} and k^T "
-                        f"{kt_shape} are not provably equal (the product would broadcast)")
+                        f"{vv.dim()}; the products need rank >= 2")
+    frames = Frames()
+    # k^T's batch dims: q's (None), or broadcast by the product into q's: one head shared by all
+    # of q's ("head", multi-query), or any other broadcast ("full": expanded, a view, in the rewrite)
+    k_mode = _broadcast_mode(tuple(qv.shape[:-2]), kt_shape[:-2], region.group)
+    if k_mode == "no":
+        # the other way round: q broadcast into k's batch dims (queries shared by every batch
+        # element, e.g. learned latents): expanded in the rewrite
+        if _broadcast_mode(kt_shape[:-2], tuple(qv.shape[:-2]), region.group) == "no":
+            return NearMiss(site, region.qk.name, f"batch dims of q {tuple(qv.shape)} and k^T "
+                            f"{kt_shape} are not provably equal, nor one broadcast into the other's "
+                            "(the product would enlarge both)")
+        frames.full_q, k_mode = True, None
     if not (_same(qv.shape[-1], kt_shape[-2]) and _same(kt_shape[-1], vv.shape[-2])):
         return NearMiss(site, region.pv.name, "inner dims of the products are not provably equal")
     for name, t in (("q", qv), ("k", ktv), ("v", vv)):
@@ -165,7 +199,6 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     cur = qk_shape
     captured = _Captured()
     ops: List[ScoreOp] = []
-    frames = Frames()
     steps = []  # (op, pos, frame shape at the step)
     for op, pos in region.score_chain:
         out = value(op.node)
@@ -209,6 +242,7 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     prob_dtype = softmax_dtype
     dropout_p = 0.0
     p_frame = canonical
+    p_sizes = None  # the batch sizes (graph arguments) of the last reshape of the probabilities
     for op in region.prob_chain:
         if op.name == "reshape":
             pv_ = value(op.node)
@@ -216,6 +250,7 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                 return NearMiss(site, op.node.name, "a reshape of the probabilities that moves the "
                                 "query or key dims")
             p_frame = tuple(pv_.shape)
+            p_sizes = list(op.args[1])[:-2]
         elif op.name == "cast":
             prob_dtype = value(op.node).dtype
         elif op.name == "dropout":
@@ -232,10 +267,32 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                     return NearMiss(site, op.node.name, "dropout with p >= 1 zeroes everything")
                 dropout_p = float(p)
             prob_dtype = value(op.node).dtype
-    if not _same_shape(p_frame[:-2], vv.shape[:-2]) or not _same(p_frame[-1], vv.shape[-2]):
+    v_mode = _broadcast_mode(tuple(p_frame[:-2]), tuple(vv.shape[:-2]), region.group)
+    if v_mode == "no" or not _same(p_frame[-1], vv.shape[-2]):
         return NearMiss(site, region.pv.name, f"P {p_frame} and v {tuple(vv.shape)} do not multiply "
-                        "without broadcasting")
+                        "without broadcasting P or enlarging the batch")
     frames.reshape_v = frames.reshape_out = not _same_shape(p_frame[:-2], canonical[:-2])
+    # One K/V head shared by every query head (Falcon's multi-query ``q @ k^T`` with k of shape
+    # (B, 1, N, D)) is grouped-query attention with one group, which the op takes as it is. An
+    # operand broadcast over other batch dims, or one that moves to another batch layout, is first
+    # expanded (a view) in its own product's layout to what the product's broadcast reads (a move
+    # then copies, as repeat_kv's reshape does); when only one of k, v is still shared, the
+    # rewriter expands it to the other's heads
+    if v_mode == "full" or v_mode == "head" and frames.reshape_v:
+        if frames.reshape_v:
+            # an inferred (-1) size is the probabilities' own size there, when that is a number
+            full = [p_frame[d] if isinstance(x, int) and x == -1 else x for d, x in enumerate(p_sizes or [])]
+            if p_sizes is None or any(not isinstance(x, (int, fx.Node)) for x in full):
+                return NearMiss(site, region.pv.name, "v is broadcast over the probabilities' batch "
+                                "dims in a batch layout with an inferred (-1) symbolic size")
+            frames.full_v = full
+        else:
+            frames.full_v = "q"  # the probabilities' layout is the op's: q's sizes there
+        v_mode = None
+    if k_mode == "full" or k_mode == "head" and frames.reshape_qk:
+        frames.full_k, k_mode = True, None
+    frames.expand_k = k_mode == "head" and v_mode != "head"
+    frames.expand_v = v_mode == "head" and k_mode != "head"
     if (frames.reshape_qk or frames.reshape_v) and region.group > 1:
         # grouped heads across a batch reshape: keep the repeated copies (still fused)
         region.k, region.v, region.group = region.repeats[0], region.repeats[1], 1

@@ -364,7 +364,8 @@ def _is_unsqueeze_at(node, x, dim: int) -> bool:
 def repeated_heads(node) -> Optional[Tuple[fx.Node, int]]:
     """(x, G) when ``node`` is x with each head (dim -3) repeated G times in place, head h of the
     result being head h // G of x: Llama's ``repeat_kv`` (x[:, :, None].expand(..., G, N, D)
-    .reshape(..., H * G, N, D)) or ``x.repeat_interleave(G, dim=-3)``. The shapes are checked on
+    .reshape(..., H * G, N, D), or ``.flatten(-4, -3)``) or ``x.repeat_interleave(G, dim=-3)``.
+    The shapes are checked on
     the recorded values, so a look-alike that moves data differently does not qualify."""
     if not isinstance(node, fx.Node):
         return None
@@ -381,7 +382,14 @@ def repeated_heads(node) -> Optional[Tuple[fx.Node, int]]:
                 and dim % rank == rank - 3 and reps >= 1:
             return x, reps
         return None
-    if not (node.op == "call_method" and node.target in ("reshape", "view")):
+    if node.op == "call_method" and node.target == "flatten":
+        # x[:, :, None].expand(...).flatten(-4, -3): the same merge of the group into the heads
+        ev = value(node.args[0]) if isinstance(node.args[0], fx.Node) else None
+        dims = [_get(node, 1, "start_dim", 0), _get(node, 2, "end_dim", -1)]
+        if ev is None or not all(isinstance(d, int) for d in dims) or \
+                [d % ev.dim() for d in dims] != [rank - 3, rank - 2]:
+            return None
+    elif not (node.op == "call_method" and node.target in ("reshape", "view")):
         return None
     e = node.args[0]
     if not (isinstance(e, fx.Node) and e.op == "call_method" and e.target == "expand"):
@@ -516,6 +524,107 @@ def _functional_form(node: fx.Node):
     return None
 
 
+# ops whose result is a view of their first operand and that write nothing (a cast to the dtype it
+# already has, ``s.float()`` on float32, returns its operand itself: it is in the storage's group
+# only then)
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "unsqueeze", "squeeze", "flatten", "unflatten",
+                 "view_as", "reshape_as", "t", "mT", "movedim", "swapaxes", "contiguous",
+                 "to", "float", "double", "half", "bfloat16", "type", "type_as"}
+_VIEW_FUNCTIONS = {torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+                   torch.flatten, torch.movedim, torch.swapaxes, torch.t}
+
+
+def _is_view_op(n: fx.Node) -> bool:
+    return (n.op == "call_method" and n.target in _VIEW_METHODS) or \
+        (n.op == "call_function" and n.target in _VIEW_FUNCTIONS)
+
+
+def _functionalize_view_chain(gm: fx.GraphModule, group: List[fx.Node], meta_fn) -> Optional[str]:
+    """``s = (q @ k^T).view(B, H, N, N); s /= c``: in-place updates through views of a fresh tensor.
+    Exact when the storage's nodes form one chain in graph order, base -> m1 -> ... -> mk, each
+    m_t a view (``_is_view_op``) or an in-place op with an out-of-place twin, reading m_{t-1} as
+    its first operand (and not as another operand), and every other reader of a member m_t reads
+    it before any later view is taken, i.e. only in-place steps m_{t+1} .. m_j lie between m_t
+    and the reader (uses of a shape aside: a write never changes a shape). Such a reader sees
+    m_j's values (an in-place op returns its own operand, same view), so it is given m_j. Then
+    applying each in-place op out of place to the previous (functional) value gives every reader
+    the values it read before, and views stay views of those values. An in-place step whose
+    operand would promote stays in place, now on the current value. Anything else (the base read
+    after a write through a view) is left as it was, and the site that reads it is reported."""
+    from .effects import writes
+    from .match import shape_only
+
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    chain = sorted(group, key=order.__getitem__)
+    members = set(chain)
+
+    def same_view(a, b):  # b is a, or a reached back from b through in-place steps
+        while b is not a and _functional_form(b) is not None and b.args and b.args[0] in members:
+            b = b.args[0]
+        return b is a
+
+    for prev, n in zip(chain, chain[1:]):
+        # ``s.mul_(c)`` as a statement, then ``s += b``: both update s; the second reads the node
+        # s, the same tensor as the first's result
+        if not n.args or not isinstance(n.args[0], fx.Node) or not same_view(n.args[0], prev) \
+                or not (_is_view_op(n) or _functional_form(n)):
+            return None
+        others = []
+        fx.node.map_arg((n.args[1:], n.kwargs), others.append)
+        if any(a in members for a in others):
+            return None  # the tensor is also an operand of its own update (s.add_(s))
+        if _is_view_op(n) and writes(n):
+            return None
+    redirect = []  # (reader, member it reads, member whose values it sees)
+    for t, m in enumerate(chain):
+        for u in m.users:
+            if u in members or shape_only(u, m):
+                continue
+            j = max(k for k, c in enumerate(chain) if order[c] < order[u])
+            if any(_is_view_op(c) for c in chain[t + 1:j + 1]):
+                return None  # a view taken, then written through, before this reader
+            if j > t:
+                redirect.append((u, m, chain[j]))
+    for u, m, c in redirect:
+        u.replace_input_with(m, c)
+    new_nodes = []
+    current = chain[0]  # the value of the storage's latest view, functional from here on
+    for n in chain[1:]:
+        if n.args[0] is not current:
+            n.replace_input_with(n.args[0], current)  # same values: see same_view
+        form = _functional_form(n)
+        if form is None:
+            current = n
+            continue
+        op, target = form
+        with gm.graph.inserting_before(n):
+            f = gm.graph.create_node(op, target, tuple(n.args), dict(n.kwargs))
+        nv = value(n)
+        try:
+            meta_fn(f)
+            fv = value(f)
+        except Exception:  # noqa: BLE001 - not computable: n stays in place (below)
+            fv = None
+        if not isinstance(fv, torch.Tensor) or not isinstance(nv, torch.Tensor) or fv.dtype != nv.dtype \
+                or tuple(fv.shape) != tuple(nv.shape):
+            # a promoting operand: not the same op out of place. n stays an in-place update of
+            # the current value; later steps read n, readers were given the member before them
+            gm.graph.erase_node(f)
+            current = n
+            continue
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack"):
+            if key in n.meta:
+                f.meta[key] = n.meta[key]
+        n.replace_all_uses_with(f)
+        gm.graph.erase_node(n)
+        new_nodes.append((n.name, f.name))
+        current = f
+    if not new_nodes:
+        return None
+    return (f"functionalised through views: {', '.join(a for a, _ in new_nodes)} on {chain[0].name} "
+            f"-> {', '.join(b for _, b in new_nodes)}")
+
+
 def functionalize_inplace(gm: fx.GraphModule, meta_fn=None) -> List[str]:
     """``s /= c``, ``s.masked_fill_(m, x)``, ``s += bias``: an in-place update of a tensor that
     nothing else aliases is the out-of-place op, with every later reader of the tensor reading the
@@ -534,6 +643,11 @@ def functionalize_inplace(gm: fx.GraphModule, meta_fn=None) -> List[str]:
     for group in list(smap.groups.values()):
         base, rest = group[0], group[1:]
         if not rest or base.op not in ("call_function", "call_method") or writes(base):
+            continue
+        if any(_is_view_op(n) for n in rest):
+            line = _functionalize_view_chain(gm, group, meta_fn)
+            if line:
+                applied.append(line)
             continue
         if not all(_functional_form(n) is not None and n.args and n.args[0] in group for n in rest):
             continue

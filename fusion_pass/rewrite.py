@@ -74,6 +74,16 @@ def _to_frame(graph, node, sizes, fake_mode) -> fx.Node:
     return n
 
 
+def _expand_like(graph, node, other, fake_mode, keep_heads=False) -> fx.Node:
+    """node expanded (a view) to other's batch dims, keeping its last two; with ``keep_heads``
+    also its heads (dim -3: K/V heads not repeated, read as groups by the op)."""
+    lead = value(other).dim() - (3 if keep_heads else 2)
+    sizes = [_size(graph, other, d, fake_mode) for d in range(lead)]
+    n = graph.call_method("expand", (node, *sizes, *([-1] * (3 if keep_heads else 2))))
+    _meta(n, fake_mode)
+    return n
+
+
 def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     """Replace one region; returns the node holding the attention output."""
     r = a.region
@@ -81,17 +91,34 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     graph = gm.graph
     with graph.inserting_before(r.pv):
         sizes = f.sizes
+        k_src = r.k if r.k is not None else r.kt
+        q_src = r.q
+        grouped = r.group > 1  # K/V heads read as groups: expansions keep k's and v's heads
+        if f.full_q:  # the product broadcasts q into k's batch dims (queries shared by a batch)
+            q_src = _expand_like(graph, q_src, k_src, fake_mode, keep_heads=grouped)
         moves = f.reshape_qk or f.reshape_v or any(st[0] == "to_frame" for p in a.captured_preps for st in p)
         if sizes is None and moves:  # canonical layout = the QK product's: read its batch sizes off q
-            sizes = [_size(graph, r.q, d, fake_mode) for d in range(value(r.q).dim() - 2)]
+            sizes = [_size(graph, q_src, d, fake_mode) for d in range(value(q_src).dim() - 2)]
+        if f.full_k:  # the product broadcasts k into q's batch dims: expand it, then move it
+            k_src = _expand_like(graph, k_src, q_src, fake_mode, keep_heads=grouped)
         if r.k is not None:
-            k = _to_frame(graph, r.k, sizes, fake_mode) if f.reshape_qk else r.k
+            k = _to_frame(graph, k_src, sizes, fake_mode) if f.reshape_qk else k_src
         else:
-            kt = _to_frame(graph, r.kt, sizes, fake_mode) if f.reshape_qk else r.kt
+            kt = _to_frame(graph, k_src, sizes, fake_mode) if f.reshape_qk else k_src
             k = graph.call_method("transpose", (kt, -2, -1))
             _meta(k, fake_mode)
-        q = _to_frame(graph, r.q, sizes, fake_mode) if f.reshape_qk else r.q
-        v = _to_frame(graph, r.v, sizes, fake_mode) if f.reshape_v else r.v
+        q = _to_frame(graph, q_src, sizes, fake_mode) if f.reshape_qk else q_src
+        v_src = r.v
+        if f.full_v == "q":  # v broadcast by P @ V, in the op's own layout: q's batch dims there
+            v_src = _expand_like(graph, v_src, q, fake_mode, keep_heads=grouped)
+        elif f.full_v is not None:
+            v_src = graph.call_method("expand", (v_src, *f.full_v, -1, -1))
+            _meta(v_src, fake_mode)
+        v = _to_frame(graph, v_src, sizes, fake_mode) if f.reshape_v else v_src
+        if f.expand_k:  # one K head broadcast by the product, v has every head: k as v's heads
+            k = _expand_like(graph, k, v, fake_mode)
+        if f.expand_v:
+            v = _expand_like(graph, v, k, fake_mode)
         q = _cast(graph, q, a.q_dtype, fake_mode)
         k = _cast(graph, k, a.q_dtype, fake_mode)
         v = _cast(graph, v, a.v_dtype, fake_mode)
@@ -124,7 +151,8 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
         out = graph.call_function(operator.getitem, (call, 0))
         _meta(out, fake_mode)
         if f.reshape_out:  # back to the PV product's layout, which is v's
-            vb = [_size(graph, r.v, d, fake_mode) for d in range(value(r.v).dim() - 2)]
+            vb = f.full_v if isinstance(f.full_v, list) else \
+                [_size(graph, r.v, d, fake_mode) for d in range(value(r.v).dim() - 2)]
             out = graph.call_method("reshape", (out, *vb, _size(graph, out, -2, fake_mode),
                                                 _size(graph, out, -1, fake_mode)))
             _meta(out, fake_mode)
@@ -199,7 +227,7 @@ def _erase_unused_chain(graph: fx.Graph, node: fx.Node) -> None:
     """Erase node and then its inputs while they have no users left (view chains only)."""
     while isinstance(node, fx.Node) and not node.users and not getattr(node, "_erased", False) \
             and node.op in ("call_method", "call_function") \
-            and node.target in ("reshape", "view", "expand", "repeat_interleave", operator.getitem,
+            and node.target in ("reshape", "view", "flatten", "expand", "repeat_interleave", operator.getitem,
                                 torch.repeat_interleave, "unsqueeze", torch.unsqueeze):
         src = node.args[0]
         graph.erase_node(node)

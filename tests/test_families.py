@@ -8,7 +8,12 @@ The families cover the spellings models use: GPT-2's Conv1D and float mask, BERT
 Llama with GQA and MQA (repeat_kv), Mistral's sliding window, GPT-NeoX's rotary halves, Granite's
 attention multiplier, Gemma-2's soft-capping (tanh) and head_dim != hidden/heads, T5 (no scaling,
 relative position bias, encoder-decoder), Whisper (encoder, causal decoder, cross-attention),
-BLOOM (ALiBi through baddbmm on (batch*heads) views) and GPT-Neo (0-dim tensor fill value).
+BLOOM (ALiBi through baddbmm on (batch*heads) views) and GPT-Neo (0-dim tensor fill value);
+BART and Pegasus (encoder-decoder on (batch*heads) bmm products), CLIP's vision tower and Swin
+(window attention with a relative-position bias and shifted-window mask), Falcon with one K/V head
+that the products broadcast (multi-query) and with ALiBi (scaled in place), MPT (ALiBi),
+DeBERTa-v2 (disentangled c2p + p2c relative-position terms gathered and added to the scores),
+Qwen2, Phi-3 and OPT.
 
 ``FAMILIES`` is also what ``benchmarks/families.py`` reports on.
 """
@@ -148,6 +153,92 @@ def gpt_neo():
     return _text(transformers.GPTNeoModel, cfg)
 
 
+def bart():
+    cfg = transformers.BartConfig(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
+        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return transformers.BartModel(_eager(cfg)), dict(input_ids=_ids(), attention_mask=_left_padded_mask(),
+                                                     decoder_input_ids=_ids(DEC_SEQ))
+
+
+def pegasus():
+    cfg = transformers.PegasusConfig(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
+        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    return transformers.PegasusModel(_eager(cfg)), dict(
+        input_ids=_ids(), attention_mask=_left_padded_mask(), decoder_input_ids=_ids(DEC_SEQ))
+
+
+def clip_vision():
+    cfg = transformers.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=4, image_size=32, patch_size=8,
+                                        attention_dropout=0.0)
+    return transformers.CLIPVisionModel(_eager(cfg)), dict(pixel_values=torch.randn(BATCH, 3, 32, 32))
+
+
+def swin():
+    # windows of 4 x 4 patches: a learned relative-position bias gathered from a table by index,
+    # and in the shifted blocks an additive mask keeping each window's regions apart
+    cfg = transformers.SwinConfig(image_size=32, patch_size=4, embed_dim=16, depths=[2, 2],
+                                  num_heads=[2, 4], window_size=4, mlp_ratio=2.0,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                  drop_path_rate=0.0)
+    return transformers.SwinModel(_eager(cfg)), dict(pixel_values=torch.randn(BATCH, 3, 32, 32))
+
+
+def falcon_mqa():
+    # multi_query: k and v have one head, and ``q @ k^T`` broadcasts it over the query heads
+    cfg = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=VOCAB, multi_query=True, new_decoder_architecture=False,
+                                    alibi=False, parallel_attn=True, bias=False, hidden_dropout=0.0,
+                                    attention_dropout=0.0)
+    return _text(transformers.FalconModel, cfg)
+
+
+def falcon_alibi():
+    cfg = transformers.FalconConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    vocab_size=VOCAB, multi_query=False, new_decoder_architecture=False,
+                                    alibi=True, parallel_attn=False, bias=True, hidden_dropout=0.0,
+                                    attention_dropout=0.0)
+    return _text(transformers.FalconModel, cfg)
+
+
+def mpt():
+    cfg = transformers.MptConfig(d_model=64, n_heads=4, n_layers=2, expansion_ratio=2, max_seq_len=64,
+                                 vocab_size=VOCAB, resid_pdrop=0.0, emb_pdrop=0.0,
+                                 attn_config=dict(alibi=True, attn_pdrop=0))
+    return _text(transformers.MptModel, cfg)
+
+
+def deberta_v2():
+    # disentangled attention: content-to-position and position-to-content terms, gathered from
+    # the relative-position embeddings by bucketed i - j, added to the scores (a tensor operand)
+    cfg = transformers.DebertaV2Config(**TINY, max_position_embeddings=64, relative_attention=True,
+                                       pos_att_type=["p2c", "c2p"], position_buckets=8,
+                                       max_relative_positions=16, hidden_dropout_prob=0.0,
+                                       attention_probs_dropout_prob=0.0)
+    return _text(transformers.DebertaV2Model, cfg)
+
+
+def qwen2():
+    return _text(transformers.Qwen2Model, transformers.Qwen2Config(**TINY, num_key_value_heads=2))
+
+
+def phi3():
+    cfg = transformers.Phi3Config(**TINY, num_key_value_heads=2, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2)
+    return _text(transformers.Phi3Model, cfg)
+
+
+def opt():
+    cfg = transformers.OPTConfig(hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                                 vocab_size=VOCAB, max_position_embeddings=64, word_embed_proj_dim=64,
+                                 dropout=0.0, attention_dropout=0.0, layerdrop=0.0)
+    return _text(transformers.OPTModel, cfg)
+
+
 # name -> (builder, attention sites in one forward, why it is expected to fail today or None)
 FAMILIES = {
     "gpt2": (gpt2, 2, None),
@@ -163,6 +254,17 @@ FAMILIES = {
     "whisper": (whisper, 6, None),
     "bloom": (bloom, 2, None),     # baddbmm (ALiBi) on (batch*heads) views
     "gpt-neo": (gpt_neo, 2, None),  # torch.where with a 0-dim tensor fill value
+    "bart": (bart, 6, None),       # (B*H, N, D) bmm products, padding and causal masks
+    "pegasus": (pegasus, 6, None),
+    "clip-vision": (clip_vision, 2, None),
+    "swin": (swin, 4, None),       # window attention: relative-position bias, shifted-window mask
+    "falcon-mqa": (falcon_mqa, 2, None),      # one K/V head broadcast by the products
+    "falcon-alibi": (falcon_alibi, 2, None),  # ALiBi added to 4-D scores, in-place scaling
+    "mpt": (mpt, 2, None),         # ALiBi as a precomputed bias tensor; causal + padding by masked_fill
+    "deberta-v2": (deberta_v2, 2, None),  # disentangled c2p + p2c bias, a tensor operand
+    "qwen2": (qwen2, 2, None),
+    "phi3": (phi3, 2, None),
+    "opt": (opt, 2, None),
 }
 
 

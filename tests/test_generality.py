@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from helpers import check_fused
+from helpers import check_fused, max_rel_error
 
 B, H, N, D = 2, 3, 13, 8  # odd length: tiles never divide it
 
@@ -149,3 +149,124 @@ def test_two_products_either_is_the_score():
     def f(q, k, v, q2):
         return ((q @ k.transpose(-1, -2)) * (q2 @ k.transpose(-1, -2)) * 0.1).softmax(-1) @ v
     check_fused(f, *_qkv(), torch.randn(B, H, N, D, requires_grad=True))
+
+
+# ---- in-place updates through views of the scores (found by tests/test_fuzz.py) -------------------
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_inplace_updates_through_a_view_of_the_scores(dynamic):
+    """BLOOM-style: a merged-head product viewed as 4-D, then scaled and masked in place through
+    the view; ``s.mul_(c)`` as a statement and ``s += bias`` both update the same tensor."""
+    def f(q, k, v, bias, keep):
+        b, h, n, d = q.shape
+        s = torch.bmm(q.reshape(b * h, n, d), k.reshape(b * h, n, d).transpose(1, 2))
+        s = s.view(b, h, n, n)
+        s.mul_(1 / math.sqrt(d))
+        s += bias
+        s.masked_fill_(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+    expl = check_fused(f, *_qkv(), torch.randn(1, H, N, N, requires_grad=True), _keep(), dynamic=dynamic)
+    assert "functionalised through views" in str(expl)
+
+
+def test_base_read_after_a_write_through_its_view_is_a_near_miss():
+    """The product's own node read after the in-place write through its view sees the written
+    values, so the writes cannot become out-of-place ops: not fused, and the report says where."""
+    import fusion_pass
+
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2)
+        t = s.view(B * H, N, N)
+        t.mul_(0.5)
+        return s.softmax(-1) @ v, t.sum()
+    expl = fusion_pass.explain(f, *_qkv())
+    assert not expl.fused and expl.missed, str(expl)
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    out, tot = torch.compile(f, backend="fusion_pass")(q, k, v)
+    ref, rtot = f(q, k, v)
+    assert max_rel_error([out, tot], [ref, rtot]) < 1e-5  # Inductor's rounding, as stock's
+
+
+# ---- one K/V head broadcast by the products (Falcon's multi-query) ---------------------------------
+
+def _mqa():
+    return [torch.randn(B, h, N, D, requires_grad=True) for h in (H, 1, 1)]
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_kv_head_broadcast_by_both_products(dynamic):
+    def f(q, k, v):
+        return (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v
+    check_fused(f, *_mqa(), dynamic=dynamic)
+
+
+def test_one_k_head_broadcast_v_with_every_head():
+    def f(q, k, v):
+        return (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v
+    q, k, _ = _mqa()
+    check_fused(f, q, k, torch.randn(B, H, N, D, requires_grad=True))
+
+
+@pytest.mark.parametrize("where", ["scores", "probabilities"])
+def test_broadcast_kv_head_with_a_move_between_batch_layouts(where):
+    """The broadcast product on 4-D tensors, the rest of the region on merged heads: the shared
+    head is expanded in its product's layout, then moved."""
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2) * 0.3
+        if where == "scores":
+            return s.view(B * H, N, N).softmax(-1).view(B, H, N, N) @ v
+        return s.reshape(B * H, N, N).softmax(-1).view(B, -1, N, N) @ v
+    check_fused(f, *_mqa())
+
+
+@pytest.mark.parametrize("shapes", [
+    ((B, H), (1, H), (1, H)),          # K/V shared by the batch
+    ((B, H), (), (B, H)),              # one K for every batch element and head (rank 2)
+    ((B, H), (B, H), (H,)),            # V of rank 3
+    ((1, H), (B, H), (B, H)),          # queries shared by the batch (learned latents)
+    ((), (B, H), (B, H)),
+], ids=["kv-over-batch", "k-rank-2", "v-rank-3", "q-over-batch", "q-rank-2"])
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_products_that_broadcast_batch_dims(shapes, dynamic):
+    """matmul broadcasts batch dims: the operand broadcast is expanded (a view) in the rewrite."""
+    def f(q, k, v):
+        return (q @ k.transpose(-1, -2) / math.sqrt(D)).softmax(-1) @ v
+    q, k, v = (torch.randn(*b, N, D, requires_grad=True) for b in shapes)
+    check_fused(f, q, k, v, dynamic=dynamic)
+
+
+def test_product_broadcasting_both_operands_is_a_near_miss():
+    """q shared by the batch and k by the heads: the product's batch is neither operand's. Not
+    taken (expanding both to the broadcast shape is not implemented); the report names the node."""
+    import fusion_pass
+
+    def f(q, k, v):
+        return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+    q, k, v = torch.randn(1, H, N, D), torch.randn(B, 1, N, D), torch.randn(B, 1, N, D)
+    expl = fusion_pass.explain(f, q, k, v)
+    assert not expl.fused and "nor one broadcast into the other's" in str(expl), str(expl)
+
+
+# ---- GQA spellings and K stored transposed --------------------------------------------------------
+
+def test_gqa_by_expand_and_flatten_reads_each_kv_head_once():
+    def f(q, k, v):
+        k = k.unsqueeze(2).expand(-1, -1, 3, -1, -1).flatten(1, 2)
+        v = v[:, :, None].expand(B, H, 3, N, D).flatten(1, 2)
+        return (q @ k.transpose(-1, -2) * 0.3).softmax(-1) @ v
+    q = torch.randn(B, 3 * H, N, D, requires_grad=True)
+    expl = check_fused(f, q, *_qkv()[1:])
+    after = "\n".join(s.after for g in expl.graphs for s in g.sites)
+    assert "expand" not in after and "flatten" not in after, after
+
+
+@pytest.mark.parametrize("nq", [1, 7])
+def test_k_stored_transposed_on_aten_flash_path(nq):
+    """The op receives kt.transpose(-2, -1), whose head dim has stride N: ATen's CPU flash kernel
+    indexes it as if it were 1 (wrong outputs before kernels/cpu_flash.py copied such operands)."""
+    def f(q, kt, v):
+        return torch.softmax(torch.bmm(q, kt) / 4.0, dim=-1) @ v
+    q = torch.randn(B * H, nq, D, requires_grad=True)
+    kt = torch.randn(B * H, D, N, requires_grad=True)
+    check_fused(f, q, kt, torch.randn(B * H, N, D, requires_grad=True))

@@ -94,6 +94,7 @@ def test_calls_already_optimal_are_kept_not_missed(case):
 def test_dropout_site_uses_our_stream_and_says_so():
     def f(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_window(q.shape[-2]), dropout_p=0.3)
+    torch.manual_seed(0)  # fixed inputs: the statistical check below must not depend on test order
     q, k, v = _qkv()
     expl = fusion_pass.explain(f, q, k, v)
     assert len(expl.fused) == 1 and "not bit-equal" in str(expl)
