@@ -1,7 +1,7 @@
 """Command line: ``python -m fusion_pass demo`` (the main job) and ``python -m fusion_pass explain``
 (installed as the ``fusion-pass`` command too).
 
-    fusion-pass demo [--model bert|vit] [--seq 1024]
+    fusion-pass demo [--model mistral|bert|vit] [--seq N] [--pad 0.125]
     fusion-pass explain transformers:BertModel --config num_hidden_layers=2,hidden_size=64
     fusion-pass explain transformers:ViTModel --config image_size=32,patch_size=8 --dump out/
     fusion-pass explain transformers:WhisperModel --config max_source_positions=32,num_mel_bins=8

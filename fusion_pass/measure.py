@@ -14,7 +14,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Callable
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -26,6 +26,38 @@ def progress(msg: str, prog: str = "fusion_pass") -> None:
     """One line saying what a long job is doing now, to stderr (the results go to stdout), with
     the seconds since the job started."""
     print(f"[{prog} {time.perf_counter() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def load_average() -> str:
+    """The 1, 5 and 15 minute load averages ("?" where /proc is missing): benchmarks print it next
+    to their numbers, since other jobs on a shared machine slow every implementation."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "?"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def site_lines(expl) -> str:
+    """An ``Explanation`` in short: its summary, then one line per site (fused with its score
+    function, or the reason it was not), as the demo and the benchmarks print it."""
+    lines = [expl.summary()]
+    for s in expl.sites:
+        lines.append(f"  {s.label}: {s.status}  "
+                     + (f"[{s.spec.score_mod_str()}]" if s.fused else f"({s.reason})"))
+    return "\n".join(lines)
 
 
 def median_ms(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
@@ -54,14 +86,34 @@ def peak_bytes(fn: Callable[[], object], device: str = "cpu") -> int:
     return profile_call(fn)[0]
 
 
-def profile_call(fn: Callable[[], object]):
+def round_robin(calls: Dict[str, Callable[[], object]], repeats: int,
+                before: Optional[Callable[[], object]] = None,
+                say: Optional[Callable[[int], object]] = None) -> Dict[str, List[float]]:
+    """Wall times in ms of ``repeats`` rounds that call every function of ``calls`` once, in turn
+    (a slow phase of a shared machine hits all of them alike). ``before()`` runs, untimed, before
+    each call (e.g. clearing gradients); ``say(r)`` before round r (progress lines)."""
+    times = {name: [] for name in calls}
+    for r in range(repeats):
+        if say is not None:
+            say(r)
+        for name, fn in calls.items():
+            if before is not None:
+                before()
+            times[name].append(median_ms(fn, repeats=1, warmup=0))
+    return times
+
+
+def profile_call(fn: Callable[[], object], kernels: bool = False):
     """Run fn once under torch.profiler; (peak bytes on CPU as the module docstring defines it,
-    {op name: number of calls})."""
+    {op name: number of calls}), and with ``kernels`` a third item: which kernel each
+    ``fusion_pass`` op ran on (``attention_kernels``; records input shapes, so slightly slower)."""
     from torch._C._profiler import _EventType
 
-    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True,
+                       record_shapes=kernels) as prof:
         fn()
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    roots = list(prof.profiler.kineto_results.experimental_event_tree())
+    stack = list(roots)
     events, names = [], {}
     while stack:
         e = stack.pop()
@@ -80,7 +132,61 @@ def profile_call(fn: Callable[[], object]):
         elif ptr in ours:
             live -= ours.pop(ptr)
         peak = max(peak, live)
+    if kernels:
+        return peak, names, attention_kernels(roots)
     return peak, names
+
+
+_FLASH_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu": (4, 5),  # is_causal, attn_mask
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward": (7, 8)}
+
+
+def attention_kernels(roots) -> str:
+    """Which kernel each ``fusion_pass::attention`` (``fwd``) and ``attention_backward`` (``bwd``)
+    call of a profiled run ran on, counted: ``ATen flash`` (with ``is_causal`` and/or ``mask``
+    where the call passed them, read from the recorded inputs) when ATen's CPU flash kernel ran
+    inside it, ``tiled`` when our tiled implementation's products (``aten::matmul``) ran or nothing
+    recognisable did (on CUDA, Triton), ``ATen flash then tiled`` when both ran (rows that failed
+    the flash kernel's check, recomputed). E.g.
+    ``fwd: ATen flash is_causal x2; bwd: tiled x2``; empty when no fusion_pass op ran. Needs a
+    profile taken with ``record_shapes=True``."""
+    ops = {"fusion_pass::attention": "fwd", "fusion_pass::attention_backward": "bwd"}
+    found: Dict[str, Dict[str, int]] = {"fwd": {}, "bwd": {}}
+
+    def inner(e, acc):
+        if e.name == "aten::matmul":  # the tiled implementation's products
+            acc.append("tiled")
+            return
+        if e.name in _FLASH_OPS:
+            causal_at, mask_at = _FLASH_OPS[e.name]
+            args = list(getattr(e.extra_fields, "inputs", []) or [])
+            what = "ATen flash"
+            if len(args) > causal_at and args[causal_at] is True:
+                what += " is_causal"
+            if len(args) > mask_at and args[mask_at] is not None:
+                what += " mask"
+            acc.append(what)
+            return
+        for c in e.children:
+            inner(c, acc)
+
+    def outer(e):
+        if e.name in ops:
+            acc: List[str] = []
+            for c in e.children:
+                inner(c, acc)
+            acc = list(dict.fromkeys(acc)) or ["tiled"]  # no flash, no matmul: Triton, or empty
+            kind = " then ".join(acc)
+            d = found[ops[e.name]]
+            d[kind] = d.get(kind, 0) + 1
+            return  # the op's own dispatcher frames below it are the same call
+        for c in e.children:
+            outer(c)
+
+    for r in roots:
+        outer(r)
+    return "; ".join(f"{p}: " + ", ".join(f"{k} x{c}" for k, c in sorted(d.items()))
+                     for p, d in found.items() if d)
 
 
 @contextlib.contextmanager
