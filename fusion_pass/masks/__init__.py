@@ -50,7 +50,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 from torch.utils._sympy.numbers import IntInfinity, NegativeIntInfinity
 
-from .canonicalize import value
+from ..canonicalize import value
 
 # The index of an element along the k-th dim of the value being interpreted. Every intermediate value
 # is an expression over these; broadcasting and views rename them; the final mask's are renamed to
@@ -341,7 +341,7 @@ def _symexpr(x):
 
 
 # aliasing (which storages the graph writes into): one rule for the whole pass, in effects.py
-from .effects import Writes as _Writes, graph_writes as _graph_writes  # noqa: E402
+from ..effects import Writes as _Writes, graph_writes as _graph_writes  # noqa: E402
 
 
 def _bool_true(e) -> bool:
