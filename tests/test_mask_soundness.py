@@ -22,14 +22,17 @@ from __future__ import annotations
 import linecache
 
 import pytest
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from fusion_pass import effects as E
-from fusion_pass import masks as M
 from fusion_pass.canonicalize import value
 from fusion_pass.masks import MaskPredicate, NearMissReason, analyse_mask
+from fusion_pass.masks.evaluate import _bounds
+from fusion_pass.masks.interpret import _Interp
+from fusion_pass.masks.symbols import _P
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import assume, event, given, settings, strategies as st  # noqa: E402
@@ -319,8 +322,8 @@ def test_long_where_chain_is_not_exponential(monkeypatch):
     # work, not wall-clock: each node is interpreted once (memoised), and the expression size cap
     # (MAX_EXPR) refuses a value that would keep doubling
     calls = []
-    real = M._Interp.node
-    monkeypatch.setattr(M._Interp, "node", lambda self, n: calls.append(n) or real(self, n))
+    real = _Interp.node
+    monkeypatch.setattr(_Interp, "node", lambda self, n: calls.append(n) or real(self, n))
     _refused_or_exact(fn, [(_x(6),)])
     assert len(set(calls)) <= 60 and len(calls) <= 10 * 60, (len(set(calls)), len(calls))
 
@@ -460,23 +463,23 @@ def test_dynamic_sizes_int64_is_read_uint8_is_not():
 
 
 def test_bounds_helper():
-    p0 = M._P[0]
+    p0 = _P[0]
     env = {p0: (0, 9)}
     look = env.get
-    assert M._bounds(p0 - 3, look) == (-3, 6)
-    assert M._bounds(sympy_floor(p0, -2), look) == (-5, 0)
-    assert M._bounds(sympy_mod(p0 - 20, 7), look) == (0, 6)
-    assert M._bounds(abs(p0 - 4) * 2, look) == (0, 10)
-    assert M._bounds(p0 ** 2, look) == (0, 81)
-    assert M._bounds(M.sympy.Symbol("u", integer=True) + p0, look) is None
+    assert _bounds(p0 - 3, look) == (-3, 6)
+    assert _bounds(sympy_floor(p0, -2), look) == (-5, 0)
+    assert _bounds(sympy_mod(p0 - 20, 7), look) == (0, 6)
+    assert _bounds(abs(p0 - 4) * 2, look) == (0, 10)
+    assert _bounds(p0 ** 2, look) == (0, 81)
+    assert _bounds(sympy.Symbol("u", integer=True) + p0, look) is None
 
 
 def sympy_floor(a, c):
-    return M.sympy.floor(a / c)
+    return sympy.floor(a / c)
 
 
 def sympy_mod(a, c):
-    return M.sympy.Mod(a, c)
+    return sympy.Mod(a, c)
 
 
 # ---- differential property tests ------------------------------------------------------------------------

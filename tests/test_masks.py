@@ -439,7 +439,7 @@ def test_block_sparsity_symbolic_sizes_and_expressions():
 def _counting_eval(monkeypatch):
     """Count the index-grid elements block_sparsity evaluates densely (the work that would grow
     with N^2 if interval reasoning did not decide most tiles)."""
-    import fusion_pass.masks as M
+    import fusion_pass.masks.evaluate as M
     seen = []
     real = M._eval
 
