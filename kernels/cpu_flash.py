@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -55,12 +56,31 @@ _LSE_LIMIT = 2.0 ** 13
 
 @dataclass(frozen=True)
 class Plan:
-    """How a spec maps onto ATen's kernel: scale factors and the mask operand."""
+    """A spec normalised to ATen's function ``softmax(s * scale + attn_mask) @ v``: its scale steps,
+    the step that masks and how, and that step's removal (computed once per spec, cached).
+
+    Normalisation: casts to the one dtype the chain has are identities and dropped; a replacing
+    fill (``masked_fill`` / ``where``) becomes a -inf mask (or ``is_causal``) whatever its value
+    (-inf, finfo.min, -1e9, -1e4): with -inf that is exact for finite scores, with a finite fill
+    only where the removal rule (``removal.py``) proves the masked keys' probabilities are exactly
+    0, per call and per row (``drops``)."""
 
     scales: tuple        # (kind, value-or-index, divide?) for each scale step, in order
     mask_index: Optional[int] = None
     mask_kind: str = ""  # "add": additive tensor; "fill": bool, masked where True; "fill_not": where
     # False; "pred_<kind>": the same with the mask given as spec.masks[mask_index] (a predicate)
+    step: Optional[int] = None               # the masking step's position in spec.score_ops
+    removal: Optional[removal.Removal] = None  # what the masking step's masked elements are
+
+    @property
+    def fill(self) -> Optional[float]:
+        """A replacing fill's value as its step's dtype holds it (None: additive)."""
+        return self.removal.value if self.mask_kind.endswith("fill") or \
+            self.mask_kind.endswith("fill_not") else None
+
+    @property
+    def finite_fill(self) -> bool:
+        return self.fill is not None and self.fill != -math.inf
 
 
 @functools.lru_cache(maxsize=None)
@@ -69,21 +89,29 @@ def plan(spec: AttentionSpec) -> Optional[Plan]:
     dts |= {op.dtype for op in spec.score_ops}
     if len(dts) != 1 or spec.qk_dtype not in _SAME_DTYPES or spec.dropout_p:
         return None
-    scales, mask_index, mask_kind = [], None, ""
-    for op in spec.score_ops:
-        if mask_index is not None:
+    scales, step = [], None
+    for n, op in enumerate(spec.score_ops):
+        if op.kind == "cast":
+            continue  # one dtype throughout (checked above): a cast to it changes nothing
+        if step is not None:
             return None  # a step after the mask (e.g. scaling the mask) is not SDPA's function
         if op.kind in ("mul", "div") and op.operand in ("const", "scalar"):
             scales.append((op.operand, op.value if op.operand == "const" else op.index, op.kind == "div"))
-        elif op.kind == "add" and op.operand in ("tensor", "predicate"):
-            mask_index, mask_kind = op.index, "add"
-        elif op.kind in ("fill", "fill_not") and op.value == -math.inf:
-            mask_index, mask_kind = op.index, op.kind
+        elif op.kind == "add" and op.operand in ("tensor", "predicate") or \
+                op.kind in ("fill", "fill_not") and removal.recorded(op.value):
+            step = n
         else:
             return None
-        if op.operand == "predicate":
-            mask_kind = "pred_" + mask_kind
-    return Plan(tuple(scales), mask_index, mask_kind)
+    if step is None:
+        return Plan(tuple(scales))
+    op = spec.score_ops[step]
+    kind = op.kind
+    r = removal.step_removal(spec, op)
+    if kind != "add" and r is None:
+        return None  # a fill whose masked value the removal rule cannot name
+    if op.operand == "predicate":
+        kind = "pred_" + kind
+    return Plan(tuple(scales), op.index, kind, step, r)
 
 
 def _scale(p: Plan, captured: Sequence[torch.Tensor]) -> float:
@@ -108,27 +136,84 @@ def _unexpand(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _mask(p: Plan, captured, dtype):
-    """The attn_mask argument, and whether some row of it masks every key with -inf."""
-    if p.mask_index is None:
-        return None, False
+@functools.lru_cache(maxsize=2)
+def _lower(nq: int, nk: int) -> torch.Tensor:
+    """The bool (nq, nk) matrix j <= i, kept for the next call of the same lengths (nq * nk bytes)."""
+    return torch.ones(nq, nk, dtype=torch.bool).tril_()
+
+
+def _as_words(t: torch.Tensor) -> torch.Tensor:
+    """A bool matrix read as int64 words (8 keys at a time) when its layout allows, else itself."""
+    if t.dtype == torch.bool and t.stride(-1) == 1 and t.shape[-1] % 8 == 0 and \
+            t.stride(-2) % 8 == 0 and t.storage_offset() % 8 == 0 and t.data_ptr() % 8 == 0:
+        return t.view(torch.int64)
+    return t
+
+
+def _keeps_lower(keep: torch.Tensor, nq: int, nk: int) -> bool:
+    """keep[..., i, j] == (j <= i) for every element of the (nq, nk) scores (broadcast rows or
+    keys never qualify, unless there is one of them): the mask is exactly ATen's ``is_causal``
+    (top-left aligned, ``_causal_top_left``). A per-call check of the data, O(Nq Nk / 8) word
+    compares: a mask tensor's values are data, so no cache of an earlier answer is a proof."""
+    keep = _unexpand(keep)
+    if keep.dim() < 2 or keep.dtype != torch.bool or tuple(keep.shape[-2:]) != (nq, nk):
+        return False
+    ref = _as_words(_lower(nq, nk))
+    for idx in itertools.product(*(range(n) for n in keep.shape[:-2])):
+        got = _as_words(keep[idx])
+        if got.dtype != ref.dtype:
+            got, want = keep[idx], _lower(nq, nk)
+        else:
+            want = ref
+        if not torch.equal(got, want):
+            return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _causal_top_left() -> bool:
+    """ATen's CPU flash kernel with ``is_causal`` drops keys j > i (top-left alignment) also when
+    Nq != Nk: checked once per process on this torch against an explicit -inf mask (its source,
+    ``FlashAttentionKernel.cpp``, masks ``col > row`` of the block grid). Where it did not hold,
+    ``is_causal`` is used only for Nq == Nk (both alignments agree there)."""
+    g = torch.Generator().manual_seed(0)
+    for nq, nk in ((3, 7), (7, 3), (33, 70), (70, 33)):
+        q, k, v = (torch.randn(1, 2, n, 8, generator=g) for n in (nq, nk, nk))
+        mask = torch.zeros(nq, nk).masked_fill_(~_lower(nq, nk).clone(), -math.inf)[None, None]
+        out, _ = _FLASH(q, k, v, 0.0, True, scale=0.5)
+        ref, _ = _FLASH(q, k, v, 0.0, False, attn_mask=mask, scale=0.5)
+        if not torch.allclose(out, ref, atol=1e-6, rtol=1e-5):
+            return False
+    return True
+
+
+def _mask(p: Plan, captured, q, k):
+    """(attn_mask, is_causal), whether some row keeps no key, for a mask tensor; None: the mask is
+    not this kernel's function."""
     m = _as_4d(captured[p.mask_index])
+    dtype = q.dtype
     if p.mask_kind == "add":
         if m.dtype != dtype:
-            return None, True  # a promoting mask: not this kernel's function
+            return None  # a promoting mask: not this kernel's function
         # -inf on every key of a row: NaN in eager, 0 in ATen (the tiled path reproduces eager).
         # Rows of huge finite values (finfo.min on left padding) are exact in ATen's forward; its
         # backward checks the lse (_LSE_LIMIT).
-        return m, bool(torch.isneginf(_unexpand(m).amax(-1)).any())
+        return (m, False), bool(torch.isneginf(_unexpand(m).amax(-1)).any())
     if m.dtype != torch.bool:
-        return None, True
+        return None
     keep = ~m if p.mask_kind == "fill" else m
+    if _keeps_lower(keep, q.shape[-2], k.shape[-2]) and _causal_ok(q, k):
+        return (None, True), False  # every row keeps key 0
     if bool((~keep).all(-1).any()):
-        return None, True
+        return None
     # ATen's kernel takes a mask of the query's dtype: -inf where masked, 0 where kept (s + 0 == s
     # and s + -inf == -inf exactly, so this is the same function). Broadcast dims stay broadcast.
     keep = _unexpand(keep)
-    return torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -math.inf), False
+    return (torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -math.inf), False), False
+
+
+def _causal_ok(q, k) -> bool:
+    return q.shape[-2] == k.shape[-2] or _causal_top_left()
 
 
 def _is_tril(c, i, j) -> bool:
@@ -151,9 +236,7 @@ def _split_causal(m, fill: bool):
     """(causal, rest): keep (or not keep, for a fill) = (j <= i if causal) & rest; rest is a bool
     MaskSpec, or None when it depends on both i and j (then ATen's kernel would need an N x N
     tensor). Symbolic work, done once per mask."""
-    keep = parse(m.keep)
-    if fill:
-        keep = sympy.Not(keep)
+    keep = _keep_expr(m, fill)
     names = {s.name: s for s in keep.free_symbols}
     i, j = names.get(m.axes[-2]), names.get(m.axes[-1])
     parts = sympy.And.make_args(keep)
@@ -166,38 +249,90 @@ def _split_causal(m, fill: bool):
     return causal, dataclasses.replace(m, keep=sympy.srepr(rest), text=str(rest), kind="bool")
 
 
+def _keep_expr(m, fill: bool):
+    keep = parse(m.keep)
+    return sympy.Not(keep) if fill else keep
+
+
+@functools.lru_cache(maxsize=None)
+def _data_matrix(m, fill: bool):
+    """(data position, leading indices, nonzero?) when keep is exactly ``d(c.., i, j) != 0`` (or
+    ``== 0``): a data tensor read at constant leading indices and the score's own (i, j), as GPT-2's
+    sliced ``tril`` buffer is. Then keep is a view of the data (no gather), checked per call by
+    ``_keeps_lower``. None for any other form."""
+    keep = _keep_expr(m, fill)
+    if not isinstance(keep, (sympy.Ne, sympy.Eq)) or keep.rhs != 0 or not m.axes:
+        return None
+    f = keep.lhs
+    name = str(getattr(f, "func", ""))
+    if not (name.startswith("d") and name[1:].isdigit() and int(name[1:]) < len(m.data)):
+        return None
+    *lead, i, j = f.args if len(f.args) >= 2 else (None, None)
+    if not (isinstance(i, sympy.Symbol) and isinstance(j, sympy.Symbol)
+            and i.name == m.axes[-2] and j.name == m.axes[-1]):
+        return None
+    if not all(isinstance(c, sympy.Integer) and int(c) >= 0 for c in lead):
+        return None
+    return m.data[int(name[1:])], tuple(int(c) for c in lead), isinstance(keep, sympy.Ne)
+
+
+def _data_keep(m, fill: bool, captured, nq: int, nk: int) -> Optional[torch.Tensor]:
+    """keep as a (nq, nk) bool tensor read from the data tensor in place (``_data_matrix``)."""
+    form = _data_matrix(m, fill)
+    if form is None:
+        return None
+    pos, lead, nonzero = form
+    t = captured[pos]
+    if t.dim() != len(lead) + 2 or any(c >= n for c, n in zip(lead, t.shape)) or \
+            t.shape[-2] < nq or t.shape[-1] < nk:
+        return None  # eager's indexing would fail or wrap: the tiled path reports it as eager does
+    t = t[lead][:nq, :nk]
+    if t.dtype == torch.bool:
+        return t if nonzero else ~t
+    return t != 0 if nonzero else t == 0
+
+
 def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
-    """(attn_mask, is_causal, has_empty_rows) for a predicate mask, or None when ATen's kernel
+    """((attn_mask, is_causal), has_empty_rows) for a predicate mask, or None when ATen's kernel
     cannot take it without an N x N tensor. keep = (j <= i) & rest: the causal part becomes
-    ``is_causal`` (Nq == Nk only: top-left and bottom-right alignment agree there), the rest is
-    materialised when it does not depend on both i and j (a (B, 1, 1, Nk) padding mask)."""
+    ``is_causal``, the rest is materialised when it does not depend on both i and j (a
+    (B, 1, 1, Nk) padding mask). A keep read straight from a data matrix (GPT-2's buffer) is
+    ``is_causal`` when this call's data is exactly j <= i (``_keeps_lower``)."""
     m = spec.masks[p.mask_index]
-    causal, rest_spec = _split_causal(m, p.mask_kind == "pred_fill")
-    if rest_spec is None or causal and q.shape[-2] != k.shape[-2]:
+    fill = p.mask_kind == "pred_fill"
+    causal, rest_spec = _split_causal(m, fill)
+    nq, nk = q.shape[-2], k.shape[-2]
+    if rest_spec is None:
+        keep = _data_keep(m, fill, captured, nq, nk)
+        if keep is not None and _keeps_lower(keep, nq, nk) and _causal_ok(q, k):
+            return (None, True), False
+        return None
+    if causal and not _causal_ok(q, k):
         return None
     if rest_spec.keep == _TRUE:  # keep is exactly the causal part: no mask at all
-        return None, causal, False
-    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+        return (None, causal), False
+    score_shape = tuple(q.shape[:-1]) + (nk,)
     rest_keep = _as_4d(materialize(rest_spec, score_shape, [captured[d] for d in m.data]))
     if causal:  # row i keeps key 0 under the causal part: a row is empty only if rest drops it
         empty = bool((~rest_keep[..., 0]).any())
     else:
         empty = bool((~rest_keep.any(-1)).any())
     if bool(rest_keep.all()):
-        return None, causal, False
+        return (None, causal), empty
     if p.mask_kind == "pred_add":
         if to_dtype(m.dtype) != q.dtype:
             return None
         mask = as_operand(m, rest_keep)
     else:
         mask = torch.zeros(rest_keep.shape, dtype=q.dtype).masked_fill_(~rest_keep, -math.inf)
-    return mask, causal, empty
+    return (mask, causal), empty
 
 
 @dataclass(frozen=True)
 class Call:
     """How one call runs on ATen's kernel: its scale and attn_mask, whether it uses is_causal, and
-    (with is_causal) the removal step and the bound of the elements is_causal drops."""
+    (when it drops elements eager weighs: keys j > i with is_causal, or a finite fill turned into
+    -inf) the removal step and the bound of the elements it drops."""
 
     scale: float
     mask: Optional[torch.Tensor]
@@ -241,29 +376,33 @@ def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Ca
         return None
     if not bool(removal.finite(*(_memory_order(t) for t in (q, k, v, grad_out)))):
         return None  # NaN / inf: the tiled path applies the model's steps as eager does
+    scale = _scale(p, captured)
+    if p.mask_index is None:
+        return Call(scale, None)
+    if p.fill is not None and not _scores_finite(spec, q, k, captured, p.step):
+        return None  # ATen adds the -inf (or skips) where eager replaces: the same for finite scores
     if p.mask_kind.startswith("pred_"):
         got = _predicate_mask(p, spec, captured, q, k)
-        if got is None or got[2]:
-            return None
-        mask, causal = got[0], got[1]
-        if causal:
-            r, worst = _causal_facts(spec, q, k, v, captured, grad_out)
-            if r is None:
-                return None  # the predicate's causal part must then be a dense mask: tiled path
-            return Call(_scale(p, captured), mask, True, r, worst)
-        return Call(_scale(p, captured), mask)
-    mask, has_empty_rows = _mask(p, captured, q.dtype)
-    if has_empty_rows:
-        return None
-    if p.mask_kind in ("fill", "fill_not") and not _scores_finite(spec, q, k, captured):
-        return None  # ATen adds the -inf where eager replaces: the same only for finite scores
+    else:
+        got = _mask(p, captured, q, k)
+    if got is None or got[1]:
+        return None  # not this kernel's function, or a row with no key (eager: NaN, ATen: 0)
+    mask, causal = got[0]
     # spec.causal: the mask keeps no element above the diagonal (proven by the pass), so ATen's
     # is_causal removes only masked elements; whether that is exact is the removal rule's question
-    if spec.causal and mask is not None and q.shape[-2] <= k.shape[-2]:
-        r, worst = _causal_facts(spec, q, k, v, captured, grad_out)
-        if r is not None:
-            return Call(_scale(p, captured), mask, True, r, worst)
-    return Call(_scale(p, captured), mask)
+    use_causal = causal or (spec.causal and mask is not None and p.mask_kind == "add"
+                            and q.shape[-2] <= k.shape[-2] and _causal_ok(q, k))
+    # elements eager weighs (exp(e - max) may be > 0) that ATen gives probability 0: those
+    # is_causal skips unless they are -inf in eager, and a finite fill's (-inf in ATen's mask)
+    drops = p.finite_fill or use_causal and p.fill is None
+    if not drops:
+        return Call(scale, mask, use_causal)
+    worst = _worst(spec, p, q, k, v, captured, grad_out)
+    if worst < math.inf:
+        return Call(scale, mask, use_causal, p.removal, worst)
+    if not causal and not p.finite_fill:
+        return Call(scale, mask)  # the additive mask alone is the function: no is_causal
+    return None
 
 
 def _memory_order(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -276,30 +415,31 @@ def _memory_order(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.permute(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
 
 
-def _scores_finite(spec: AttentionSpec, q, k, captured) -> bool:
-    return math.isfinite(float(removal.score_bound(spec, q, k, captured, tight=False).item()))
+def _scores_finite(spec: AttentionSpec, q, k, captured, step=None) -> bool:
+    b = removal.score_bound(spec, q, k, captured, upto=step, tight=False,
+                            stats=(removal._stats(_memory_order(q))[0], removal._stats(_memory_order(k))[0]))
+    return math.isfinite(float(b.item()))
 
 
-def _causal_facts(spec: AttentionSpec, q, k, v, captured, grad_out):
-    """(removal, worst) when the call may drop the keys j > i, else (None, inf)."""
-    r = removal.causal_removal(spec)
-    if r is None:
-        return None, math.inf
-    worst = float(removal.worst_masked(spec, r, q, k, v, captured, grad_out).item())
-    return (r, worst) if worst < math.inf else (None, math.inf)
+def _worst(spec: AttentionSpec, p: Plan, q, k, v, captured, grad_out) -> float:
+    """The bound of the elements this call drops (``removal.worst_masked``); inf: none may go."""
+    if p.removal is None:
+        return math.inf
+    return float(removal.worst_masked(spec, p.removal, q, k, v, captured, grad_out,
+                                      step=p.step).item())
 
 
 @_on_one_thread
 def rows_ok(call: Call, lse: torch.Tensor, nk: int, backward: bool = False) -> bool:
     """The per-row half of the rules, on the lse of this call's forward: every row has a finite lse;
-    with is_causal, every row's dropped keys have probability exactly 0
-    (``removal.rows_ok_from_lse``); in the backward, |lse| <= _LSE_LIMIT."""
+    where the call drops elements eager weighs, every row's dropped elements have probability
+    exactly 0 (``removal.rows_ok_from_lse``); in the backward, |lse| <= _LSE_LIMIT."""
     if lse.numel() == 0:
         return True
     ok = torch.isfinite(lse)
     if backward:
         ok &= lse.abs() <= _LSE_LIMIT
-    if call.causal:
+    if call.removal is not None:
         ok &= removal.rows_ok_from_lse(lse, nk, call.worst, call.removal)
     return bool(ok.all())
 

@@ -104,7 +104,12 @@ def removal(spec: AttentionSpec) -> Optional[Removal]:
     fill, an additive predicate or an added tensor), else None. Static: says nothing about rows."""
     if not spec.score_ops:
         return None
-    op = spec.score_ops[-1]
+    return step_removal(spec, spec.score_ops[-1])
+
+
+def step_removal(spec: AttentionSpec, op: ScoreOp) -> Optional[Removal]:
+    """The Removal of one masking step ``op`` of ``spec``'s chain (for a caller that has shown
+    nothing after it moves the masked value, e.g. only casts to the dtype it already has)."""
     if op.kind in ("fill", "fill_not") and op.operand in ("none", "tensor", "predicate"):
         if op.operand == "predicate" and spec.masks[op.index].kind != "bool":
             return None
@@ -309,7 +314,8 @@ def _upper_max(t: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
 
 def worst_masked(spec: AttentionSpec, r: Removal, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, captured: Sequence[torch.Tensor],
-                 grad_out: Optional[torch.Tensor] = None, finite_scores: bool = False) -> torch.Tensor:
+                 grad_out: Optional[torch.Tensor] = None, finite_scores: bool = False,
+                 step: Optional[int] = None) -> torch.Tensor:
     """0-dim float64 tensor on q's device: an upper bound of every element the kernel would skip
     in this call, or +inf when the call must not skip at all (an input not finite, an additive
     mask without a finite bound of |s|). ``finite_scores``: also require a finite bound of |s| for
@@ -319,6 +325,7 @@ def worst_masked(spec: AttentionSpec, r: Removal, q: torch.Tensor, k: torch.Tens
     dwarf the cheap bound d * max|q| * max|k| (a -1e4 mask, not finfo.min), one more pass over q
     for the tighter ||q_i||_1 (on CUDA always: deciding would need a host synchronisation)."""
     dev = q.device
+    step = len(spec.score_ops) - 1 if step is None else step  # the masking step's position
     inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
     qmax, qfin = _stats(q)
     kmax, kfin = _stats(k)
@@ -326,17 +333,17 @@ def worst_masked(spec: AttentionSpec, r: Removal, q: torch.Tensor, k: torch.Tens
     if r.kind == REPLACE:
         w = torch.tensor(r.value, dtype=torch.float64, device=dev)
         if finite_scores:
-            b = score_bound(spec, q, k, captured, tight=False, stats=(qmax, kmax))
+            b = score_bound(spec, q, k, captured, upto=step, tight=False, stats=(qmax, kmax))
             ok = ok & torch.isfinite(b)
         return torch.where(ok, w, inf)
     if r.value is not None:
         m = torch.tensor(r.value, dtype=torch.float64, device=dev)
     else:
         nq, nk = q.shape[-2], k.shape[-2]
-        m = _upper_max(captured[spec.score_ops[-1].index], nq, nk).to(dev)
-    b = score_bound(spec, q, k, captured, tight=False, stats=(qmax, kmax))
+        m = _upper_max(captured[spec.score_ops[step].index], nq, nk).to(dev)
+    b = score_bound(spec, q, k, captured, upto=step, tight=False, stats=(qmax, kmax))
     if dev.type != "cpu" or not bool((m.abs() * 2.0 ** -20 >= b) | torch.isneginf(m)):
-        b = torch.minimum(b, score_bound(spec, q, k, captured, tight=True, stats=(qmax, kmax)))
+        b = torch.minimum(b, score_bound(spec, q, k, captured, upto=step, tight=True, stats=(qmax, kmax)))
     # fl(s + M) <= M + B + (|M| + B) * 2^-7 (one rounding, bfloat16 at worst); with M = -inf and
     # a finite B the element is -inf exactly
     w = torch.where(torch.isneginf(m), m, m + b + (m.abs() + b) * 2.0 ** -7)

@@ -223,13 +223,17 @@ def test_fast_path_is_taken_only_for_its_exact_function():
     assert cpu_flash.rows_ok(call, lse, 8) and not cpu_flash.rows_ok(call, lse, 8, backward=True)
     # inputs that are not finite: the tiled path, which applies the model's steps as eager does
     assert cpu_flash.usable(scale_bias, q.masked_fill(q > 2, math.nan), q, q, [padded]) is None
-    # bias after a soft-cap, a finite replacing fill, dropout: not ATen's function
+    # bias after a soft-cap, dropout: not ATen's function
     softcap = _spec([dict(kind="tanh"), dict(kind="add", operand="tensor", index=0)], ("tensor",), f32)
-    fill = _spec([dict(kind="fill", index=0, value=-1e4)], ("tensor",), f32)
     drop = _spec([], (), f32, dropout_p=0.1)
-    for spec, caps in ((softcap, [torch.zeros(8, 8)]), (fill, [torch.zeros(8, 8, dtype=torch.bool)]),
-                       (drop, [])):
+    for spec, caps in ((softcap, [torch.zeros(8, 8)]), (drop, [])):
         assert cpu_flash.usable(spec, q, q, q, caps) is None
+    # a finite replacing fill: ATen's kernel under the removal rule (dropped elements at most -1e4,
+    # rows checked on the lse), the tiled path when the inputs are not finite
+    fill = _spec([dict(kind="fill", index=0, value=-1e4)], ("tensor",), f32)
+    call = cpu_flash.usable(fill, q, q, q, [torch.zeros(8, 8, dtype=torch.bool)])
+    assert call is not None and call.removal is not None and call.worst == -1e4
+    assert cpu_flash.usable(fill, q, q, q * math.inf, [torch.zeros(8, 8, dtype=torch.bool)]) is None
     assert "ATen flash" in kernel_summary(scale_bias) and "tiled" in kernel_summary(softcap)
 
 

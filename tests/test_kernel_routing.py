@@ -1,0 +1,252 @@
+"""Issue 11, item 1: equivalent specs reach ATen's CPU flash kernel, and only where exact.
+
+Each routing change is checked end to end (the model compiled with the backend) against float64
+eager, forward and backward, with the kernel that ran read from a profile
+(``fusion_pass.measure.profile_call(kernels=True)``), on:
+* ordinary inputs (the fast kernel runs),
+* large-magnitude inputs (q, k ~ 30 * randn, one row's kept score far below a finite fill): a
+  finite fill does not remove keys there, and the rows that fail the removal rule are recomputed
+  by the tiled path,
+* NaN / inf inputs (tiled, NaN where eager has NaN),
+* fully masked rows (tiled: eager weighs a finite fill's keys uniformly there).
+"""
+import math
+
+import pytest
+import torch
+
+from fusion_pass.kernels import cpu_flash
+from fusion_pass.measure import profile_call
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
+
+MIN32 = torch.finfo(torch.float32).min
+
+
+class Gpt2(torch.nn.Module):
+    """GPT-2's spelling: a registered bool tril buffer sliced to the call's lengths (data to the
+    pass, not built in the graph), ``where(causal, s, torch.tensor(fill))``."""
+
+    def __init__(self, fill=MIN32, n_max=96):
+        super().__init__()
+        self.fill = fill
+        self.register_buffer("bias", torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))
+                             .view(1, 1, n_max, n_max), persistent=False)
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) / (v.size(-1) ** 0.5)
+        nq, nk = q.size(-2), k.size(-2)
+        causal = self.bias[:, :, nk - nq:nk, :nk]
+        fill = torch.tensor(self.fill, dtype=s.dtype, device=s.device)
+        s = torch.where(causal, s.to(s.dtype), fill)
+        return torch.matmul(s.softmax(dim=-1), v)
+
+
+class TopLeft(torch.nn.Module):
+    """``where(j <= i, s, fill)`` on the score grid's own indices (top-left for Nq != Nk)."""
+
+    def __init__(self, fill=-math.inf):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v):
+        i = torch.arange(q.shape[-2])[:, None]
+        j = torch.arange(k.shape[-2])[None, :]
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        s = s.masked_fill(j > i, self.fill)
+        return torch.matmul(torch.softmax(s, -1), v)
+
+
+class MaskInput(torch.nn.Module):
+    """A bool keep mask passed in, filled with ``fill`` where False."""
+
+    def __init__(self, fill):
+        super().__init__()
+        self.fill = fill
+
+    def forward(self, q, k, v, keep):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        s = s.masked_fill(~keep, self.fill)
+        return torch.matmul(torch.softmax(s, -1), v)
+
+
+def _qkv(nq=48, nk=48, B=1, H=2, D=16, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = scale * torch.randn(B, H, nq, D, generator=g)
+    k = scale * torch.randn(B, H, nk, D, generator=g)
+    v = torch.randn(B, H, nk, D, generator=g)
+    return q, k, v
+
+
+def _err(x, ref):
+    x, ref = x.double(), ref.double()
+    both_nan = x.isnan() & ref.isnan()
+    assert torch.equal(x.isnan(), ref.isnan()), "NaN where the reference has none (or not where it has)"
+    return torch.where(both_nan, 0.0, x - ref).abs().max().item()
+
+
+def _run(model, args, grads=True):
+    """(compiled output, kernels the forward ran on, gradients, kernels of the backward); checked
+    against float64 eager by FlashAttention's rule (at most twice eager float32's error + slack)."""
+    compiled = torch.compile(model, backend="fusion_pass")
+    tensors = [a.detach().clone().requires_grad_(grads and a.is_floating_point()) for a in args]
+    warm = compiled(*tensors)  # compile first (the backward too): the profile sees steady calls
+    if grads:
+        warm.sum().backward()
+    holder = {}
+    _, _, fwd = profile_call(lambda: holder.setdefault("out", compiled(*tensors)), kernels=True)
+    out = holder["out"]
+    ref_args = [a.detach().double().requires_grad_(grads) if a.is_floating_point() else a for a in args]
+    ref = model.double()(*ref_args)
+    model.float()
+    low_args = [a.detach().clone().requires_grad_(grads and a.is_floating_point()) for a in args]
+    low = model(*low_args)
+    assert _err(out, ref) <= 2 * _err(low, ref) + 1e-5, (_err(out, ref), _err(low, ref))
+    bwd = ""
+    if grads:
+        g = torch.randn_like(out)
+        qkv = [t for t in tensors if t.requires_grad]
+        box = {}
+        _, _, bwd = profile_call(lambda: box.setdefault("g", torch.autograd.grad(out, qkv, g)), kernels=True)
+        ref_g = torch.autograd.grad(ref, [t for t in ref_args if t.requires_grad], g.double())
+        low_g = torch.autograd.grad(low, [t for t in low_args if t.requires_grad], g)
+        for a, r, e in zip(box["g"], ref_g, low_g):
+            scale = r.abs().nan_to_num().max().item() + 1
+            assert _err(a, r) <= 2 * _err(e, r) + 1e-5 * scale, (_err(a, r), _err(e, r))
+    return out, fwd, bwd
+
+
+def _row0_far_below(q, k, factor=100.0):
+    """Query 0 whose only kept key (key 0) scores far below any finite fill: eager then weighs the
+    masked keys (all of them, equally), where a kernel dropping them would return v[0]."""
+    q = q.clone()
+    q[..., 0, :] = -factor * k[..., 0, :]
+    return q
+
+
+def test_aten_is_causal_is_top_left_on_this_torch():
+    """The fact ``is_causal`` routing relies on for Nq != Nk, checked on the installed kernel."""
+    assert cpu_flash._causal_top_left()
+
+
+@pytest.mark.parametrize("fill", [MIN32, -1e9, -1e4, -math.inf])
+def test_gpt2_buffer_where_routes_to_flash_is_causal(fill):
+    q, k, v = _qkv()
+    _, fwd, bwd = _run(Gpt2(fill), (q, k, v))
+    assert fwd == "fwd: ATen flash is_causal x1", fwd
+    assert bwd == "bwd: ATen flash is_causal x1", bwd
+
+
+@pytest.mark.parametrize("fill,factor", [(-1e4, 100.0), (-1e9, 1e7)])
+def test_gpt2_large_scores_finite_fill_is_not_removal(fill, factor):
+    """q, k ~ 30 randn and a row whose kept score is far below the fill: that row gets the masked
+    keys' weight in eager; the flash call's rows check fails and the tiled path recomputes (the
+    backward decides from the lse by the same rule)."""
+    q, k, v = _qkv(scale=30.0)
+    q = _row0_far_below(q, k, factor=factor)
+    _, fwd, bwd = _run(Gpt2(fill), (q, k, v))
+    assert fwd == "fwd: ATen flash is_causal then tiled x1" and bwd == "bwd: tiled x1", (fwd, bwd)
+
+
+def test_gpt2_large_scores_that_keep_removal_stay_on_flash():
+    """Large but ordinary scores (|s| in the thousands) against finfo.min: removal is proven."""
+    q, k, v = _qkv(scale=30.0)
+    _, fwd, _ = _run(Gpt2(MIN32), (q, k, v), grads=False)
+    assert fwd == "fwd: ATen flash is_causal x1", fwd
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_gpt2_nan_inf_inputs_take_tiled_path(bad):
+    q, k, v = _qkv()
+    k = k.clone()
+    k[0, 1, 30, 3] = bad  # a key masked for rows < 30, kept for the rest
+    _, fwd, _ = _run(Gpt2(MIN32), (q, k, v), grads=False)
+    assert fwd == "fwd: tiled x1", fwd
+
+
+def test_gpt2_buffer_not_causal_takes_tiled_path():
+    """The buffer is data: a row with no kept key (eager: uniform over finfo.min) and a changed
+    entry are both seen per call, never assumed from an earlier call."""
+    m = Gpt2(MIN32)
+    q, k, v = _qkv()
+    _, fwd, _ = _run(m, (q, k, v), grads=False)
+    assert fwd == "fwd: ATen flash is_causal x1"
+    m.bias[0, 0, 5, :] = False  # row 5 keeps nothing
+    torch._dynamo.reset()
+    _, fwd, _ = _run(m, (q, k, v))
+    assert fwd == "fwd: tiled x1", fwd
+
+
+def test_gpt2_decode_bottom_right_slice_is_not_is_causal():
+    """With a cache (Nq < Nk) GPT-2's slice keeps j <= i + Nk - Nq (bottom-right): not ATen's
+    top-left is_causal, so not routed there."""
+    q, k, v = _qkv(nq=8, nk=40)
+    _, fwd, _ = _run(Gpt2(MIN32), (q, k, v))
+    assert "is_causal" not in fwd, fwd
+
+
+@pytest.mark.parametrize("nq,nk", [(17, 40), (40, 17)])
+def test_top_left_predicate_with_unequal_lengths_uses_is_causal(nq, nk):
+    q, k, v = _qkv(nq=nq, nk=nk)
+    _, fwd, bwd = _run(TopLeft(-math.inf), (q, k, v))
+    assert fwd == "fwd: ATen flash is_causal x1", fwd
+
+
+@pytest.mark.parametrize("fill", [-math.inf, -1e4])
+def test_tril_mask_tensor_fill_uses_is_causal(fill):
+    q, k, v = _qkv()
+    keep = torch.tril(torch.ones(48, 48, dtype=torch.bool))
+    _, fwd, bwd = _run(MaskInput(fill), (q, k, v, keep))
+    assert fwd == "fwd: ATen flash is_causal x1", fwd
+    # a padding mask (rows broadcast): a -inf mask operand, the finite fill under the removal rule
+    pad = torch.ones(1, 1, 1, 48, dtype=torch.bool)
+    pad[..., :5] = False
+    torch._dynamo.reset()
+    _, fwd, _ = _run(MaskInput(fill), (q, k, v, pad))
+    assert fwd == "fwd: ATen flash mask x1", fwd
+    # large scores, a row far below the finite fill: recomputed on the tiled path
+    if fill == -1e4:
+        q2 = _row0_far_below(30 * q, 30 * k)
+        torch._dynamo.reset()
+        _, fwd, _ = _run(MaskInput(fill), (q2, 30 * k, v, keep))
+        assert "tiled" in fwd, fwd
+
+
+def test_fully_masked_row_with_finite_fill_takes_tiled_path():
+    q, k, v = _qkv()
+    keep = torch.tril(torch.ones(48, 48, dtype=torch.bool))
+    keep[7] = False
+    _, fwd, _ = _run(MaskInput(-1e9), (q, k, v, keep))
+    assert fwd == "fwd: tiled x1", fwd
+
+
+def test_default_sdpa_llama_runs_flash_is_causal():
+    """transformers' default (SDPA) Llama given an all-ones attention mask (no padding): its site
+    is where((j <= i) & (mask[0, j] != 0), s, -inf) with SDPA's safe softmax; it runs ATen's flash
+    kernel with is_causal, as the eager-attention Llama does. (The proof of causality comes from
+    the predicate itself; the padding term is materialised per call, (B, 1, 1, Nk), all ones.)"""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=128, vocab_size=100,
+                                   max_position_embeddings=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(cfg).eval()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 100, (1, 40))
+    am = torch.ones(1, 40, dtype=torch.long)
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=am).last_hidden_state
+        compiled = torch.compile(model, backend="fusion_pass")
+        compiled(input_ids=ids, attention_mask=am)
+        box = {}
+        _, _, kernels = profile_call(lambda: box.setdefault(
+            "out", compiled(input_ids=ids, attention_mask=am).last_hidden_state), kernels=True)
+        assert kernels == "fwd: ATen flash is_causal x1", kernels
+        torch.testing.assert_close(box["out"], ref, atol=2e-5, rtol=1e-5)
+        # left padding: the padding term becomes a (B, 1, 1, Nk) -inf mask beside is_causal; the
+        # padded query rows keep no key (SDPA's safe softmax: zeros) and take the tiled path
+        am[:, :6] = 0
+        ref = model(input_ids=ids, attention_mask=am).last_hidden_state
+        _, _, kernels = profile_call(lambda: box.update(
+            out=compiled(input_ids=ids, attention_mask=am).last_hidden_state), kernels=True)
+        torch.testing.assert_close(box["out"], ref, atol=2e-5, rtol=1e-5)
