@@ -1,0 +1,490 @@
+"""Generate stage, Triton half: the attention kernels, FlashAttention-2 style, forward and backward.
+
+Plain Triton, read top to bottom: small helpers, the forward's key-block step (``_fwd_tile``, one
+body for full and partial tiles) and kernel, the backward's shared tile step (``_bwd_tile``), the
+preprocess, dK/dV and dQ kernels. What varies per ``AttentionSpec`` (the score function, its
+derivative, the mask predicates, a few constants) comes from ``spec_parts`` here and is replaced per
+spec by generated functions (``codegen.py``; ``loader.py`` compiles this file in each spec's
+namespace). Launchers: ``launch.py``; host-side block ranges: ``ranges.py``.
+
+* ``attn_fwd``: one program per (query block, batch*head); online softmax over key blocks with
+  fp32 accumulators; saves the row log-sum-exp for the backward.
+* ``attn_bwd_preprocess``: ``delta = rowsum(dO * O)`` (equals rowsum(dP * P) even with dropout).
+* ``attn_bwd_dq``: one program per query block, looping over key blocks; then ``attn_bwd_dkdv``:
+  one program per key block, looping over query blocks. Neither uses atomics, so gradients are
+  bitwise deterministic; the price is recomputing the scores twice in the backward.
+* Grouped-query attention: K/V may have fewer heads (G query heads per K/V head); the forward and
+  dq kernels read K/V head h // G, and each dK/dV program loops over its G query heads.
+* ``ROW_STATS`` (both backward kernels): instead of the preprocess kernel, the dq kernel first
+  takes one more pass over the keys for exact per-row statistics (see ``attn_bwd_dq``).
+* ``SKIP``: the key blocks of each query block (and the transpose for dK/dV) come from the host
+  (``ranges.block_ranges``); the forward checks each row's max against THRESH (the removal rule,
+  ``kernels/removal.py``) and recomputes its query block over every key block when a row fails.
+* ``FULL_TILES``: key blocks every row of the query block keeps whole (``ranges.full_ranges``)
+  take ``_fwd_tile`` with FULL: no bounds checks, the skipped mask step left out.
+
+Everything is fp32 except the dot operands (the inputs' dtype).
+"""
+import triton
+import triton.language as tl
+
+from .spec_parts import (  # noqa: F401 - replaced per spec in the kernels' namespace
+    DROP_SCALE, DROP_THRESHOLD, FULL_SCALE, HAS_DROPOUT, LOG2_UNITS, SAFE_SOFTMAX, operand_tiles,
+    operand_tiles_full, score_mod, score_mod_backward, score_mod_backward_store, score_mod_full)
+
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _dot(a, b, UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    # Under the interpreter a bf16 tl.dot returns garbage, so operands go up to fp32 there.
+    # fp32 operands use IEEE products unless torch itself allows TF32 matmuls.
+    if UPCAST_DOT:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if ALLOW_TF32:
+        r = tl.dot(a, b)
+    elif a.dtype == tl.float32:
+        r = tl.dot(a, b, input_precision="ieee")
+    else:
+        r = tl.dot(a, b)
+    return r
+
+
+@triton.jit
+def _exp(x):
+    # the exponential in the score's units (exp2 when log2(e) is folded into the chain)
+    if LOG2_UNITS:
+        return tl.math.exp2(x)
+    else:
+        return tl.exp(x)
+
+
+@triton.jit
+def _mix32(x):
+    # lowbias32 (Chris Wellons), the same mixer as kernels/dropout.py, in wrapping uint32
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _dropout_keep(seed, off_bh, offs_m, offs_n, N_Q, N_K):
+    # keep decision of element (bh, i, j): hash of its flat index in (..., Nq, Nk), so the CPU
+    # implementation and these kernels draw the same mask for one seed
+    idx = (off_bh * N_Q + offs_m[:, None].to(tl.int64)) * N_K + offs_n[None, :].to(tl.int64)
+    lo = idx.to(tl.uint32)
+    hi = (idx >> 32).to(tl.uint32)
+    h = _mix32(_mix32(lo ^ seed.to(tl.uint32, bitcast=True)) ^ hi)
+    return h.to(tl.int64) >= DROP_THRESHOLD
+
+
+@triton.jit
+def _load_tile(P, rows, s_r, n_r, cols, s_c, n_c):
+    # a (rows x cols) tile of a strided tensor, zero outside [0, n_r) x [0, n_c)
+    return tl.load(P + rows[:, None] * s_r + cols[None, :] * s_c,
+                   mask=(rows[:, None] < n_r) & (cols[None, :] < n_c), other=0.0)
+
+
+@triton.jit
+def _load_rows(P, rows, s_r, cols, s_c, n_c, EVEN_D: tl.constexpr):
+    # a tile whose rows are all in bounds (a full tile): only the head dim may need a mask
+    ptrs = P + rows[:, None] * s_r + cols[None, :] * s_c
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=cols[None, :] < n_c, other=0.0)
+
+
+@triton.jit
+def _block_range(RANGES, off, pid, SKIP: tl.constexpr, N, BLOCK: tl.constexpr):
+    # [lo, hi) of the blocks this program visits: with SKIP the precomputed range of block pid
+    # (ranges.block_ranges), else all cdiv(N, BLOCK)
+    if SKIP:
+        lo = tl.load(RANGES + off + pid * 2)
+        hi = tl.load(RANGES + off + pid * 2 + 1)
+    else:
+        lo = 0
+        hi = tl.cdiv(N, BLOCK)
+    return lo, hi
+
+
+@triton.jit
+def _program_ids(N, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    # one 1-D grid of cdiv(N, BLOCK) * (batch*heads) programs (no 65535 limit on any axis);
+    # with REVERSE the last blocks (a causal mask's heaviest query blocks) are scheduled first
+    n_blocks = tl.cdiv(N, BLOCK)
+    pid = tl.program_id(0)
+    blk = pid % n_blocks
+    if REVERSE:
+        blk = n_blocks - 1 - blk
+    return blk, (pid // n_blocks).to(tl.int64)
+
+
+# Integer helpers of the generated mask predicates (Python's floor division and modulo)
+
+@triton.jit
+def _fdiv_pos(a, c):
+    # floor(a / c) for a constant c > 0, whatever the sign convention of integer // is
+    q = a // c
+    return tl.where(a - q * c < 0, q - 1, q)
+
+
+@triton.jit
+def _mod_pos(a, c):
+    # Python's a % c (sign of c) for a constant c > 0
+    r = a - (a // c) * c
+    return tl.where(r < 0, r + c, r)
+
+
+@triton.jit
+def _fdiv(a, b):
+    # floor(a / b) for integer tensors of any signs (Python semantics)
+    b = tl.cast(b, tl.int64)
+    q = a // b
+    r = a - q * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), q - 1, q)
+
+
+@triton.jit
+def _mod(a, b):
+    # Python's a % b: the remainder takes the sign of b
+    b = tl.cast(b, tl.int64)
+    r = a - (a // b) * b
+    return tl.where((r != 0) & ((r < 0) != (b < 0)), r + b, r)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, offs_m, m_valid,
+              offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, seed,
+              BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+              EVEN_D: tl.constexpr, FULL: tl.constexpr):
+    # One key block of the online softmax. FULL: every row keeps every key of the block and no
+    # key is out of bounds, so the bounds checks and the skipped mask step are left out
+    # (FlexAttention's full blocks). ``s`` ends in the units of the exponential (_exp).
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    if FULL:
+        valid = m_valid[:, None]
+        k = _load_rows(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
+                       offs_d, skd, D, EVEN_D)
+        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+        T = operand_tiles_full(OPS, off_b, off_h, offs_m, offs_n, valid)
+        if FULL_SCALE > 0:
+            # FlashAttention-2's form: the max of the raw products, one FMA per score
+            m_new = tl.maximum(m_i, tl.max(s, 1) * FULL_SCALE)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s * FULL_SCALE - m_safe[:, None])
+        else:
+            s = score_mod_full(s, T)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = _exp(s - m_safe[:, None])
+    else:
+        n_valid = offs_n < N_K
+        valid = m_valid[:, None] & n_valid[None, :]
+        k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
+                       N_K - start_n, offs_d, skd, D)
+        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+        T = operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid)
+        s = score_mod(s, T)
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # a row whose keys so far are all -inf keeps m = -inf; subtracting 0 instead avoids
+        # -inf - -inf = NaN, so a later block with finite scores still counts
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp(s - m_safe[:, None])
+    alpha = _exp(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if HAS_DROPOUT:
+        # l_i sums the probabilities before dropout: softmax normalises, dropout then scales
+        keep = _dropout_keep(seed, off_bh, offs_m, offs_n, N_Q, N_K)
+        p = tl.where(keep, p * DROP_SCALE, 0.0)
+    if FULL:
+        v = _load_rows(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
+                       offs_dv, svd, DV, EVEN_D)
+    else:
+        v = _load_tile(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
+                       N_K - start_n, offs_dv, svd, DV)
+    acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
+    return m_new, l_i, acc
+
+
+@triton.jit(do_not_specialize=["seed"])
+def attn_fwd(
+    Q, K, V, Out, LSE, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh, THRESH,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
+    H, G, N_Q, N_K, D, DV, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, SKIP: tl.constexpr,
+    FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
+):
+    pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // G  # grouped-query: the K/V head this query head reads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < N_Q
+    q = _load_tile(Q + off_b * sqb + off_h * sqh + tl.cast(pid_m * BLOCK_M, tl.int64) * sqm,
+                   tl.arange(0, BLOCK_M), sqm, N_Q - pid_m * BLOCK_M, offs_d, sqd, D)
+    K_bh = K + off_b * skb + off_hk * skh
+    V_bh = V + off_b * svb + off_hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
+    lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
+    n_blocks = tl.cdiv(N_K, BLOCK_N)
+    # full tiles [flo, fhi) within [lo, hi): every row keeps every key and no key is out of
+    # bounds; the tiles before and after take the masked path
+    if FULL_TILES:
+        if SKIP:
+            flo = tl.load(FULL + off_b * f_sb + off_h * f_sh + pid_m * 2)
+            fhi = tl.load(FULL + off_b * f_sb + off_h * f_sh + pid_m * 2 + 1)
+        else:
+            flo = lo
+            fhi = N_K // BLOCK_N
+        flo = tl.minimum(tl.maximum(flo, lo), hi)
+        fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    else:
+        flo = lo
+        fhi = lo
+    # with SKIP, a last pass over every key block for a block with a row on which skipping is
+    # not exact (kernels/removal.py: its max not finite, or less than THRESH): no host round trip
+    for phase in tl.static_range(4 if SKIP else 3):
+        if phase == 0:
+            b0 = lo
+            b1 = flo
+        elif phase == 1:
+            b0 = flo
+            b1 = fhi
+        elif phase == 2:
+            b0 = fhi
+            b1 = hi
+        else:
+            # removal.rows_ok: m finite and m - THRESH >= |m| 2^-20 (THRESH: worst + margin)
+            m_nat = m_i
+            if LOG2_UNITS:
+                m_nat = m_i * LN2
+            ok = (m_nat - tl.load(THRESH) >= tl.abs(m_nat) * 9.5367431640625e-07) \
+                & (m_nat < float("inf")) & (m_nat > float("-inf"))
+            bad = tl.sum((m_valid & ~ok).to(tl.int32), 0)
+            redo = (bad > 0) & ((lo > 0) | (hi < n_blocks))
+            m_i = tl.where(redo, float("-inf"), m_i)
+            l_i = tl.where(redo, 0.0, l_i)
+            acc = tl.where(redo, 0.0, acc)
+            b0 = 0
+            b1 = tl.where(redo, n_blocks, 0)
+        for blk_n in range(b0, b1):
+            m_i, l_i, acc = _fwd_tile(
+                q, K_bh, V_bh, m_i, l_i, acc, blk_n * BLOCK_N, OPS, off_b, off_h, off_bh, offs_m,
+                m_valid, offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, seed,
+                BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+    # a fully masked row (all -inf) has l_i = 0: 0/0 gives eager's NaN row, and lse is NaN as in
+    # cpu.py (max - log(max p) with p NaN). SDPA's safe softmax: output 0 and lse = +inf, so that
+    # the backward's p = exp(s - lse) is 0 on it; a NaN row stays NaN (l is NaN, not 0)
+    if LOG2_UNITS:
+        lse = (m_i + tl.math.log2(l_i)) * LN2
+    else:
+        lse = m_i + tl.log(l_i)
+    if SAFE_SOFTMAX:
+        out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
+        lse = tl.where(l_i == 0.0, float("inf"), lse)
+    else:
+        out = acc / l_i[:, None]
+        lse = tl.where(l_i == 0.0, float("nan"), lse)
+    tl.store(Out + off_b * sob + off_h * soh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :] * sod,
+             out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
+    tl.store(LSE + off_bh * N_Q + offs_m, lse, mask=m_valid)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------
+
+@triton.jit
+def attn_bwd_preprocess(
+    Out, DO, DELTA, sob, soh, som, sod, sdob, sdoh, sdom, sdod, H, N_Q, DV,
+    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    pid_m, off_bh = _program_ids(N_Q, BLOCK_M, False)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < N_Q) & (offs_dv[None, :] < DV)
+    o = tl.load(Out + off_b * sob + off_h * soh + offs_m[:, None] * som + offs_dv[None, :] * sod,
+                mask=mask, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * sdob + off_h * sdoh + offs_m[:, None] * sdom + offs_dv[None, :] * sdod,
+                 mask=mask, other=0.0).to(tl.float32)
+    tl.store(DELTA + off_bh * N_Q + offs_m, tl.sum(o * do, 1), mask=offs_m < N_Q)
+
+
+@triton.jit
+def _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n, valid, N_Q, N_K, seed,
+              UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr):
+    # One tile of the backward: the raw products s0, the operand tiles, the probabilities
+    # p = exp(score_mod(s0) - lse) (0 outside the bounds: by where, not by a 0/1 product, so a
+    # fully masked row's NaN reaches dV as in eager while the padding's does not), dP = dO V^T,
+    # and with dropout the dropped probabilities pd and dP through the dropout
+    s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+    T = operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid)
+    s = score_mod(s0, T)
+    p = tl.where(valid, _exp(s - lse[:, None]), 0.0)
+    dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
+    return s0, T, p, dp
+
+
+@triton.jit
+def _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K):
+    # (dropped probabilities, dP through the dropout)
+    if HAS_DROPOUT:
+        keep = _dropout_keep(seed, off_bh, offs_m, offs_n, N_Q, N_K)
+        pd = tl.where(keep, p * DROP_SCALE, 0.0)
+        dp = tl.where(keep, dp * DROP_SCALE, 0.0)
+    else:
+        pd = p
+    return pd, dp
+
+
+@triton.jit(do_not_specialize=["seed"])
+def attn_bwd_dkdv(
+    Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_, OPS, RANGES, r_sb, r_sh,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
+    H, G, N_Q, N_K, D, DV, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
+    SKIP: tl.constexpr,
+):
+    pid_n, off_bk = _program_ids(N_K, BLOCK_N, False)
+    off_b = off_bk // (H // G)
+    off_hk = off_bk % (H // G)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    n_valid = offs_n < N_K
+    k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+    v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # grouped-query attention: the G query heads that share this K/V head add into one dK/dV,
+    # in a fixed order (no atomics)
+    for g in range(0, G):
+        off_h = off_hk * G + g
+        off_bh = off_b * H + off_h
+        # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here
+        lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_n, SKIP, N_Q, BLOCK_M)
+        for blk_m in range(lo, hi):
+            start_m = blk_m * BLOCK_M
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            m_valid = offs_m < N_Q
+            valid = m_valid[:, None] & n_valid[None, :]
+            q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
+            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(v.dtype)
+            lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+            if LOG2_UNITS:
+                lse = lse * LOG2E
+            delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+            s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n,
+                                     valid, N_Q, N_K, seed, UPCAST_DOT, ALLOW_TF32)
+            if ROW_STATS:
+                p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
+            pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
+            dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST_DOT, ALLOW_TF32)
+            ds = p * (dp - delta[:, None])
+            ds = score_mod_backward(ds, s0, T)
+            ds = tl.where(valid, ds, 0.0)
+            dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST_DOT, ALLOW_TF32)
+    tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+             dk.to(DK.dtype.element_ty), mask=n_valid[:, None] & (offs_d[None, :] < D))
+    tl.store(DV_ + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
+             dv.to(DV_.dtype.element_ty), mask=n_valid[:, None] & (offs_dv[None, :] < DV))
+
+
+@triton.jit(do_not_specialize=["seed"])
+def attn_bwd_dq(
+    Q, K, V, DO, LSE, DELTA, INV_R, DQ, OPS, DC, RANGES, r_sb, r_sh,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
+    sdqb, sdqh, sdqm, sdqd,
+    H, G, N_Q, N_K, D, DV, seed,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
+    SKIP: tl.constexpr, GRAD: tl.constexpr,
+):
+    pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
+    off_b = off_bh // H
+    off_h = off_bh % H
+    off_hk = off_h // G  # grouped-query: the K/V head this query head reads
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_valid = offs_m < N_Q
+    q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
+    do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(V.dtype.element_ty)
+    # in the units of the exponential (base 2 when log2(e) is folded into the chain)
+    lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+    if LOG2_UNITS:
+        lse = lse * LOG2E
+    # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0)
+    lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
+    if ROW_STATS:
+        # One extra pass over the keys for two per-row statistics:
+        # * r = sum_j exp(s - lse), normally 1: when the row max is huge (a fully masked row
+        #   filled with finfo.min or -1e9), log(l) vanishes in lse = m + log(l) and
+        #   exp(s - lse) alone would not sum to 1; p = exp(s - lse) / r is then exact;
+        # * delta = rowsum(dP * P) from fp32 P and dP, instead of rowsum(dO * O) with O rounded
+        #   to fp16/bf16: that rounding is shared by a whole row and adds up in a learnable
+        #   scalar's gradient (2% off in bf16) where eager's errors cancel.
+        r = tl.zeros([BLOCK_M], tl.float32)
+        delta = tl.zeros([BLOCK_M], tl.float32)
+        for blk_n in range(lo, hi):
+            offs_n = blk_n * BLOCK_N + tl.arange(0, BLOCK_N)
+            valid = m_valid[:, None] & (offs_n < N_K)[None, :]
+            k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+            v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
+            s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n,
+                                     valid, N_Q, N_K, seed, UPCAST_DOT, ALLOW_TF32)
+            pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
+            r += tl.sum(p, 1)
+            delta += tl.sum(p * dp, 1)
+        if SAFE_SOFTMAX:
+            inv_r = tl.where(r == 0.0, 0.0, 1.0 / tl.where(m_valid, r, 1.0))
+        else:
+            inv_r = 1.0 / tl.where(m_valid, r, 1.0)  # padding rows have r = 0
+        delta = delta * inv_r
+        tl.store(DELTA + off_bh * N_Q + offs_m, delta, mask=m_valid)
+        tl.store(INV_R + off_bh * N_Q + offs_m, inv_r, mask=m_valid)
+    else:
+        delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    num_n_blocks = tl.cdiv(N_K, BLOCK_N)
+    for blk_n in range(lo, hi):
+        offs_n = blk_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        valid = m_valid[:, None] & (offs_n < N_K)[None, :]
+        k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
+        v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
+        s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n,
+                                 valid, N_Q, N_K, seed, UPCAST_DOT, ALLOW_TF32)
+        if ROW_STATS:
+            p = p * inv_r[:, None]
+        pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
+        ds = p * (dp - delta[:, None])
+        # the captured operands' gradients are stored per tile inside (GRAD: which ones)
+        ds = score_mod_backward_store(ds, s0, T, DC, GRAD, off_bh, pid_m, blk_n, offs_m, offs_n,
+                                      valid, N_Q, N_K, BLOCK_M, num_n_blocks)
+        ds = tl.where(valid, ds, 0.0)
+        dq += _dot(ds.to(k.dtype), k, UPCAST_DOT, ALLOW_TF32)
+    tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
+             dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < D))

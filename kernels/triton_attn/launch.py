@@ -1,0 +1,335 @@
+"""Launchers of the attention kernels (``attention.py``, completed per spec by ``codegen.py``),
+called by ``ops.py`` on CUDA tensors (or, under ``TRITON_INTERPRET=1``, on CPU tensors in the
+tests): ``supports(q, k, v, spec)``, ``forward(...) -> (out, lse)`` and
+``backward(...) -> (dq, dk, dv, dcaptured)``, with the semantics of ``cpu.py`` (the reference):
+
+    out = dropout(softmax(score_mod(q @ k^T))) @ v,   lse = logsumexp(score_mod(q @ k^T), -1)
+
+Also the tile table per (architecture, direction, head dim, dtype) and ``target_arch`` to choose
+tiles for a GPU that is absent (``benchmarks/gpu_static.py``).
+
+Known cost: the gradient of a captured *tensor* (a learnable bias) is written element-wise into an
+fp32 buffer of the full scores' shape (B, H, Nq, Nk) and summed over the operand's broadcast dims
+with torch; that N x N buffer exists only while such an operand requires grad. Gradients of scalar
+operands are reduced per tile in the kernel (one fp32 partial per tile pair). Block skipping's
+ranges (``ranges.py``) cost one evaluation of keep per score element (Bm * Hm * Nq * Nk) with torch
+ops, in chunks, per forward and per backward, except for linear masks (causal, windows: O(Nq)).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import List, Optional, Sequence
+
+import torch
+import triton
+
+from .. import pointwise, removal
+from ..dropout import threshold
+from ..spec import AttentionSpec, to_dtype
+from . import ranges as _rng
+from .codegen import _ARITH_KINDS, _data_arities, _fits_fp32, _grad_indices, predicates_supported
+from .loader import interpret as _interpret
+from .loader import kernels
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_HANDLED_KINDS = {"mul", "div", "add", "sub", "rsub", "fill", "fill_not", "tanh", "cast", "fn"}
+
+
+def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> bool:
+    """True when the generated kernels cover this call; otherwise ops.py runs cpu.py."""
+    if not (2 <= q.dim() <= 4 and k.dim() == q.dim() and v.dim() == q.dim()):
+        return False
+    if v.shape[:-2] != k.shape[:-2] or k.shape[:-3] != q.shape[:-3]:
+        return False
+    if q.dim() > 2 and (k.shape[-3] == 0 or q.shape[-3] % k.shape[-3] != 0):
+        return False  # grouped-query attention needs K/V heads dividing the query heads
+    # one dtype for the three inputs: the dots take like operands, and mixed-dtype calls are rare
+    if q.dtype not in _FLOAT_DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        return False
+    if to_dtype(spec.out_dtype) not in _FLOAT_DTYPES:
+        return False
+    if not (16 <= q.shape[-1] <= 256 and q.shape[-1] == k.shape[-1] and 16 <= v.shape[-1] <= 256):
+        return False
+    if q.shape[-2] == 0 or k.shape[-2] == 0 or q.numel() == 0 or k.numel() == 0:
+        return False  # cpu.py owns the empty-softmax conventions
+    if threshold(spec.dropout_p) >= 2 ** 32:
+        return False
+    if spec.masks and not predicates_supported(spec):
+        return False  # ops._triton_operands then hands the masks over materialised
+    if "data" in spec.captured and not spec.masks:
+        return False
+    for op in spec.score_ops:
+        if op.kind not in _HANDLED_KINDS:
+            return False
+        if op.kind == "fn" and pointwise.triton_source(op.fn, op.args, "s") is None:
+            return False  # the printer lacks a construct: the tiled implementation runs it
+        if op.operand == "predicate":
+            if op.kind in ("fill", "fill_not") and (op.value is None or not _fits_fp32(op.value)):
+                return False
+            continue
+        if op.kind in ("fill", "fill_not"):
+            if op.value is None or op.index is None or spec.captured[op.index] != "tensor":
+                return False
+            if not _fits_fp32(op.value):
+                return False
+        elif op.kind in _ARITH_KINDS:
+            if op.operand == "const":
+                if op.value is None or not _fits_fp32(op.value):
+                    return False
+            elif op.operand in ("scalar", "tensor"):
+                if op.index is None or spec.captured[op.index] != op.operand:
+                    return False
+            else:
+                return False
+    return True
+
+
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) for 16-bit inputs, per (architecture, direction):
+# the first entry whose head-dim bound covers max(d, dv). Hopper/Blackwell: the forward at
+# 128 x 128 (8 warps: two warpgroups of 64 rows each) so every dot is a warpgroup MMA, 3 stages of
+# K/V in flight; the backward's tiles at >= 64 rows on both sides (dS^T Q and P^T dO have BLOCK_N
+# rows) so its dots are warpgroup MMAs too. Ampere: FlashAttention-2's sizes.
+_TILES = {
+    (90, False): ((64, (128, 128, 8, 3)), (128, (128, 128, 8, 3)), (256, (128, 64, 8, 2))),
+    (90, True): ((64, (64, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (64, 64, 8, 1))),
+    (80, False): ((64, (128, 64, 4, 3)), (128, (128, 64, 8, 2)), (256, (64, 32, 4, 1))),
+    (80, True): ((64, (64, 64, 4, 2)), (128, (32, 32, 4, 2)), (256, (16, 32, 4, 1))),
+}
+# fp32 inputs (IEEE or TF32 dots): twice the bytes per operand, the pre-Hopper sizes everywhere
+_TILES_FP32 = {
+    False: ((64, (128, 64, 8, 2)), (128, (64, 64, 4, 2)), (256, (64, 32, 4, 1))),
+    True: ((64, (64, 64, 4, 2)), (128, (32, 32, 4, 2)), (256, (16, 32, 4, 1))),
+}
+_ARCH_OVERRIDE: List[int] = []
+
+
+@contextlib.contextmanager
+def target_arch(arch: int):
+    """Choose tiles for compute capability ``arch`` (80, 90, 100...) whatever the device: for
+    compiling ahead of time without the GPU (benchmarks/gpu_static.py)."""
+    _ARCH_OVERRIDE.append(int(arch))
+    try:
+        yield
+    finally:
+        _ARCH_OVERRIDE.pop()
+
+
+def _arch(device) -> Optional[int]:
+    if _ARCH_OVERRIDE:
+        return _ARCH_OVERRIDE[-1]
+    if device is not None and torch.device(device).type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return major * 10 + minor
+    return None
+
+
+def _blocks(d: int, dv: int, backward: bool, dtype=None, device=None):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call (see _TILES)."""
+    if _interpret():
+        # small tiles keep the interpreter fast while still giving several key blocks to the
+        # online softmax and partial tiles at the edges
+        return 16, 16, 4, 1
+    dmax = max(d, dv)
+    arch = _arch(device)
+    if dtype in (torch.float16, torch.bfloat16) and arch is not None:
+        table = _TILES[(90 if arch >= 90 else 80, bool(backward))]
+    else:
+        table = _TILES_FP32[bool(backward)]
+    for bound, cfg in table:
+        if dmax <= bound:
+            return cfg
+    return table[-1][1]
+
+
+def _to4d(t: torch.Tensor) -> torch.Tensor:
+    while t.dim() < 4:
+        t = t.unsqueeze(0)
+    return t
+
+
+def _operands(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4):
+    """The kernels' operand tuple OPS, of the captured operands: a number for scalars; for tensors a view
+    expanded to the (B, H, Nq, Nk) scores (stride 0 where it broadcasts) and its 4 strides; for
+    data tensors (read by mask predicates) the tensor, its sizes and strides; then each mask's
+    score sizes n0 .. n{R-1}."""
+    args = []
+    arities = _data_arities(spec) if spec.masks else {}
+    for i, (kind, c) in enumerate(zip(spec.captured, captured)):
+        if kind == "scalar":
+            args.append(float(c.item()))
+        elif kind == "data":
+            if c.dtype == torch.bool:
+                c = c.view(torch.uint8)
+            a = arities.get(i, 0)
+            if a and c.dim() != a:
+                raise ValueError(f"data tensor {i} has {c.dim()} dims, its predicate reads {a}")
+            args.extend([c, *(c.shape if a else ()), *(c.stride() if a else ())])
+        else:
+            t = _to4d(c).expand(score_shape4)
+            if t.dtype == torch.bool:
+                t = t.view(torch.uint8)  # same bytes; a uint8 load is portable across versions
+            args.extend([t, *t.stride()])
+    for m in spec.masks:
+        R = len(m.axes)
+        args.extend(int(n) for n in score_shape4[4 - R:])
+    return tuple(args)  # the kernels' OPS (codegen.operand_names)
+
+
+def _flags():
+    return dict(UPCAST_DOT=_interpret(),
+                ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32))
+
+
+def _dims(q, k, v):
+    """(B, H, G, Nq, Nk, D, Dv); G = query heads per K/V head (grouped-query attention)."""
+    B, H, nq, d = q.shape
+    return B, H, H // k.shape[1], nq, k.shape[2], d, v.shape[3]
+
+
+def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
+    """Returns (out (..., Nq, Dv) in spec.out_dtype, lse (..., Nq) float32)."""
+    batch = tuple(q.shape[:-2])
+    q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+    B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
+    out = torch.empty((B, H, nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
+    lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
+    mod = kernels(spec)
+    bm, bn, warps, stages = _blocks(d, dv, backward=False, dtype=q.dtype, device=q.device)
+    grid = (triton.cdiv(nq, bm) * B * H,)
+    ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+    thresh = torch.zeros(1, dtype=torch.float32, device=q.device)
+    full = None
+    if ranges is not None:
+        # the removal rule (removal.py) per call, on the device: a call that must not skip visits
+        # every key block; the kernel checks each row's margin against THRESH itself
+        thresh = _threshold32(spec, q4, k4, v4, captured)
+        whole = torch.tensor([0, triton.cdiv(nk, bn)], dtype=torch.int32, device=q.device)
+        ranges = (torch.where(torch.isposinf(thresh), whole, ranges[0]).contiguous(), ranges[1])
+        full = _rng.full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
+    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (ranges is None or full is not None)
+    mod.attn_fwd[grid](
+        q4, k4, v4, out, lse, _operands(spec, captured, (B, H, nq, nk)),
+        *_rng._range_args(ranges[0] if ranges else None, B, H, q.device),
+        *_rng._range_args(full, B, H, q.device), thresh,
+        *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
+        H, G, nq, nk, d, dv, _seed32(seed),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
+        num_warps=warps, num_stages=stages, SKIP=ranges is not None, FULL_TILES=full_tiles,
+        EVEN_D=(d == _pow2(d) and dv == _pow2(dv)), **_flags())
+    return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
+
+
+def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: int = 0,
+             needs_grad: Optional[Sequence[bool]] = None):
+    """Returns (dq, dk, dv, [d captured_i or None]) like cpu.attention_backward."""
+    needs_grad = list(needs_grad) if needs_grad is not None else [False] * len(captured)
+    q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+    do4, o4 = _to4d(grad_out), _to4d(out)
+    B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
+    # lse is tiny (B*H*Nq floats): the kernels index it as contiguous rows
+    lse3 = lse.reshape(B, H, nq).contiguous()
+    mod = kernels(spec)
+    dq = torch.empty((B, H, nq, d), dtype=q.dtype, device=q.device)
+    dk = torch.empty((B, H // G, nk, d), dtype=k.dtype, device=k.device)
+    dvt = torch.empty((B, H // G, nk, dv), dtype=v.dtype, device=v.device)
+    delta = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
+    ops = _operands(spec, captured, (B, H, nq, nk))
+    bm, bn, warps, stages = _blocks(d, dv, backward=True, dtype=q.dtype, device=q.device)
+    bdv = _pow2(dv)
+    row_stats = _needs_row_stats(spec, o4.dtype)
+    inv_r = torch.empty((B, H, nq) if row_stats else (1,), dtype=torch.float32, device=q.device)
+    if not row_stats:
+        mod.attn_bwd_preprocess[(triton.cdiv(nq, bm) * B * H,)](
+            o4, do4, delta, *o4.stride(), *do4.stride(), H, nq, dv, BLOCK_M=bm, BLOCK_DV=bdv)
+    common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv,
+                  num_warps=warps, num_stages=stages, **_flags())
+    grads = _grad_indices(spec)
+    n_mb, n_nb = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
+    ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+    if ranges is not None:
+        ranges = _rng.backward_ranges(spec, ranges, q4, k4, v4, do4, captured, lse3, bm, n_mb, n_nb)
+    skip = ranges is not None
+    # skipped tiles write no operand gradient: their buffers start at zero (the exact gradient of
+    # a tile whose probabilities are all 0)
+    new = torch.zeros if skip else torch.empty
+    bufs, grad_bits = {}, 0
+    for pos, i in enumerate(grads):
+        want = bool(needs_grad[i]) if i < len(needs_grad) else False
+        grad_bits |= int(want) << pos
+        if not want:
+            bufs[i] = torch.empty(1, dtype=torch.float32, device=q.device)
+        elif spec.captured[i] == "tensor":
+            # the known N x N cost, paid only while a captured tensor requires grad
+            bufs[i] = new((B, H, nq, nk), dtype=torch.float32, device=q.device)
+        else:
+            bufs[i] = new((B * H, n_mb, n_nb), dtype=torch.float32, device=q.device)
+    mod.attn_bwd_dq[(n_mb * B * H,)](
+        q4, k4, v4, do4, lse3, delta, inv_r, dq, ops, tuple(bufs[i] for i in grads),
+        *_rng._range_args(ranges[0] if skip else None, B, H, q.device),
+        *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, GRAD=grad_bits,
+        **common)
+    # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
+    mod.attn_bwd_dkdv[(triton.cdiv(nk, bn) * B * (H // G),)](
+        q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, ops,
+        *_rng._range_args(ranges[1] if skip else None, B, H, q.device),
+        *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common)
+
+    dcap: List[Optional[torch.Tensor]] = []
+    for i, (kind, c) in enumerate(zip(spec.captured, captured)):
+        if not (i < len(needs_grad) and needs_grad[i]):
+            dcap.append(None)
+        elif i not in bufs:
+            dcap.append(torch.zeros_like(c))  # the chain does not depend on it (e.g. a mask)
+        elif kind == "scalar":
+            dcap.append(bufs[i].sum().reshape(c.shape).to(c.dtype))
+        else:
+            shape4 = _to4d(c).shape
+            dims = [j for j in range(4) if shape4[j] == 1 and bufs[i].shape[j] != 1]
+            g = bufs[i].sum(dim=dims, keepdim=True) if dims else bufs[i]
+            dcap.append(g.reshape(c.shape).to(c.dtype))
+    return dq.reshape(q.shape), dk.reshape(k.shape), dvt.reshape(v.shape), dcap
+
+
+def _threshold32(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> torch.Tensor:
+    """THRESH of the forward kernel, a 1-element fp32 tensor on q's device: the least row max on
+    which skipping is exact in this call (``removal.threshold``), rounded up to fp32; +inf when
+    the call must not skip. ``finite_scores``: Triton's max does not propagate NaN, so the kernels
+    skip only where the scores are provably finite."""
+    r = removal.skip_removal(spec)
+    worst = removal.worst_masked(spec, r, q, k, v, captured, grad_out, finite_scores=True)
+    thr = removal.threshold(worst, r)
+    t32 = thr.float()
+    t32 = torch.where(t32.double() < thr, torch.nextafter(t32, torch.full_like(t32, math.inf)), t32)
+    return t32.reshape(1)
+
+
+
+
+def _needs_row_stats(spec: AttentionSpec, out_dtype: torch.dtype) -> bool:
+    """Whether the backward takes the extra pass for exact per-row statistics (see attn_bwd_dq):
+    when O is rounded to 16 bits (delta), or when the chain can make a row's maximum huge (a
+    finite fill value, or a tensor operand that may carry finfo.min), so lse loses log(l)."""
+    if out_dtype != torch.float32:
+        return True
+    for op in spec.score_ops:
+        if op.kind in ("fill", "fill_not") and math.isfinite(op.value):
+            return True
+        if op.kind in _ARITH_KINDS and op.operand in ("tensor", "predicate"):
+            return True
+    return False
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def _seed32(seed: int) -> int:
+    """The low 32 bits of the seed as a signed int32, so every seed launches the same kernel
+    signature (a Python int above 2^31 would be specialised as int64); the kernel bitcasts back."""
+    s = int(seed) & 0xFFFFFFFF
+    return s - (1 << 32) if s >= (1 << 31) else s
