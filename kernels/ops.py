@@ -195,7 +195,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
         out, lse = got
     else:
         out, lse = cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
-    return out.contiguous(), lse.contiguous(), seed
+    return _in_out_layout(out, q), lse.contiguous(), seed
 
 
 def _flash_forward(s: AttentionSpec, q, k, v, captured):
@@ -211,7 +211,7 @@ def _flash_forward(s: AttentionSpec, q, k, v, captured):
 @attention.register_fake
 def _attention_fake(q, k, v, captured, spec, seed=None):
     s = AttentionSpec.from_key(spec)
-    out = q.new_empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=to_dtype(s.out_dtype))
+    out = _out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(s.out_dtype))
     lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float32)
     seed = torch.empty(1, dtype=torch.int64, device="cpu")
     return out, lse, seed
@@ -279,6 +279,27 @@ def _in_grad_layout(g: Tensor) -> Tensor:
     if g.numel() == 0 or all(a == b for a, b, n in zip(g.stride(), want, g.shape) if n > 1):
         return g
     return _grad_empty(g).copy_(g)
+
+
+def _heads_major(q: Tensor) -> bool:
+    """q in the (..., N, H, D) memory layout viewed as (..., H, N, D): heads split off a
+    (B, N, H*D) projection, as most models' q is before any elementwise step (GPT-2, BERT, ...)."""
+    return q.dim() >= 4 and q.stride(-3) < q.stride(-2)
+
+
+def _out_empty(q: Tensor, shape: tuple, dtype) -> Tensor:
+    """The forward's output layout follows q's, as ATen's CPU flash kernel's does: heads-major
+    ((..., N, H, Dv) memory viewed as (..., H, N, Dv)) for a heads-major q, so that the model's
+    ``out.transpose(1, 2).reshape(B, N, H * Dv)`` is a view (a contiguous promise cost two
+    output-sized copies there: ours, then the model's), else contiguous (a q made by RoPE)."""
+    if not _heads_major(q):
+        return q.new_empty(shape, dtype=dtype)
+    return q.new_empty(shape[:-3] + (shape[-2], shape[-3], shape[-1]), dtype=dtype).transpose(-3, -2)
+
+
+def _in_out_layout(out: Tensor, q: Tensor) -> Tensor:
+    """out itself when it has the layout the fake promises (``_out_empty``), else a copy in it."""
+    return _in_grad_layout(out) if _heads_major(q) else out.contiguous()
 
 
 def _setup_context(ctx, inputs, output):
