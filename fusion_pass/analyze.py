@@ -352,11 +352,22 @@ def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
                 and kb[-1] > 0 and qb[-1] % kb[-1] == 0):
             return NearMiss(site, node.name, "enable_gqa with head counts that do not divide")
         region.group = qb[-1] // kb[-1]
+    elif (region.group == 1 and qv.dim() >= 3 and _same_shape(qb[:-1], kb[:-1])
+          and isinstance(qb[-1], int) and qb[-1] > 1 and isinstance(kb[-1], int) and kb[-1] == 1):
+        # one K/V head that SDPA broadcasts over q's heads (Falcon's multi-query, no enable_gqa):
+        # every query head reads head 0, which is grouped-query attention with one group
+        region.group = qb[-1]
     elif not _same_shape(qb, kb):
         return NearMiss(site, node.name, f"batch dims of q {tuple(qv.shape)} and k {tuple(kv.shape)} "
                         "are not provably equal")
+    # k's and v's lengths: equal, or two sizes Dynamo could not relate (a KV cache's keys and values
+    # are separate inputs, and SDPA's shape function, unlike P @ V's, asserts nothing between them).
+    # SDPA raises on unequal lengths and so does the fused op (its run-time check): either way the
+    # call fails, so the site is taken; lengths that are known and differ are not
+    nk, nv = kv.shape[-2], vv.shape[-2]
+    lengths_pair = _same(nk, nv) or not (isinstance(nk, int) and isinstance(nv, int))
     if not (_same_shape(kb, tuple(vv.shape[:-2])) and _same(qv.shape[-1], kv.shape[-1])
-            and _same(kv.shape[-2], vv.shape[-2])):
+            and lengths_pair):
         return NearMiss(site, node.name, f"k {tuple(kv.shape)} and v {tuple(vv.shape)} do not pair, "
                         f"or q {tuple(qv.shape)} and k have different head dims")
     p = kw.get("dropout_p")
