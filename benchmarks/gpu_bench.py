@@ -122,8 +122,8 @@ def build_spec(pattern: str, d: int, window: int, dtype: str = "bfloat16"):
     in ``dtype`` (see tests/test_gpu_bench_plan.py, which compares it with the pass's own)."""
     import sympy
     import torch
-    from fusion_pass.kernels.predicate import MaskSpec
-    from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, to_dtype
+    from fusion_pass.kernels.spec import AttentionSpec, MaskSpec, ScoreOp, to_dtype
+    from fusion_pass.masks.classify import carried
 
     ops = [ScoreOp("div", "const", value=math.sqrt(d), dtype=dtype)]
     e = keep_expr(pattern, window)
@@ -132,7 +132,8 @@ def build_spec(pattern: str, d: int, window: int, dtype: str = "bfloat16"):
                              prob_dtype=dtype, out_dtype=dtype)
     data = (0,) if pattern == "causal_pad" else ()
     m = MaskSpec(keep=sympy.srepr(e), axes=("b", "h", "i", "j"), data=data, kind="additive",
-                 dtype=dtype, kept=0.0, masked=float(torch.finfo(to_dtype(dtype)).min), text=str(e))
+                 dtype=dtype, kept=0.0, masked=float(torch.finfo(to_dtype(dtype)).min), text=str(e),
+                 **carried(e))
     ops.append(ScoreOp("add", "predicate", index=0, dtype=dtype))
     return AttentionSpec(score_ops=tuple(ops), captured=("data",) * len(data), qk_dtype=dtype,
                          softmax_dtype=dtype, prob_dtype=dtype, out_dtype=dtype, causal=True,

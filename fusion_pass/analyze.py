@@ -574,7 +574,9 @@ def _as_mask_spec(op: ScoreOp, pred, node: fx.Node, score_shape):
     read than to recompute); the predicate's size symbols must each be one of the scores' sizes
     (so the kernel binds them from the call's shapes), and the step must use the mask as the graph
     built it: an additive mask added, a boolean one in a fill."""
-    from fusion_pass.kernels.predicate import MaskSpec
+    from fusion_pass.kernels.spec import MaskSpec
+
+    from .masks.classify import carried
 
     mv = value(node)
     if mv.dim() < 2 or _same(mv.shape[-1], 1) or _same(mv.shape[-2], 1):
@@ -594,7 +596,7 @@ def _as_mask_spec(op: ScoreOp, pred, node: fx.Node, score_shape):
         kw = dict(dtype=dtype_name(pred.dtype), kept=float(pred.kept_value),
                   masked=float(pred.masked_value) if pred.masked_value is not None else -float("inf"))
     return MaskSpec(keep=sympy.srepr(keep), axes=tuple(str(a) for a in pred.axes), kind=pred.kind,
-                    text=str(keep), **kw)
+                    text=str(keep), **kw, **carried(keep, invert=op.kind == "fill"))
 
 
 def _kernel_expr(pred, score_shape):
@@ -680,7 +682,7 @@ def _as_bias_spec(node: fx.Node, score_shape):
     float tensor that does not vary over queries or keys and y an integer index expression of both
     (ALiBi's ``slopes[:, None, None] * (j - i)``, also after ``.unsqueeze(0)``, with y converted
     implicitly or by ``.float()`` / ``.to(dtype)``); else why not (str)."""
-    from fusion_pass.kernels.predicate import BiasSpec
+    from fusion_pass.kernels.spec import BiasSpec
 
     from .masks import MaskPredicate, analyse_index
 

@@ -1,6 +1,6 @@
 """Mask predicates: a mask the graph built from index arithmetic, handed to the kernels as a formula.
 
-When the pass proves that a mask tensor equals a predicate ``keep(b, h, i, j)`` (``fusion_pass/masks.py``),
+When the pass proves that a mask tensor equals a predicate ``keep(b, h, i, j)`` (``fusion_pass/masks/``),
 the rewritten graph no longer builds the (..., Nq, Nk) tensor: the op receives the predicate in its
 spec (a ``MaskSpec``) plus the small data tensors the predicate reads (a (B, Nk) padding mask,
 per-token document ids), and each kernel evaluates the predicate on the tile it works on.
@@ -23,86 +23,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import sympy
 import torch
 
-KINDS = ("bool", "additive")
-
-
-@dataclass(frozen=True)
-class MaskSpec:
-    """One mask, as a predicate. ``kind`` "bool": the mask tensor *is* ``keep`` (a boolean tensor,
-    used by masked_fill / where as the graph used it); "additive": the tensor is
-    ``where(keep, kept, masked)`` of ``dtype`` (added to the scores by the graph)."""
-
-    keep: str                 # sympy.srepr of the expression
-    axes: tuple               # score axis names, left to right
-    data: tuple = ()          # captured-operand positions of the data tensors d0, d1, ...
-    kind: str = "bool"
-    dtype: str = "bool"
-    kept: float = 0.0
-    masked: float = -math.inf
-    text: str = ""            # str() of the expression, for people
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown mask kind {self.kind!r}")
-
-    @property
-    def expr(self):
-        return parse(self.keep)
-
-    def uses_axis(self, name: str) -> bool:
-        return any(s.name == name for s in self.expr.free_symbols)
-
-    def __str__(self):
-        body = self.text or str(self.expr)
-        if self.kind == "additive":
-            return f"where({body}, {self.kept!r}, {self.masked!r})"
-        return body
-
-
-_SREPR_NS = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
-# srepr of a Piecewise names its pieces' class, which sympy does not export at the top level
-_SREPR_NS["ExprCondPair"] = sympy.functions.elementary.piecewise.ExprCondPair
-
-
-@dataclass(frozen=True)
-class BiasSpec:
-    """An additive bias the graph builds as ``x * y``: ``x`` a float tensor that does not vary over
-    queries or keys (ALiBi's per-head slopes), passed to the op as it is (captured operand ``x``,
-    learnable: it gets its gradient), and ``y`` an integer expression of the indices (``j - i``,
-    ``-abs(j - i)``) the kernels compute per tile instead of reading an N x N tensor. ``y`` is
-    converted to ``y_dtype`` and multiplied in ``dtype`` exactly as the graph's own ops do: an
-    integer-to-float conversion and one IEEE multiplication, both exactly rounded whatever the
-    element's position, so every element is the graph's to the bit."""
-
-    x: int                    # captured-operand position of x
-    y: str                    # sympy.srepr of the integer expression
-    axes: tuple
-    y_data: tuple = ()        # captured-operand positions of the data tensors y reads (d0, ...)
-    y_dtype: str = "float32"
-    dtype: str = "float32"
-    text: str = ""
-
-    def index_spec(self) -> "MaskSpec":
-        """y as a MaskSpec-shaped expression, for the code generators (they evaluate any
-        expression, integer-valued ones included)."""
-        return MaskSpec(keep=self.y, axes=self.axes, data=self.y_data, text=self.text)
-
-    def __str__(self):
-        return f"c{self.x}[b, h, i, j] * ({self.text})"
-
-
-@functools.lru_cache(maxsize=None)
-def parse(srepr: str):
-    """The sympy expression of a ``MaskSpec.keep`` (sympy's own srepr, read back)."""
-    return sympy.sympify(eval(srepr, dict(_SREPR_NS)))  # noqa: S307 - our own srepr output
-
+# the hand-off types live in spec.py; their names stay importable from here
+from .spec import MASK_KINDS as KINDS, BiasSpec, MaskSpec, parse, to_dtype, with_operands  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------------
 # code generation: sympy -> a torch function of index grids
@@ -303,7 +231,6 @@ def as_operand(mask: MaskSpec, keep: torch.Tensor) -> torch.Tensor:
     """The tensor the graph's mask held, from its keep values: keep itself, or the additive values."""
     if mask.kind == "bool":
         return keep
-    from .spec import to_dtype
     dt = to_dtype(mask.dtype)
     return torch.where(keep, torch.tensor(mask.kept, dtype=dt), torch.tensor(mask.masked, dtype=dt))
 
@@ -325,36 +252,31 @@ def materialize(mask: MaskSpec, score_shape: Sequence[int], data: Sequence[torch
     return as_operand(mask, keep)
 
 
+def tensor_mask_order(spec) -> list:
+    """The captured positions that stay when every predicate mask is read as a tensor (those that
+    are not a mask's data), in order; the materialised masks come after them."""
+    data_pos = {d for m in spec.masks for d in m.data}
+    return [k for k in range(len(spec.captured)) if k not in data_pos]
+
+
 def tensor_mask_spec(spec):
     """The spec with every predicate mask read as a captured tensor instead (appended after the
-    captured operands that are not data): the same function, for kernels that read masks only as
-    tensors. ``with_tensor_masks`` builds the matching operands."""
-    import dataclasses
-
+    captured operands that are not data, ``tensor_mask_order``): the same function, for kernels
+    that read masks only as tensors. ``with_tensor_masks`` builds the matching operands."""
     if not spec.masks:
         return spec
-    data_pos = {d for m in spec.masks for d in m.data}
-    keep_pos = [k for k in range(len(spec.captured)) if k not in data_pos]
-    new_index = {k: n for n, k in enumerate(keep_pos)}
-    kinds = [spec.captured[k] for k in keep_pos] + ["tensor"] * len(spec.masks)
-    ops = []
-    for op in spec.score_ops:
-        if op.operand == "predicate":
-            operand = "none" if op.kind in ("fill", "fill_not") else "tensor"
-            ops.append(dataclasses.replace(op, operand=operand, index=len(keep_pos) + op.index))
-        elif op.index is not None:
-            ops.append(dataclasses.replace(op, index=new_index[op.index]))
-        else:
-            ops.append(op)
-    return dataclasses.replace(spec, score_ops=tuple(ops), captured=tuple(kinds), masks=())
+    n = len(spec.captured)  # mask m is read at n + m, renumbered by with_operands
+    ops = tuple(dataclasses.replace(op, operand="none" if op.kind in ("fill", "fill_not") else "tensor",
+                                    index=n + op.index) if op.operand == "predicate" else op
+                for op in spec.score_ops)
+    return with_operands(spec, tensor_mask_order(spec), ["tensor"] * len(spec.masks), score_ops=ops, masks=())
 
 
 def with_tensor_masks(spec, captured: Sequence[torch.Tensor], score_shape: Sequence[int]):
     """(tensor_mask_spec(spec), its captured operands): each predicate materialised."""
     if not spec.masks:
         return spec, list(captured)
-    data_pos = {d for m in spec.masks for d in m.data}
-    tensors = [c for k, c in enumerate(captured) if k not in data_pos]
+    tensors = [captured[k] for k in tensor_mask_order(spec)]
     for m in spec.masks:
         dev = captured[m.data[0]].device if m.data else None
         tensors.append(materialize(m, score_shape, [captured[d] for d in m.data], device=dev))
@@ -436,14 +358,19 @@ def _plan(e, mask: MaskSpec, i, j):
         parts.sort(key=lambda p: isinstance(p, _Eval) and not p.keys_only)
         return ("and", parts) if parts else None
     if j is None or j not in e.free_symbols:
-        return _Eval(dataclasses.replace(mask, keep=sympy.srepr(e), text=str(e), kind="bool"), True) \
-            if i is None or i not in e.free_symbols else None
+        return _Eval(_conjunct(mask, e), True) if i is None or i not in e.free_symbols else None
     if isinstance(e, sympy.core.relational.Relational):
         lins = _lin(e, i, j, R)
         if lins is not None:
             return ("and", lins) if len(lins) > 1 else lins[0]
     keys_only = i is None or i not in e.free_symbols
-    return _Eval(dataclasses.replace(mask, keep=sympy.srepr(e), text=str(e), kind="bool"), keys_only)
+    return _Eval(_conjunct(mask, e), keys_only)
+
+
+def _conjunct(mask: MaskSpec, e) -> MaskSpec:
+    """A part ``e`` of ``mask``'s expression as a boolean mask of its own (the whole mask's
+    classification does not describe it)."""
+    return dataclasses.replace(mask, keep=sympy.srepr(e), text=str(e), kind="bool", kinds=(), band=(None, None))
 
 
 @functools.lru_cache(maxsize=None)

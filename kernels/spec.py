@@ -15,8 +15,9 @@ inline. Each step reads the running score ``s`` and at most one operand:
   attributes into these under ``dynamic=True``: ``scores * scaling.item()``);
 * ``tensor``: a tensor broadcastable to the scores, ``(..., Nq, Nk)`` (bias, float or bool mask);
 * ``predicate``: a mask the pass proved equal to a predicate ``keep(b, h, i, j)`` (``spec.masks``,
-  see ``predicate.py``): the kernels evaluate it per tile instead of reading an N x N tensor, and
-  skip the keys no row of a tile keeps. ``index`` is then the position in ``spec.masks``;
+  a ``MaskSpec``; ``predicate.py`` generates its code): the kernels evaluate it per tile instead
+  of reading an N x N tensor, and skip the keys no row of a tile keeps.
+  ``index`` is then the position in ``spec.masks``;
 * ``bias``: a bias the pass proved to be ``x * y(i, j)`` with ``x`` a captured tensor that does not
   vary over queries or keys and ``y`` an integer index expression (ALiBi): ``spec.biases[index]``.
 
@@ -36,7 +37,7 @@ from typing import Optional
 import sympy
 import torch
 
-from .predicate import BiasSpec, MaskSpec
+from .pointwise import FUNCTIONS as POINTWISE_FUNCTIONS, expr as pointwise_expr
 
 # The elementwise steps a score chain may contain, with the identity each one computes.
 SCORE_OP_KINDS = {
@@ -53,7 +54,7 @@ SCORE_OP_KINDS = {
 }
 OPERAND_KINDS = ("none", "const", "scalar", "tensor", "predicate", "bias")
 # what each captured operand of the op is: a tensor broadcastable to the scores, a 0-dim tensor read
-# as a number, or a data tensor a mask predicate indexes (``predicate.MaskSpec``)
+# as a number, or a data tensor a mask predicate indexes (``MaskSpec``)
 CAPTURED_KINDS = ("tensor", "scalar", "data")
 
 _DTYPES = {
@@ -71,6 +72,100 @@ def dtype_name(dtype: torch.dtype) -> str:
 def to_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
+
+# ---------------------------------------------------------------------------------------------------
+# masks and biases computed from indices (see predicate.py for their code generation)
+
+MASK_KINDS = ("bool", "additive")
+
+
+@dataclass(frozen=True)
+class MaskSpec:
+    """One mask, as a predicate. ``kind`` "bool": the mask tensor *is* ``keep`` (a boolean tensor,
+    used by masked_fill / where as the graph used it); "additive": the tensor is
+    ``where(keep, kept, masked)`` of ``dtype`` (added to the scores by the graph)."""
+
+    keep: str                 # sympy.srepr of the expression
+    axes: tuple               # score axis names, left to right
+    data: tuple = ()          # captured-operand positions of the data tensors d0, d1, ...
+    kind: str = "bool"
+    dtype: str = "bool"
+    kept: float = 0.0
+    masked: float = -math.inf
+    text: str = ""            # str() of the expression, for people
+    # What the pass proved about the elements this mask's step keeps (fusion_pass/masks/classify.py,
+    # for a fill: not keep), so kernels read it instead of re-deriving it from ``keep``: ``kinds``
+    # such as "causal", "sliding_window", "band", "prefix_lm", "chunked", "document", "padding",
+    # "other", "full" (empty: not classified); ``band`` (lo, hi): every kept element has
+    # lo <= j - i <= hi, each an srepr of an expression in the sizes n0 .. (None: unbounded).
+    kinds: tuple = ()
+    band: tuple = (None, None)
+
+    def __post_init__(self):
+        if self.kind not in MASK_KINDS:
+            raise ValueError(f"unknown mask kind {self.kind!r}")
+        # from a key: JSON lists
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "band", tuple(self.band))
+
+    def band_exprs(self):
+        """(lo, hi) of the proven band lo <= j - i <= hi as sympy expressions (None: unbounded)."""
+        return tuple(None if x is None else parse(x) for x in self.band)
+
+    @property
+    def expr(self):
+        return parse(self.keep)
+
+    def uses_axis(self, name: str) -> bool:
+        return any(s.name == name for s in self.expr.free_symbols)
+
+    def __str__(self):
+        body = self.text or str(self.expr)
+        if self.kind == "additive":
+            return f"where({body}, {self.kept!r}, {self.masked!r})"
+        return body
+
+
+_SREPR_NS = {k: getattr(sympy, k) for k in dir(sympy) if not k.startswith("_")}
+# srepr of a Piecewise names its pieces' class, which sympy does not export at the top level
+_SREPR_NS["ExprCondPair"] = sympy.functions.elementary.piecewise.ExprCondPair
+
+
+@dataclass(frozen=True)
+class BiasSpec:
+    """An additive bias the graph builds as ``x * y``: ``x`` a float tensor that does not vary over
+    queries or keys (ALiBi's per-head slopes), passed to the op as it is (captured operand ``x``,
+    learnable: it gets its gradient), and ``y`` an integer expression of the indices (``j - i``,
+    ``-abs(j - i)``) the kernels compute per tile instead of reading an N x N tensor. ``y`` is
+    converted to ``y_dtype`` and multiplied in ``dtype`` exactly as the graph's own ops do: an
+    integer-to-float conversion and one IEEE multiplication, both exactly rounded whatever the
+    element's position, so every element is the graph's to the bit."""
+
+    x: int                    # captured-operand position of x
+    y: str                    # sympy.srepr of the integer expression
+    axes: tuple
+    y_data: tuple = ()        # captured-operand positions of the data tensors y reads (d0, ...)
+    y_dtype: str = "float32"
+    dtype: str = "float32"
+    text: str = ""
+
+    def index_spec(self) -> "MaskSpec":
+        """y as a MaskSpec-shaped expression, for the code generators (they evaluate any
+        expression, integer-valued ones included)."""
+        return MaskSpec(keep=self.y, axes=self.axes, data=self.y_data, text=self.text)
+
+    def __str__(self):
+        return f"c{self.x}[b, h, i, j] * ({self.text})"
+
+
+@functools.lru_cache(maxsize=None)
+def parse(srepr: str):
+    """The sympy expression of a ``MaskSpec.keep`` (sympy's own srepr, read back)."""
+    return sympy.sympify(eval(srepr, dict(_SREPR_NS)))  # noqa: S307 - our own srepr output
+
+
+# ---------------------------------------------------------------------------------------------------
+# the score chain and the spec
 
 @dataclass(frozen=True)
 class ScoreOp:
@@ -95,8 +190,7 @@ class ScoreOp:
             raise ValueError(f"unknown score op kind {self.kind!r}")
         object.__setattr__(self, "args", tuple(self.args))  # from a key: a JSON list
         if self.kind == "fn":
-            from .pointwise import FUNCTIONS
-            if self.fn not in FUNCTIONS:
+            if self.fn not in POINTWISE_FUNCTIONS:
                 raise ValueError(f"unknown pointwise score function {self.fn!r}")
         if self.operand not in OPERAND_KINDS:
             raise ValueError(f"unknown operand kind {self.operand!r}")
@@ -168,7 +262,7 @@ class AttentionSpec:
     causal: bool = False
     # masks proven equal to predicates, read by "predicate" steps (see predicate.py)
     masks: tuple = ()
-    # biases computed from indices, read by "bias" steps (see predicate.BiasSpec)
+    # biases computed from indices, read by "bias" steps (``BiasSpec``)
     biases: tuple = ()
     # SDPA's softmax: a row whose every final score is -inf gives probabilities 0 (output 0, no
     # gradient) instead of eager softmax's NaN row. Set for sites that were SDPA calls.
@@ -247,6 +341,25 @@ class AttentionSpec:
 
 
 
+def with_operands(spec: AttentionSpec, order, added=(), **fields) -> AttentionSpec:
+    """The one renumbering of captured operands: ``spec`` (with ``fields`` replaced first) reading
+    old operands ``order`` (positions, in their new order) followed by new ones of kinds ``added``,
+    which the replaced fields address as ``len(spec.captured) + t``. Every position a step, a
+    mask's data or a bias reads is renumbered; reading a dropped operand raises KeyError."""
+    n = len(spec.captured)
+    new = {k: t for t, k in enumerate(order)}
+    new.update({n + a: len(new) + a for a in range(len(added))})
+    f = {"score_ops": spec.score_ops, "masks": spec.masks, "biases": spec.biases, **fields}
+    ops = tuple(dataclasses.replace(op, index=new[op.index]) if op.captured_index is not None else op
+                for op in f["score_ops"])
+    masks = tuple(dataclasses.replace(m, data=tuple(new[d] for d in m.data)) for m in f["masks"])
+    biases = tuple(dataclasses.replace(b, x=new[b.x], y_data=tuple(new[d] for d in b.y_data))
+                   for b in f["biases"])
+    rest = {k: v for k, v in fields.items() if k not in ("score_ops", "masks", "biases")}
+    return dataclasses.replace(spec, captured=tuple(spec.captured[k] for k in order) + tuple(added),
+                               score_ops=ops, masks=masks, biases=biases, **rest)
+
+
 def _symbolic(spec: "AttentionSpec"):
     s, b, h, i, j = sympy.symbols("s b h i j", real=True)
     expr = s
@@ -278,7 +391,6 @@ def _symbolic(spec: "AttentionSpec"):
         elif k == "tanh":
             expr = sympy.tanh(expr)
         elif k == "fn":
-            from .pointwise import expr as pointwise_expr
             expr = pointwise_expr(op.fn, expr, op.args)
         elif k in ("fill", "fill_not"):
             m = sympy.Function(op.mask_name())(b, h, i, j)

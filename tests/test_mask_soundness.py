@@ -413,7 +413,8 @@ def test_data_over_its_full_range_is_refused(fn, dtype):
 
 def test_kernel_evaluation_of_narrow_data_is_exact():
     import sympy
-    from fusion_pass.kernels.predicate import MaskSpec, evaluate_keep
+    from fusion_pass.kernels.predicate import evaluate_keep
+    from fusion_pass.kernels.spec import MaskSpec
 
     def f(x, am):
         n = x.shape[1]

@@ -8,6 +8,8 @@ asserted, and masks that depend on data in ways the predicate cannot express mus
 Block sparsity is compared with a brute-force classification of the dense mask's tiles.
 """
 
+import math
+
 import numpy as np
 import pytest
 import sympy
@@ -473,3 +475,54 @@ def test_block_sparsity_is_cheap_at_16k(monkeypatch):
 def test_sliding_window_helper():
     p = _structural(sliding_one_sided, _x(1, 10))
     assert sliding_window(p) == (-4, 0) and is_causal(p) is None
+
+
+_STEPS = {  # the three ways a keep-mask reaches the scores
+    "add": lambda s, keep: s + torch.where(keep, 0.0, MIN),
+    "masked_fill": lambda s, keep: s.masked_fill(~keep, MIN),
+    "where": lambda s, keep: torch.where(keep, s, MIN),
+}
+
+
+@pytest.mark.parametrize("step", sorted(_STEPS))
+def test_spec_carries_the_mask_classification(step):
+    """The pass's classification of the kept elements travels in the MaskSpec (kinds, band), so
+    kernels read it instead of re-deriving it; for a fill the mask marks what is replaced."""
+    import fusion_pass
+    from fusion_pass.kernels.spec import AttentionSpec
+
+    def f(q, k, v):
+        ar = torch.arange(q.shape[-2])
+        keep = (ar[None, :] <= ar[:, None]) & (ar[None, :] > ar[:, None] - 3)
+        return _STEPS[step]((q @ k.transpose(-1, -2)) * 0.25, keep).softmax(-1) @ v
+
+    q = torch.randn(1, 2, 16, 8)
+    ex = fusion_pass.explain(f, q, q, q)
+    specs = [s.spec for g in ex.graphs for s in g.sites if s.fused]
+    assert len(specs) == 1 and len(specs[0].masks) == 1, specs
+    m = specs[0].masks[0]
+    assert m.kinds == ("sliding_window",) and m.band_exprs() == (-2, 0), m
+    assert AttentionSpec.from_key(specs[0].to_key()) == specs[0]  # the key carries it
+
+
+def test_masks_read_as_tensors_renumber_every_operand():
+    """tensor_mask_spec drops the masks' data operands and appends the masks: steps, the
+    remaining masks' and biases' operands are renumbered by the one helper (spec.with_operands)."""
+    from fusion_pass.kernels import predicate
+    from fusion_pass.kernels.spec import AttentionSpec, BiasSpec, MaskSpec, ScoreOp
+
+    bb, jj, ii = sympy.symbols("b j i", integer=True, nonnegative=True)
+    d0 = sympy.Function("d0")
+    axes = ("b", "h", "i", "j")
+    m = MaskSpec(keep=sympy.srepr(sympy.Ne(d0(bb, jj), 0)), axes=axes, data=(0,), kind="additive",
+                 dtype="float32", masked=-math.inf)
+    bias = BiasSpec(x=1, y=sympy.srepr(jj - ii + d0(bb, jj)), axes=axes, y_data=(3,))
+    spec = AttentionSpec(
+        score_ops=(ScoreOp("add", "predicate", index=0), ScoreOp("add", "tensor", index=2),
+                   ScoreOp("add", "bias", index=0)),
+        captured=("data", "tensor", "tensor", "data"), masks=(m,), biases=(bias,))
+    t = predicate.tensor_mask_spec(spec)
+    assert predicate.tensor_mask_order(spec) == [1, 2, 3]
+    assert t.captured == ("tensor", "tensor", "data", "tensor") and t.masks == ()
+    assert [(op.operand, op.index) for op in t.score_ops] == [("tensor", 3), ("tensor", 1), ("bias", 0)]
+    assert (t.biases[0].x, t.biases[0].y_data) == (0, (2,))

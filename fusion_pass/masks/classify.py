@@ -151,3 +151,16 @@ def classify(keep) -> MaskClass:
     if not kinds:
         kinds.append("full")
     return MaskClass(tuple(kinds), (lo, hi), prefix, chunk, tuple(docs), tuple(pads), tuple(other))
+
+
+def carried(keep, invert: bool = False) -> dict:
+    """The classification a ``MaskSpec`` carries to the kernels (its ``kinds`` and ``band`` fields)
+    for ``keep``, the mask's expression as the kernels read it (sizes n0 .., data d0 ..);
+    ``invert``: the mask marks the elements a fill replaces, so the kept ones are ``not keep``."""
+    e = keep
+    if invert:
+        e = sympy.Not(e)
+        if isinstance(e, sympy.logic.boolalg.BooleanFunction):
+            e = e.to_nnf()
+    cl = classify(e)
+    return dict(kinds=cl.kinds, band=tuple(None if x is None else sympy.srepr(x) for x in cl.band))
