@@ -148,20 +148,36 @@ def _chain_arg(op: CanonicalOp) -> Tuple[int, ...]:
 
 
 def _leads_to_product(n, depth=0, single_use=True) -> bool:
-    """Does n reach a product upward through score-chain ops? With ``single_use`` every node on the
-    way must have one user (picks the score operand of ``bias + scores``-style commuted spellings
-    without guessing from shapes); without, it tells a missed attention from some other softmax."""
-    if not isinstance(n, fx.Node) or depth > MAX_CHAIN or (single_use and len(data_users(n)) != 1):
-        return False
-    op = view(n)
-    if op is None:
-        return False
-    if op.name in PRODUCTS:
-        return True
-    if op.name not in SCORE_OPS:
-        return False
-    return any(_leads_to_product(op.args[i], depth + 1, single_use)
-               for i in _chain_arg(op) if i < len(op.args))
+    """Does n reach a product upward through score-chain ops, within ``MAX_CHAIN - depth`` steps?
+    With ``single_use`` every node on the way must have one user (picks the score operand of
+    ``bias + scores``-style commuted spellings without guessing from shapes); without, it tells a
+    missed attention from some other softmax.
+
+    Breadth first, each node visited once: a node first reached at level d is at its shortest
+    distance, so later visits cannot find a product sooner, and ``s = s + s`` chains (two paths per
+    node) stay linear instead of 2^depth. Hand-written rather than networkx: the edges depend on each
+    node's canonical op and the walk stops early, so building an ``nx.DiGraph`` first would cost
+    more than the walk."""
+    frontier, seen = [n], set()
+    for _ in range(depth, MAX_CHAIN + 1):
+        nxt = []
+        for x in frontier:
+            if not isinstance(x, fx.Node) or x in seen:
+                continue
+            seen.add(x)
+            if single_use and len(data_users(x)) != 1:
+                continue
+            op = view(x)
+            if op is None:
+                continue
+            if op.name in PRODUCTS:
+                return True
+            if op.name in SCORE_OPS:
+                nxt.extend(op.args[i] for i in _chain_arg(op) if i < len(op.args))
+        if not nxt:
+            break
+        frontier = nxt
+    return False
 
 
 def match_site(softmax: fx.Node) -> Union[Region, NearMiss]:

@@ -270,3 +270,31 @@ def test_k_stored_transposed_on_aten_flash_path(nq):
     q = torch.randn(B * H, nq, D, requires_grad=True)
     kt = torch.randn(B * H, D, N, requires_grad=True)
     check_fused(f, q, kt, torch.randn(B * H, N, D, requires_grad=True))
+
+
+@pytest.mark.parametrize("product", [True, False], ids=["attention", "no-product"])
+def test_matcher_walk_on_doubling_chains_is_linear(monkeypatch, product):
+    """``s = s + s`` gives every score node two paths up; the matcher's walk visits each node once
+    (work counted as canonical reads, not time). Before it did, a chain with no product above it
+    cost 2^depth reads (196,646 at 16 doublings): 40 doublings would never finish."""
+    import torch.fx as fx
+
+    from fusion_pass import match
+
+    def f(q, k, v):
+        s = q @ k.transpose(-1, -2) if product else q * 0.5
+        for _ in range(40):
+            s = s + s
+        return s.softmax(-1) @ v
+
+    gm = fx.symbolic_trace(f)
+    softmax = next(n for n in gm.graph.nodes if n.target == "softmax")
+    reads = []
+    real = match.view
+    monkeypatch.setattr(match, "view", lambda n: reads.append(n) or real(n))
+    region = match.match_site(softmax)
+    if product:
+        assert region and len(region.score_chain) == 40, region
+    else:
+        assert not region and "no Q @ K^T product" in str(region), region
+    assert len(reads) <= 10 * 42 * 42, len(reads)  # quadratic in the chain at most, never 2^40
