@@ -29,6 +29,10 @@ class CanonicalOp:
 
 
 def _get(node: fx.Node, i: int, name: str, default=None):
+    # Not ``Node.normalized_arguments``: on Dynamo's graphs it returns None for methods
+    # (``x.masked_fill``, ``x.transpose``) and operators (``operator.mul``), and None or an error for
+    # overloaded torch functions without argument types (``torch.add``, ``torch.where``); measured on
+    # a traced attention, it normalised only ``F.softmax`` and ``F.dropout``.
     if len(node.args) > i:
         return node.args[i]
     return node.kwargs.get(name, default)
@@ -272,44 +276,118 @@ def _item(node: fx.Node):
     return CanonicalOp("item", (node.args[0],))
 
 
-# spelling -> reader. Functions and operators are keyed by object, methods by name.
-FUNCTIONS: Dict[Any, Callable] = {
-    torch.matmul: _matmul, operator.matmul: _matmul, torch.bmm: _matmul,
-    torch.mul: _binary("mul"), operator.mul: _binary("mul"), torch.multiply: _binary("mul"),
-    torch.div: _binary("div"), operator.truediv: _binary("div"), torch.true_divide: _binary("div"),
-    torch.divide: _binary("div"),
-    torch.add: _binary("add"), operator.add: _binary("add"),
-    torch.sub: _binary("sub"), operator.sub: _binary("sub"), torch.subtract: _binary("sub"),
-    torch.softmax: _softmax, F.softmax: _softmax,
-    F.dropout: _dropout, torch.dropout: _dropout,
-    torch.tanh: _unary("tanh"), F.tanh: _unary("tanh"),
-    torch.transpose: _transpose, torch.permute: _permute,
-    torch.masked_fill: _masked_fill, torch.where: _where,
-    torch.reshape: _reshape, torch.baddbmm: _baddbmm, torch.einsum: _einsum,
-    F.scaled_dot_product_attention: _sdpa,
-    **{getattr(torch, n): _fn(n) for n in _UNARY_FNS},
-    torch.special.erf: _fn("erf"), torch.special.expm1: _fn("expm1"), torch.special.log1p: _fn("log1p"),
-    F.sigmoid: _fn("sigmoid"), F.relu: _fn("relu"), F.silu: _fn("silu"), F.gelu: _gelu,
-    F.softplus: _fn("softplus", (("beta", 1.0), ("threshold", 20.0))),
-    F.leaky_relu: _fn("leaky_relu", (("negative_slope", 0.01),)),
-    operator.neg: _fn("neg"), operator.abs: _fn("abs"), torch.pow: _pow, operator.pow: _pow,
-    torch.clamp: _clamp(), torch.clip: _clamp(), torch.clamp_min: _clamp(which=("min",)),
-    torch.clamp_max: _clamp(which=("max",)),
+# One table of op spellings for the whole pass: canonical name -> how Dynamo's graph writes the op,
+# functions and operators by object, methods by name. The readers below and the mask interpreter's
+# handlers (``masks/handlers.py``) are both keyed from it; each stage reads the names it handles,
+# so a spelling added here reaches every stage that reads the op. A reflected method
+# (``x.__radd__(y)`` is ``y + x``) is listed only under an op that commutes, or as its own op.
+SPELLINGS: Dict[str, Tuple[Any, ...]] = {
+    # products
+    "matmul": (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__"),
+    "baddbmm": (torch.baddbmm, "baddbmm"),
+    "einsum": (torch.einsum,),
+    "sdpa": (F.scaled_dot_product_attention,),
+    # arithmetic
+    "add": (torch.add, operator.add, "add", "__add__", "__radd__"),
+    "sub": (torch.sub, operator.sub, torch.subtract, "sub", "subtract", "__sub__"),
+    "rsub": (torch.rsub, "__rsub__"),
+    "mul": (torch.mul, operator.mul, torch.multiply, "mul", "multiply", "__mul__", "__rmul__"),
+    "div": (torch.div, operator.truediv, torch.true_divide, torch.divide, "div", "divide", "true_divide"),
+    "floordiv": (operator.floordiv, torch.floor_divide, "floor_divide", "__floordiv__"),
+    "mod": (operator.mod, torch.remainder, "remainder", "__mod__"),
+    "maximum": (torch.maximum, "maximum"),
+    "minimum": (torch.minimum, "minimum"),
+    "pow": (torch.pow, operator.pow, "pow", "__pow__"),
+    # comparisons and logic
+    "lt": (operator.lt, torch.lt, torch.less, "lt", "less"),
+    "le": (operator.le, torch.le, "le", "less_equal"),
+    "gt": (operator.gt, torch.gt, torch.greater, "gt", "greater"),
+    "ge": (operator.ge, torch.ge, "ge", "greater_equal"),
+    "eq": (operator.eq, torch.eq, "eq"),
+    "ne": (operator.ne, torch.ne, "ne", "not_equal"),
+    "and": (operator.and_, torch.bitwise_and, "bitwise_and", "__and__"),
+    "or": (operator.or_, torch.bitwise_or, "bitwise_or", "__or__"),
+    "xor": (operator.xor, torch.bitwise_xor, "bitwise_xor", "__xor__"),
+    "logical_and": (torch.logical_and, "logical_and"),
+    "logical_or": (torch.logical_or, "logical_or"),
+    "logical_xor": (torch.logical_xor, "logical_xor"),
+    "not": (operator.invert, torch.bitwise_not, "bitwise_not", "__invert__"),
+    "logical_not": (torch.logical_not, "logical_not"),
+    # selection; the method x.where(c, y) is where(c, x, y): its own argument order
+    "where": (torch.where, "where"),
+    "masked_fill": (torch.masked_fill, "masked_fill"),
+    # softmax and dropout
+    "softmax": (torch.softmax, F.softmax, "softmax"),
+    "dropout": (F.dropout, torch.dropout),
+    # dtypes and layouts
+    "cast": ("to", "float", "half", "bfloat16", "double", "type_as", "type", "bool", "int", "long"),
+    "contiguous": ("contiguous",),
+    "clone": ("clone", torch.clone),
+    "detach": ("detach", torch.detach),
+    "reshape": (torch.reshape, "view", "reshape"),
+    "squeeze": (torch.squeeze, "squeeze"),
+    "unsqueeze": (torch.unsqueeze, "unsqueeze"),
+    "expand": ("expand", "expand_as", "broadcast_to", torch.broadcast_to),
+    "transpose": (torch.transpose, "transpose"),
+    "permute": (torch.permute, "permute"),
+    "t": (torch.t, "t"),
+    "getitem": (operator.getitem,),
+    "item": ("item",),
+    # constructors
+    "arange": (torch.arange,),
+    "ones": (torch.ones, "new_ones", torch.ones_like),
+    "zeros": (torch.zeros, "new_zeros", torch.zeros_like),
+    "full": (torch.full, "new_full", torch.full_like),
+    "tensor": (torch.tensor, torch.scalar_tensor),
+    "tril": (torch.tril, "tril"),
+    "triu": (torch.triu, "triu"),
+    # pointwise functions of the score (``kernels/pointwise.py``)
+    **{n: (getattr(torch, n), n) for n in _UNARY_FNS},
+    "neg": (operator.neg, torch.neg, "neg", "__neg__"),
+    "abs": (operator.abs, abs, torch.abs, "abs", "__abs__"),
+    "tanh": (torch.tanh, F.tanh, "tanh"),
+    "erf": (torch.erf, torch.special.erf, "erf"),
+    "expm1": (torch.expm1, torch.special.expm1, "expm1"),
+    "log1p": (torch.log1p, torch.special.log1p, "log1p"),
+    "sigmoid": (torch.sigmoid, F.sigmoid, "sigmoid"),
+    "relu": (torch.relu, F.relu, "relu"),
+    "silu": (F.silu,),
+    "gelu": (F.gelu,),
+    "softplus": (F.softplus,),
+    "leaky_relu": (F.leaky_relu,),
+    "clamp": (torch.clamp, torch.clip, "clamp", "clip"),
+    "clamp_min": (torch.clamp_min, "clamp_min"),
+    "clamp_max": (torch.clamp_max, "clamp_max"),
 }
-METHODS: Dict[str, Callable] = {
-    "matmul": _matmul, "bmm": _matmul, "__matmul__": _matmul,
-    "mul": _binary("mul"), "multiply": _binary("mul"), "div": _binary("div"), "divide": _binary("div"),
-    "true_divide": _binary("div"), "add": _binary("add"), "sub": _binary("sub"),
-    "softmax": _softmax, "tanh": _unary("tanh"),
-    "to": _cast_method, "float": _cast_method, "half": _cast_method, "bfloat16": _cast_method,
-    "double": _cast_method, "type_as": _cast_method, "type": _cast_method,
-    "transpose": _transpose, "permute": _permute, "masked_fill": _masked_fill,
-    "contiguous": _noise, "clone": _noise, "item": _item,
-    "view": _reshape, "reshape": _reshape, "baddbmm": _baddbmm,
-    **{n: _fn(n) for n in _UNARY_FNS}, "pow": _pow, "__pow__": _pow,
-    "clamp": _clamp(), "clip": _clamp(), "clamp_min": _clamp(which=("min",)),
-    "clamp_max": _clamp(which=("max",)), "__neg__": _fn("neg"), "__abs__": _fn("abs"),
+
+
+def spelling_table(readers: Dict[str, Callable]) -> Tuple[Dict[Any, Callable], Dict[str, Callable]]:
+    """(functions and operators by object, methods by name) -> reader, for the canonical names in
+    ``readers``, from ``SPELLINGS``."""
+    functions: Dict[Any, Callable] = {}
+    methods: Dict[str, Callable] = {}
+    for name, reader in readers.items():
+        for sp in SPELLINGS[name]:
+            (methods if isinstance(sp, str) else functions)[sp] = reader
+    return functions, methods
+
+
+# canonical name -> reader
+READERS: Dict[str, Callable] = {
+    "matmul": _matmul, "baddbmm": _baddbmm, "einsum": _einsum, "sdpa": _sdpa,
+    "add": _binary("add"), "sub": _binary("sub"), "mul": _binary("mul"), "div": _binary("div"),
+    "softmax": _softmax, "dropout": _dropout, "tanh": _unary("tanh"),
+    "cast": _cast_method, "contiguous": _noise, "clone": _noise, "item": _item,
+    "transpose": _transpose, "permute": _permute, "masked_fill": _masked_fill, "reshape": _reshape,
+    **{n: _fn(n) for n in _UNARY_FNS + ("erf", "expm1", "log1p", "sigmoid", "relu", "silu")},
+    "gelu": _gelu,
+    "softplus": _fn("softplus", (("beta", 1.0), ("threshold", 20.0))),
+    "leaky_relu": _fn("leaky_relu", (("negative_slope", 0.01),)),
+    "pow": _pow, "clamp": _clamp(), "clamp_min": _clamp(which=("min",)), "clamp_max": _clamp(which=("max",)),
 }
+FUNCTIONS, METHODS = spelling_table(READERS)
+# torch.where(c, x, y) only: the method's argument order differs, and no score chain spells it
+FUNCTIONS[torch.where] = _where
 
 
 def view(node: Any) -> Optional[CanonicalOp]:

@@ -8,20 +8,20 @@ its ``arg``/``sym`` read operands), the node and its example value, and returns 
 from __future__ import annotations
 
 import math
-import operator
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import sympy
 import torch
 import torch.fx as fx
 
-from ..canonicalize import value
+from ..canonicalize import spelling_table, value
 from .symbols import _P, _same, _symexpr
 from .values import (_INT_DTYPES, _V, _add_entry, _as_bool, _cast_value, _shift, _Stop, _subs,
                      _table, _table_map)
 
 if TYPE_CHECKING:  # annotations only: the interpreter imports this table
     from .interpret import _Interp
+
 
 def _out_dtype(v):
     return v.dtype
@@ -416,52 +416,22 @@ def _advanced(it, n, v, A, sv, idx):
     return _V(A.kind, _subs(A, mp).expr, A.dtype, v.dim())
 
 
-_HANDLERS: Dict[Any, Any] = {}
+# canonical name (``canonicalize.SPELLINGS``, the pass's one table of spellings) -> handler
+HANDLERS_BY_NAME: Dict[str, Any] = {
+    **{op: _binary(op) for op in ("add", "sub", "rsub", "mul", "div", "floordiv", "mod", "maximum", "minimum",
+                                  "lt", "le", "gt", "ge", "eq", "ne", "and", "or", "xor", "logical_and",
+                                  "logical_or", "logical_xor")},
+    **{op: _unary(op) for op in ("not", "logical_not", "neg", "abs")},
+    "cast": _cast, "contiguous": _identity, "clone": _identity, "detach": _identity,
+    "where": _where, "masked_fill": _where,
+    "arange": _arange, "ones": _const(None, 1), "zeros": _const(None, 0), "full": _const(1, None),
+    "tensor": _tensor_literal, "tril": _tri(True), "triu": _tri(False),
+    "unsqueeze": _unsqueeze, "reshape": _view, "squeeze": _view, "expand": _expand,
+    "transpose": _transpose, "permute": _transpose, "t": _transpose, "getitem": _getitem,
+}
+_functions, _methods = spelling_table(HANDLERS_BY_NAME)
+_HANDLERS: Dict[Any, Any] = {**_functions, **_methods}
 
-
-def _reg(handler, *keys):
-    for k in keys:
-        _HANDLERS[k] = handler
-
-
-for _op, _keys in {
-    "add": (operator.add, torch.add, "add", "__add__", "__radd__"),
-    "sub": (operator.sub, torch.sub, torch.subtract, "sub", "__sub__"),
-    "rsub": (torch.rsub, "__rsub__"),
-    "mul": (operator.mul, torch.mul, torch.multiply, "mul", "__mul__", "__rmul__"),
-    "div": (operator.truediv, torch.div, torch.true_divide, torch.divide, "div", "true_divide", "divide"),
-    "floordiv": (operator.floordiv, torch.floor_divide, "floor_divide", "__floordiv__"),
-    "mod": (operator.mod, torch.remainder, "remainder", "__mod__"),
-    "maximum": (torch.maximum, "maximum"), "minimum": (torch.minimum, "minimum"),
-    "lt": (operator.lt, torch.lt, torch.less, "lt", "less"), "le": (operator.le, torch.le, "le", "less_equal"),
-    "gt": (operator.gt, torch.gt, torch.greater, "gt", "greater"), "ge": (operator.ge, torch.ge, "ge", "greater_equal"),
-    "eq": (operator.eq, torch.eq, "eq"), "ne": (operator.ne, torch.ne, "ne", "not_equal"),
-    "and": (operator.and_, torch.bitwise_and, "bitwise_and", "__and__"),
-    "or": (operator.or_, torch.bitwise_or, "bitwise_or", "__or__"),
-    "xor": (operator.xor, torch.bitwise_xor, "bitwise_xor", "__xor__"),
-    "logical_and": (torch.logical_and, "logical_and"), "logical_or": (torch.logical_or, "logical_or"),
-    "logical_xor": (torch.logical_xor, "logical_xor"),
-}.items():
-    _reg(_binary(_op), *_keys)
-_reg(_unary("not"), operator.invert, torch.bitwise_not, "bitwise_not", "__invert__")
-_reg(_unary("logical_not"), torch.logical_not, "logical_not")
-_reg(_unary("neg"), operator.neg, torch.neg, "neg", "__neg__")
-_reg(_unary("abs"), torch.abs, abs, "abs")
-_reg(_cast, "to", "bool", "int", "long", "float", "half", "double", "bfloat16", "type", "type_as")
-_reg(_identity, "contiguous", "clone", "detach", torch.clone, torch.detach)
-_reg(_where, torch.where, "where", torch.masked_fill, "masked_fill")
-_reg(_arange, torch.arange)
-_reg(_const(None, 1), torch.ones, "new_ones", torch.ones_like)
-_reg(_const(None, 0), torch.zeros, "new_zeros", torch.zeros_like)
-_reg(_const(1, None), torch.full, "new_full", torch.full_like)
-_reg(_tensor_literal, torch.tensor, torch.scalar_tensor)
-_reg(_tri(True), torch.tril, "tril")
-_reg(_tri(False), torch.triu, "triu")
-_reg(_unsqueeze, torch.unsqueeze, "unsqueeze")
-_reg(_view, "view", "reshape", torch.reshape, "squeeze", torch.squeeze)
-_reg(_expand, "expand", "expand_as", "broadcast_to", torch.broadcast_to)
-_reg(_transpose, "transpose", torch.transpose, "permute", torch.permute, "t", torch.t)
-_reg(_getitem, operator.getitem)
 
 def _lookup(target):
     try:
