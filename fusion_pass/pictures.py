@@ -123,6 +123,10 @@ _NODE = re.compile(r'^\s*"([^"]+)" \[(.*)\];$')
 _EDGE = re.compile(r'^\s*"([^"]+)" -> "([^"]+)";$')
 
 
+# Not ``torch.fx.passes.graph_drawer.FxGraphDrawer``: it draws a whole GraphModule through pydot,
+# which is no dependency (and not installed on the CPU machines we test on), while a region picture
+# is a handful of nodes and their inputs, before and after, in two clusters of one graph; the text
+# below is plain graphviz that ``dot`` or the matplotlib fallback renders.
 def before_after_dot(title: str, before: str, after: str) -> str:
     """One graphviz graph of two clusters from two ``region_dot`` texts: the region before the
     rewrite and what replaced it (node ids prefixed, so q, k, v appear in both)."""

@@ -22,6 +22,10 @@ def _imul(x, y):
     return 0 if x == 0 or y == 0 else x * y
 
 
+# Not ``torch.utils._sympy.value_ranges.bound_sympy``: it gives the same bounds on the interpreter's
+# forms (floor, Mod, Abs, Max/Min, Piecewise, powers; checked on the test cases) but took 4.5x as long
+# per expression (720 vs 160 us, measured 2026-12), has no ranges for data atoms (``d_x(b, j)`` is
+# bounded by its dtype here), and answers (-oo, oo) where this says None (not bounded here).
 def _bounds(e, lookup, memo=None):
     """(lo, hi) (Python ints or +-inf) containing every value of integer expression ``e`` when each
     symbol and data function ranges over ``lookup(atom)``; None when ``e`` has a form not bounded
@@ -88,6 +92,10 @@ def _bounds(e, lookup, memo=None):
     memo[e] = out
     return out
 
+# Not ``sympy.lambdify``: its numpy printer writes floor(a / b) as numpy.floor of a float division
+# (inexact past 2**53, where exact integers are the point) and has no reading of data atoms as
+# array lookups; the per-tile interval evaluation below (``_iv``/``_tri_iv``) runs over arrays of
+# tiles at once, which ``bound_sympy`` (one box at a time) cannot.
 def _eval(e, env, arrays):
     """e evaluated on numpy integer grids (env: symbol -> array), data functions on arrays."""
     if e is sympy.true or e is sympy.false:
