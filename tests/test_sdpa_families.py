@@ -188,3 +188,34 @@ def test_generate_with_default_attention_gives_uncompiled_tokens(name, cache):
         assert same and err < 1e-4, (
             f"tokens {'equal to' if same else 'differ from'} the uncompiled model's, logits differ "
             f"by {err:.2g} (relative):\n{run.sequences}\n{want.sequences}")
+
+
+# ---- what transformers hands SDPA without padding (issue 14: take a site only when it gains) --------
+
+def test_without_padding_transformers_passes_is_causal_and_the_site_is_kept(monkeypatch):
+    """No attention_mask: transformers 5.24 calls SDPA with ``is_causal=True`` and no mask, the call
+    SDPA already runs on its best kernel: kept, not taken. An all-ones mask (what a tokenizer
+    returns) cannot be seen to be all ones while tracing, so transformers builds the causal +
+    padding mask: proven a predicate and taken (the kernels read the (B, N) padding, not the mask)."""
+    model, inputs = _build_default("llama-gqa", monkeypatch)
+    model.eval()
+    with torch.no_grad():
+        expl = fusion_pass.explain(model, input_ids=inputs["input_ids"])
+        assert _statuses(expl) == (0, 2, []), str(expl)
+        assert all("is_causal alone" in str(s) for s in expl.sites), str(expl)
+        ones = torch.ones_like(inputs["attention_mask"])
+        expl = fusion_pass.explain(model, input_ids=inputs["input_ids"], attention_mask=ones)
+        assert _statuses(expl) == (2, 0, []), str(expl)
+        assert all("(j <= i)" in str(s) for s in expl.fused), str(expl)
+
+
+def test_encoders_without_mask_and_causal_decoders_are_kept_with_their_reason(monkeypatch):
+    """Whisper (no padding mask): the encoder's and the cross-attention's calls have no mask, the
+    decoder's self-attention is_causal alone; ViT has no mask. Each kept, saying why."""
+    for name, reasons in (("whisper", {"no mask": 4, "is_causal alone": 2}), ("vit", {"no mask": 2})):
+        model, inputs = _build_default(name, monkeypatch)
+        with torch.no_grad():
+            expl = fusion_pass.explain(model.eval(), **inputs)
+        assert _statuses(expl)[2] == [] and not expl.fused, str(expl)
+        got = {r: sum(r in str(s) for s in expl.sites) for r in reasons}
+        assert got == reasons, str(expl)
