@@ -292,6 +292,27 @@ def _data_keep(m, fill: bool, captured, nq: int, nk: int) -> Optional[torch.Tens
     return t != 0 if nonzero else t == 0
 
 
+def mask_form(spec: AttentionSpec, p: Plan) -> Optional[str]:
+    """How ATen's kernel takes the plan's mask, in words (the report's); None: it never can (a
+    predicate depending on both i and j beyond j <= i, e.g. a sliding window). Static."""
+    if p.mask_index is None:
+        return ""
+    if p.mask_kind.startswith("pred_"):
+        m = spec.masks[p.mask_index]
+        fill = p.mask_kind == "pred_fill"
+        causal, rest = _split_causal(m, fill)
+        if rest is None:
+            return ("is_causal when the call's data matrix is exactly j <= i (checked per call)"
+                    if _data_matrix(m, fill) is not None else None)
+        if rest.keep == _TRUE:
+            return "is_causal" if causal else ""
+        return ("is_causal and " if causal else "") + \
+            f"a mask of the part that depends on one index ({rest.text}), built per call"
+    if p.mask_kind == "add":
+        return "the mask tensor as attn_mask" + (", and is_causal (proven)" if spec.causal else "")
+    return "is_causal when the call's mask is exactly j <= i (checked per call), else a -inf mask"
+
+
 def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
     """((attn_mask, is_causal), has_empty_rows) for a predicate mask, or None when ATen's kernel
     cannot take it without an N x N tensor. keep = (j <= i) & rest: the causal part becomes

@@ -32,7 +32,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, cpu_flash, predicate, removal
+from . import cpu, cpu_flash, predicate, select
 from .dropout import new_seed
 from .spec import AttentionSpec, to_dtype
 
@@ -191,11 +191,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
     if _use_triton(q, k, v, ts):
         from . import triton_attention
         out, lse = triton_attention.forward(q, k, v, tcaptured, ts, int(seed.item()))
-    elif (got := _flash_forward(s, q, k, v, captured)) is not None:
-        out, lse = got
     else:
-        out, lse = cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
+        cands = {}
+        if "aten_flash" in select.route(s).cpu and q.device.type == "cpu":
+            cands["aten_flash"] = lambda: _flash_forward(s, q, k, v, captured)
+        cands["tiled"] = lambda: cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
+        _, (out, lse) = select.pick(_choice_key("fwd", spec, q, k, cands), cands, q, k)
     return _in_out_layout(out, q), lse.contiguous(), seed
+
+
+def _choice_key(direction: str, spec: str, q, k, cands) -> str:
+    return select.shape_key(direction, spec, q, k) if len(cands) > 1 else ""
 
 
 def _flash_forward(s: AttentionSpec, q, k, v, captured):
@@ -227,16 +233,26 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
     if _use_triton(q, k, v, ts):
         dq, dk, dv, dcap = _triton_backward(grad_out, q, k, v, captured, out, lse, s, ts, tcaptured,
                                             origin, int(seed.item()), needs_grad)
-    elif not any(needs_grad) and (fast := cpu_flash.usable(s, q, k, v, captured, grad_out)) is not None \
-            and cpu_flash.rows_ok(fast, lse, k.shape[-2], backward=True):
-        dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, fast.scale, fast.mask, fast.causal)
-        dcap = []
     else:
-        dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
-                                                  int(seed.item()), needs_grad)
+        cands = {}
+        if "aten_flash" in select.route(s).cpu and q.device.type == "cpu" and not any(needs_grad):
+            cands["aten_flash"] = lambda: _flash_backward(s, grad_out, q, k, v, captured, out, lse)
+        cands["tiled"] = lambda: cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
+                                                        int(seed.item()), needs_grad)
+        _, (dq, dk, dv, dcap) = select.pick(_choice_key("bwd", spec, q, k, cands), cands, q, k)
     # the fake promises a layout; keep that promise whatever the path returned
     return (_in_grad_layout(dq), _in_grad_layout(dk), _in_grad_layout(dv),
             [g.contiguous() for g in dcap if g is not None])
+
+
+def _flash_backward(s: AttentionSpec, grad_out, q, k, v, captured, out, lse):
+    """ATen's flash backward when it computes this call exactly (``cpu_flash.usable`` with dO, the
+    forward's lse checked by ``cpu_flash.rows_ok``); None: the tiled backward computes it."""
+    fast = cpu_flash.usable(s, q, k, v, captured, grad_out)
+    if fast is None or not cpu_flash.rows_ok(fast, lse, k.shape[-2], backward=True):
+        return None
+    dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, fast.scale, fast.mask, fast.causal)
+    return dq, dk, dv, []
 
 
 @attention_backward.register_fake
@@ -330,29 +346,9 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 
 
 def kernel_summary(spec: AttentionSpec) -> str:
-    """Which kernels a spec runs on, in words, for the report."""
-    p = cpu_flash.plan(spec)
-    causal = removal.causal_removal(spec) is not None
-    skips = removal.skip_removal(spec) is not None
-    if p is not None and p.mask_kind.startswith("pred_"):
-        cpu_kind = ("ATen flash kernel when the mask is causal and/or depends on only one of i, j "
-                    "(is_causal plus a (B, 1, 1, Nk)-sized mask built from the predicate); "
-                    "otherwise, and for rows with no key, the tiled implementation")
-    elif p is not None:
-        cpu_kind = ("ATen flash kernel" + (", skipping tiles above the diagonal (is_causal)" if causal else "")
-                    + " (tiled implementation for rows with no key, for inputs that are not finite "
-                      "and for bias gradients)")
-    else:
-        cpu_kind = "tiled implementation"
-    if skips:
-        cpu_kind += "; the tiled implementation skips the keys no row of a query block keeps"
-    rule = removal.describe(spec)
-    rule = f"; {rule}" if rule else ""
-    if spec.biases:
-        return (f"tiled implementation on every device, computing the bias from the indices per tile "
-                f"(no Triton kernel takes biases yet)"
-                f"{'; it skips the keys no row of a query block keeps' if skips else ''}{rule}")
-    return f"CUDA: generated Triton kernels; CPU: {cpu_kind}{rule}"
+    """Which kernels a spec runs on, in words, for the report: the one routing (``select.route``),
+    with the choices measured for it so far."""
+    return select.route(spec).describe(spec.to_key())
 
 
 def fused_attention(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor],

@@ -293,3 +293,87 @@ def test_output_follows_q_layout_without_copies():
     out = spec_out(q, q, q, [], AttentionSpec().to_key())[0]
     assert out.stride() == (256 * 64, 16, 64, 1), out.stride()
     assert spec_out(q.contiguous(), q, q, [], AttentionSpec().to_key())[0].is_contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Item 2: one routing (select.route) and the measured choice (select.pick)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def choices(tmp_path, monkeypatch):
+    from fusion_pass.kernels import select
+    monkeypatch.setenv("FUSION_PASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(select, "MEASURE_MIN_ELEMENTS", 0)
+    select.CHOICES.clear()
+    yield select
+    select.CHOICES.clear()
+
+
+def _causal_spec():
+    from fusion_pass.kernels import AttentionSpec, ScoreOp
+    from fusion_pass.kernels.predicate import MaskSpec
+    import sympy
+    i, j = sympy.symbols("i j", integer=True)
+    m = MaskSpec(keep=sympy.srepr(j <= i), axes=("b", "h", "i", "j"), text="j <= i")
+    return AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25),
+                                    ScoreOp("fill_not", "predicate", -math.inf, 0)), masks=(m,))
+
+
+def test_first_call_measures_both_then_runs_the_choice(choices):
+    from fusion_pass.kernels import fused_attention
+    spec = _causal_spec()
+    q, k, v = _qkv(nq=64, nk=64)
+    ref = fused_attention(q, k, v, [], spec)
+    key = choices.shape_key("fwd", spec.to_key(), q, k)
+    entry = choices.CHOICES.get(key)
+    assert entry is not None and set(entry["ms"]) == {"aten_flash", "tiled"}, entry
+    assert key in choices.cache_path().read_text()  # on disk, with the sources' hash
+    # later calls: the cached choice only (one kernel ran)
+    _, _, kernels = profile_call(lambda: fused_attention(q, k, v, [], spec), kernels=True)
+    assert kernels in ("fwd: ATen flash is_causal x1", "fwd: tiled x1"), kernels
+    # a cached "tiled" is obeyed (a new process reads it from disk), same result
+    choices.CHOICES.put(key, {"kernel": "tiled", "ms": {"aten_flash": 2.0, "tiled": 1.0}})
+    choices.CHOICES.mem.clear()
+    choices.CHOICES.loaded = False
+    box = {}
+    _, _, kernels = profile_call(lambda: box.setdefault("o", fused_attention(q, k, v, [], spec)),
+                                 kernels=True)
+    assert kernels == "fwd: tiled x1", kernels
+    torch.testing.assert_close(box["o"], ref)
+    from fusion_pass.kernels.ops import kernel_summary
+    assert "measured: fwd" in kernel_summary(spec) and "tiled 1 ms" in kernel_summary(spec)
+
+
+def test_measuring_off_uses_the_static_order(choices, monkeypatch):
+    from fusion_pass.kernels import fused_attention
+    monkeypatch.setenv("FUSION_PASS_MEASURE", "0")
+    spec = _causal_spec()
+    q, k, v = _qkv(nq=64, nk=64)
+    _, _, kernels = profile_call(lambda: fused_attention(q, k, v, [], spec), kernels=True)
+    assert kernels == "fwd: ATen flash is_causal x1"
+    assert not choices.CHOICES.mem and not choices.cache_path().exists()
+
+
+def test_a_stale_cache_is_ignored(choices):
+    """Choices measured for other kernel sources (or another torch) are not used."""
+    import json
+    path = choices.cache_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"sources": "old", "choices": {"x": {"kernel": "tiled", "ms": {}}}}))
+    assert choices.CHOICES.get("x") is None
+
+
+def test_route_is_the_one_routing():
+    """A sliding window never maps onto ATen's kernel: the route says so and the op does not even
+    run its checks; GPT-2's buffer does, per call."""
+    from fusion_pass.kernels import select
+    spec = _causal_spec()
+    assert select.route(spec).cpu == ("aten_flash", "tiled")
+    import sympy
+    from fusion_pass.kernels.predicate import MaskSpec
+    i, j = sympy.symbols("i j", integer=True)
+    win = MaskSpec(keep=sympy.srepr(sympy.And(j <= i, j > i - 8)), axes=("b", "h", "i", "j"))
+    import dataclasses
+    wspec = dataclasses.replace(spec, masks=(win,))
+    assert select.route(wspec).cpu == ("tiled",)
+    assert "CPU: tiled implementation" in select.route(wspec).describe()

@@ -1,0 +1,261 @@
+"""Which kernel runs a spec: the candidates that compute it exactly, and the choice among them.
+
+One definition of the routing (STYLE 13): ``ops.attention`` and ``ops.attention_backward``
+dispatch through ``route(spec)`` and ``pick``, and the report prints ``route(spec).describe()``
+(with any choices measured so far). Kernels:
+
+* ``triton``: the generated Triton kernels (CUDA; ``triton_attention.supports`` decides per call);
+* ``aten_flash``: ATen's CPU flash kernel, for specs whose normalised form is its function
+  (``cpu_flash.plan``), per call only where ``cpu_flash.usable`` / ``rows_ok`` prove it exact;
+* ``tiled``: the tiled implementation (``cpu.py``), every spec on every device.
+
+**Measured choice.** Where more than one kernel is exact for a call, the first call of a
+(spec, shape bucket, dtype, device, direction) runs each candidate once on the call's own inputs,
+keeps the faster, and caches the choice in memory and on disk (``cache_path()``: a small JSON under
+``$FUSION_PASS_CACHE_DIR``, else ``$TORCHINDUCTOR_CACHE_DIR/fusion_pass``, else
+``~/.cache/fusion_pass``), keyed with a hash of the kernels' sources and the torch version, so an
+edited kernel is measured again. Measuring costs one run of the losing candidate, on the first call
+only (its result is the winner's run, not recomputed); later calls look the choice up in a dict.
+Small problems (``MEASURE_MIN_ELEMENTS``) and ``FUSION_PASS_MEASURE=0`` use the static preference
+order instead (``aten_flash`` before ``tiled``: 2-3x faster wherever both ran, RESULTS.md).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import cpu_flash, removal
+from .spec import AttentionSpec
+
+# below this many score elements per (batch, head) (Nq * Nk) a choice is not worth a measurement
+# and the static order applies: the checks and Python around either kernel dominate there
+MEASURE_MIN_ELEMENTS = 1 << 20
+# the measured winner replaces the static first choice only when clearly faster (a shared machine
+# makes one timing noisy; a wrong choice would be cached)
+MARGIN = 0.85
+
+NAMES = {"triton": "generated Triton kernels", "aten_flash": "ATen flash kernel",
+         "tiled": "tiled implementation"}
+
+
+@dataclass(frozen=True)
+class Route:
+    """A spec's candidates per device, in static preference order, and ATen's plan for it."""
+
+    cpu: Tuple[str, ...]
+    cuda: Tuple[str, ...]
+    plan: Optional[cpu_flash.Plan]
+    causal_skip: bool      # the tiled path may skip keys j > i (removal rule, per call and row)
+    span_skip: bool        # the tiled path skips the keys no row of a query block keeps
+    rule: str              # the removal rule in words ("" when nothing is skipped)
+    biases: bool
+    form: str = ""         # how ATen's kernel takes the mask (cpu_flash.mask_form)
+
+    def describe(self, spec_key: Optional[str] = None) -> str:
+        """The routing in words, for the report (with the choices measured so far for the spec)."""
+        p = self.plan
+        if p is None:
+            cpu = "tiled implementation"
+        else:
+            how = [self.form] if self.form else []
+            if p.finite_fill:
+                how.append(f"the fill {p.fill!r} dropped only where the removal rule proves it exact")
+            cpu = ("ATen flash kernel" + (f" ({'; '.join(how)})" if how else "")
+                   + "; the tiled implementation for calls it does not compute exactly (rows with no "
+                     "key, inputs or scores that are not finite, rows failing the removal rule, "
+                     "bias gradients)")
+            if len(self.cpu) > 1:
+                cpu += ("; where both are exact the faster is measured once per shape bucket "
+                        "and cached")
+        if self.span_skip:
+            cpu += "; the tiled implementation skips the keys no row of a query block keeps"
+        rule = f"; {self.rule}" if self.rule else ""
+        measured = describe_choices(spec_key) if spec_key else ""
+        measured = f"; measured: {measured}" if measured else ""
+        if self.biases:
+            return (f"tiled implementation on every device, computing the bias from the indices per "
+                    f"tile (no Triton kernel takes biases yet)"
+                    f"{'; it skips the keys no row of a query block keeps' if self.span_skip else ''}"
+                    f"{rule}{measured}")
+        return f"CUDA: generated Triton kernels; CPU: {cpu}{rule}{measured}"
+
+
+@functools.lru_cache(maxsize=None)
+def route(spec: AttentionSpec) -> Route:
+    p = cpu_flash.plan(spec)
+    form = cpu_flash.mask_form(spec, p) if p is not None else None
+    if form is None:
+        p = None
+    cpu = ("aten_flash", "tiled") if p is not None else ("tiled",)
+    cuda = ("tiled",) if spec.biases else ("triton", "tiled")
+    return Route(cpu, cuda, p, removal.causal_removal(spec) is not None,
+                 removal.skip_removal(spec) is not None, removal.describe(spec), bool(spec.biases),
+                 form or "")
+
+
+@functools.lru_cache(maxsize=64)
+def route_of_key(key: str) -> Route:
+    return route(AttentionSpec.from_key(key))
+
+
+# ---------------------------------------------------------------------------------------------
+# The measured choice
+# ---------------------------------------------------------------------------------------------
+
+def measuring() -> bool:
+    return os.environ.get("FUSION_PASS_MEASURE", "1") not in ("0", "false", "False", "off")
+
+
+def cache_path() -> Path:
+    root = os.environ.get("FUSION_PASS_CACHE_DIR")
+    if root:
+        return Path(root) / "kernel_choices.json"
+    inductor = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    base = Path(inductor) / "fusion_pass" if inductor else Path.home() / ".cache" / "fusion_pass"
+    return base / "kernel_choices.json"
+
+
+@functools.lru_cache(maxsize=None)
+def sources_hash() -> str:
+    """The kernels' sources and the torch version: a choice measured for other code is void."""
+    h = hashlib.sha256(torch.__version__.encode())
+    here = Path(__file__).resolve().parent
+    for name in ("cpu.py", "cpu_flash.py", "removal.py", "select.py"):
+        h.update((here / name).read_bytes())
+    h.update(str(torch.get_num_threads()).encode())
+    return h.hexdigest()[:16]
+
+
+def _bucket(n: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
+
+
+def shape_key(direction: str, spec_key: str, q: torch.Tensor, k: torch.Tensor) -> str:
+    """(direction, spec, bucketed sizes, dtype, device, layout) as one string."""
+    spec_hash = hashlib.sha256(spec_key.encode()).hexdigest()[:16]
+    batch = math.prod(q.shape[:-2])
+    heads_major = q.dim() >= 4 and q.stride(-3) < q.stride(-2)
+    return (f"{direction}|{spec_hash}|bh{_bucket(batch)}|q{_bucket(q.shape[-2])}|k{_bucket(k.shape[-2])}"
+            f"|d{q.shape[-1]}|{q.dtype}|{q.device.type}|{'hm' if heads_major else 'c'}")
+
+
+class _Choices:
+    """The cached choices: {shape_key: {"kernel": name, "ms": {name: ms}}}, read from disk once."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.mem: Dict[str, dict] = {}
+        self.loaded = False
+
+    def _load(self):
+        if self.loaded:
+            return
+        self.loaded = True
+        try:
+            data = json.loads(cache_path().read_text())
+        except (OSError, ValueError):
+            return
+        if data.get("sources") == sources_hash():
+            self.mem.update(data.get("choices", {}))
+
+    def get(self, key: str) -> Optional[dict]:
+        with self.lock:
+            self._load()
+            return self.mem.get(key)
+
+    def put(self, key: str, value: dict) -> None:
+        with self.lock:
+            self._load()
+            self.mem[key] = value
+            path = cache_path()
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                tmp.write_text(json.dumps({"sources": sources_hash(), "choices": self.mem}, indent=1,
+                                          sort_keys=True))
+                os.replace(tmp, path)
+            except OSError:
+                pass  # a read-only home: the choice still holds for this process
+
+    def clear(self) -> None:
+        with self.lock:
+            self.mem.clear()
+            self.loaded = False
+
+
+CHOICES = _Choices()
+
+
+def pick(key: str, candidates: Dict[str, Callable[[], object]], q: torch.Tensor,
+         k: torch.Tensor) -> Tuple[str, object]:
+    """(name, result) of the candidate to use: ``candidates`` maps names, in static preference
+    order, to thunks that run the kernel on this call and return its result, or None where it
+    turned out not to compute this call exactly (then the next one runs). With one candidate, a
+    small problem or measuring off: the first that returns a result. Otherwise the cached choice
+    for ``key``, or, on the first call of the key, each candidate timed once: the faster (by
+    ``MARGIN`` against the first) is cached and its result returned, with no rerun."""
+    names = list(candidates)
+    small = q.shape[-2] * k.shape[-2] < MEASURE_MIN_ELEMENTS
+    if len(names) > 1 and not small and measuring():
+        chosen = CHOICES.get(key)
+        if chosen is None:
+            return _measure(key, candidates)
+        if chosen["kernel"] in candidates:
+            names.remove(chosen["kernel"])
+            names.insert(0, chosen["kernel"])
+    for name in names:
+        got = candidates[name]()
+        if got is not None:
+            return name, got
+    raise RuntimeError("no kernel computed this call")  # the last candidate (tiled) always does
+
+
+def _measure(key, candidates):
+    times, results = {}, {}
+    for name, run in candidates.items():
+        t = time.perf_counter()
+        got = run()
+        times[name] = (time.perf_counter() - t) * 1e3
+        if got is None:
+            break  # not exact for this call: nothing to compare (no choice cached)
+        results[name] = got
+    else:
+        first = next(iter(candidates))
+        best = min(times, key=times.get)
+        if best != first and times[best] > MARGIN * times[first]:
+            best = first
+        CHOICES.put(key, {"kernel": best, "ms": {n: round(t, 3) for n, t in times.items()}})
+        return best, results[best]
+    names = list(candidates)
+    if results:
+        return names[0], results[names[0]]
+    for name in names[names.index(next(iter(times.keys() - results.keys()))) + 1:]:
+        got = candidates[name]()
+        if got is not None:
+            return name, got
+    raise RuntimeError("no kernel computed this call")
+
+
+def describe_choices(spec_key: str) -> str:
+    """The choices measured for a spec so far, e.g. ``fwd q2048 k2048 float32: aten_flash
+    (aten_flash 30.1 ms, tiled 75.3 ms)``."""
+    spec_hash = hashlib.sha256(spec_key.encode()).hexdigest()[:16]
+    CHOICES.get("")  # loads the disk cache
+    out = []
+    for key, v in sorted(CHOICES.mem.items()):
+        parts = key.split("|")
+        if len(parts) < 3 or parts[1] != spec_hash:
+            continue
+        times = ", ".join(f"{n} {ms:g} ms" for n, ms in v["ms"].items())
+        out.append(f"{parts[0]} {' '.join(parts[2:])}: {v['kernel']} ({times})")
+    return "; ".join(out)
