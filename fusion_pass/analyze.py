@@ -382,7 +382,8 @@ def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
     if causal or mask is None:
         return NearMiss(site, node.name, "kept: SDPA's own fused kernel is already the fastest exact "
                         "kernel for this call (" + ("is_causal alone: it skips the tiles above the "
-                        "diagonal itself" if causal else "no mask: nothing to skip") + ")", kept=True)
+                        "diagonal itself" if causal else "no mask: nothing to skip") + ")"
+                        + _kept_dropout(p), kept=True)
 
     dt = qv.dtype
     acc = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt  # SDPA's score dtype
@@ -424,12 +425,17 @@ def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
     if not preds:
         return NearMiss(site, node.name, "kept: SDPA's own fused kernel is already the fastest exact "
                         "kernel for this call (its mask is data, which SDPA reads as the kernels "
-                        "would: nothing to skip)", kept=True)
+                        "would: nothing to skip)" + _kept_dropout(p), kept=True)
     spec, captured = _with_predicates(spec, captured, preds, score_shape)
     if p:
         lines.append(f"dropout p={p}: fusion_pass's counter-based dropout, equal in distribution to "
                      "SDPA's, not bit-equal (a different random stream)")
     return _analysis(region, spec, captured, acc, dt, Frames(), lines)
+
+
+def _kept_dropout(p) -> str:
+    """What a kept SDPA call with dropout draws from: SDPA's own stream, so it stays bit-equal."""
+    return (f"; dropout p={p}: SDPA's own dropout, as stock torch.compile runs it" if p else "")
 
 
 def _analysis(region, spec, captured, q_dtype, v_dtype, frames, lines) -> Union[Analysis, NearMiss]:

@@ -190,3 +190,21 @@ def test_key_and_value_lengths_dynamo_cannot_relate():
     assert n_fwd == 1 and max_rel_error([got], [f(q, k, v, am)]) < 1e-5
     with pytest.raises(Exception):
         cf(q, k, v[:, :, :-1], am)
+
+
+def test_kept_call_with_dropout_keeps_sdpas_own_dropout():
+    """A kept call (no mask) with dropout_p > 0 is SDPA's own call: the report says its dropout is
+    SDPA's, and the compiled result is stock torch.compile's, bit for bit, under the same seed."""
+    def f(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+    q, k, v = _qkv()
+    expl = fusion_pass.explain(f, q, k, v)
+    assert [s.status for s in expl.sites] == ["kept"]
+    assert "dropout p=0.3: SDPA's own dropout" in str(expl.sites[0]), str(expl)
+    ours = torch.compile(f, backend=fusion_pass.Backend(strict=True))
+    stock = torch.compile(f)
+    ours(q, k, v), stock(q, k, v)
+    torch.manual_seed(5)
+    a = ours(q, k, v)
+    torch.manual_seed(5)
+    assert torch.equal(a, stock(q, k, v))
