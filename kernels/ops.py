@@ -194,9 +194,10 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
     else:
         cands = {}
         if "aten_flash" in select.route(s).cpu and q.device.type == "cpu":
-            cands["aten_flash"] = lambda: _flash_forward(s, q, k, v, captured)
-        cands["tiled"] = lambda: cpu.attention_forward(q, k, v, captured, s, int(seed.item()))
-        _, (out, lse) = select.pick(_choice_key("fwd", spec, q, k, cands), cands, q, k)
+            cands["aten_flash"] = lambda a: _flash_forward(s, *a)
+        cands["tiled"] = lambda a: cpu.attention_forward(*a, s, int(seed.item()))
+        _, (out, lse) = select.pick(_choice_key("fwd", spec, q, k, cands), cands, (q, k, v, captured),
+                                    lambda a: select.head_slice(*a, s.captured))
     return _in_out_layout(out, q), lse.contiguous(), seed
 
 
@@ -236,10 +237,17 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
     else:
         cands = {}
         if "aten_flash" in select.route(s).cpu and q.device.type == "cpu" and not any(needs_grad):
-            cands["aten_flash"] = lambda: _flash_backward(s, grad_out, q, k, v, captured, out, lse)
-        cands["tiled"] = lambda: cpu.attention_backward(grad_out, q, k, v, captured, out, lse, s,
-                                                        int(seed.item()), needs_grad)
-        _, (dq, dk, dv, dcap) = select.pick(_choice_key("bwd", spec, q, k, cands), cands, q, k)
+            cands["aten_flash"] = lambda a: _flash_backward(s, *a)
+        cands["tiled"] = lambda a: cpu.attention_backward(*a, s, int(seed.item()), needs_grad)
+
+        def shrink(a):  # a = (grad_out, q, k, v, captured, out, lse)
+            got = select.head_slice(a[1], a[2], a[3], a[4], s.captured, (a[0], a[5]), (a[6],))
+            if got is None:
+                return None
+            (q1, k1, v1, c1, g1, o1, l1), factor = got
+            return (g1, q1, k1, v1, c1, o1, l1), factor
+        _, (dq, dk, dv, dcap) = select.pick(_choice_key("bwd", spec, q, k, cands), cands,
+                                            (grad_out, q, k, v, captured, out, lse), shrink, q, k)
     # the fake promises a layout; keep that promise whatever the path returned
     return (_in_grad_layout(dq), _in_grad_layout(dk), _in_grad_layout(dv),
             [g.contiguous() for g in dcap if g is not None])

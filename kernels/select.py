@@ -196,54 +196,93 @@ class _Choices:
 CHOICES = _Choices()
 
 
-def pick(key: str, candidates: Dict[str, Callable[[], object]], q: torch.Tensor,
-         k: torch.Tensor) -> Tuple[str, object]:
-    """(name, result) of the candidate to use: ``candidates`` maps names, in static preference
-    order, to thunks that run the kernel on this call and return its result, or None where it
-    turned out not to compute this call exactly (then the next one runs). With one candidate, a
-    small problem or measuring off: the first that returns a result. Otherwise the cached choice
-    for ``key``, or, on the first call of the key, each candidate timed once: the faster (by
-    ``MARGIN`` against the first) is cached and its result returned, with no rerun."""
+def pick(key: str, candidates: Dict[str, Callable[[tuple], object]], args: tuple,
+         shrink: Optional[Callable[[tuple], Optional[Tuple[tuple, float]]]] = None,
+         q: Optional[torch.Tensor] = None, k: Optional[torch.Tensor] = None) -> Tuple[str, object]:
+    """(name, result) of the kernel to use for this call. ``candidates`` maps names, in static
+    preference order, to functions of ``args`` that run the kernel and return its result, or None
+    where it turns out not to compute this call exactly (then the next one runs). With one
+    candidate, a small problem, measuring off or nothing to shrink: the first that returns a
+    result. Otherwise the cached choice for ``key``, or, on the key's first call, ``_measure``."""
     names = list(candidates)
+    q = args[0] if q is None else q
+    k = args[1] if k is None else k
     small = q.shape[-2] * k.shape[-2] < MEASURE_MIN_ELEMENTS
-    if len(names) > 1 and not small and measuring():
+    if len(names) > 1 and not small and shrink is not None and measuring():
         chosen = CHOICES.get(key)
         if chosen is None:
-            return _measure(key, candidates)
+            return _measure(key, candidates, args, shrink)
         if chosen["kernel"] in candidates:
             names.remove(chosen["kernel"])
             names.insert(0, chosen["kernel"])
     for name in names:
-        got = candidates[name]()
+        got = candidates[name](args)
         if got is not None:
             return name, got
     raise RuntimeError("no kernel computed this call")  # the last candidate (tiled) always does
 
 
-def _measure(key, candidates):
-    times, results = {}, {}
-    for name, run in candidates.items():
-        t = time.perf_counter()
-        got = run()
-        times[name] = (time.perf_counter() - t) * 1e3
-        if got is None:
-            break  # not exact for this call: nothing to compare (no choice cached)
-        results[name] = got
-    else:
-        first = next(iter(candidates))
-        best = min(times, key=times.get)
-        if best != first and times[best] > MARGIN * times[first]:
-            best = first
-        CHOICES.put(key, {"kernel": best, "ms": {n: round(t, 3) for n, t in times.items()}})
-        return best, results[best]
+def _measure(key, candidates, args, shrink):
+    """The first candidate runs the call itself, timed (its result is the call's); each other one
+    runs once on a slice of the heads (``shrink``: at most 1/8 of them, one batch element) and its
+    time is scaled by the work ratio, so a slow candidate costs the first call a fraction of its
+    full time (the tiled path under load: 7 s at N = 2048, 30x ATen's). The faster (by ``MARGIN``
+    against the first) is cached; this call keeps the first's result (exact either way)."""
     names = list(candidates)
-    if results:
-        return names[0], results[names[0]]
-    for name in names[names.index(next(iter(times.keys() - results.keys()))) + 1:]:
-        got = candidates[name]()
-        if got is not None:
-            return name, got
-    raise RuntimeError("no kernel computed this call")
+    t = time.perf_counter()
+    got = candidates[names[0]](args)
+    times = {names[0]: (time.perf_counter() - t) * 1e3}
+    if got is None:  # not exact for this call: nothing to compare, nothing cached
+        for name in names[1:]:
+            res = candidates[name](args)
+            if res is not None:
+                return name, res
+        raise RuntimeError("no kernel computed this call")
+    small = shrink(args)
+    if small is None:
+        return names[0], got
+    sub, factor = small
+    for name in names[1:]:
+        try:
+            t = time.perf_counter()
+            res = candidates[name](sub)
+            ms = (time.perf_counter() - t) * 1e3 * factor
+        except Exception:  # noqa: BLE001 - a slice the kernel cannot take: no measurement
+            return names[0], got
+        if res is None:
+            return names[0], got
+        times[name] = ms
+    best = min(times, key=times.get)
+    if best != names[0] and times[best] > MARGIN * times[names[0]]:
+        best = names[0]
+    CHOICES.put(key, {"kernel": best, "ms": {n: round(t, 3) for n, t in times.items()}})
+    return names[0], got
+
+
+def head_slice(q, k, v, captured, kinds, like_q=(), like_lse=()):
+    """((q, k, v, captured, *like_q, *like_lse) restricted to one batch element and at most 1/8 of
+    the heads (whole GQA groups), work ratio) for measuring; None below 4 heads or 3 dims."""
+    if q.dim() < 3 or k.shape[-3] == 0 or q.shape[-3] % k.shape[-3]:
+        return None
+    group = q.shape[-3] // k.shape[-3]
+    hk = max(1, k.shape[-3] // 8)
+    h = hk * group
+    if math.prod(q.shape[:-2]) < 4 * h:
+        return None
+
+    def cut(t, heads, at):  # the heads dim is ``at``-th from the right; dims left of it: first
+        for d in range(t.dim()):
+            back = t.dim() - d
+            if back == at and t.shape[d] > 1:
+                t = t.narrow(d, 0, min(heads, t.shape[d]))
+            elif back > at and t.shape[d] > 1:
+                t = t.narrow(d, 0, 1)
+        return t
+
+    caps = [cut(c, h, 3) if kind == "tensor" else c for c, kind in zip(captured, kinds)]
+    out = (cut(q, h, 3), cut(k, hk, 3), cut(v, hk, 3), caps) + \
+        tuple(cut(t, h, 3) for t in like_q) + tuple(cut(t, h, 2) for t in like_lse)
+    return out, q.numel() / max(out[0].numel(), 1)
 
 
 def describe_choices(spec_key: str) -> str:

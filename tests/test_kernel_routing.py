@@ -322,11 +322,15 @@ def _causal_spec():
 def test_first_call_measures_both_then_runs_the_choice(choices):
     from fusion_pass.kernels import fused_attention
     spec = _causal_spec()
-    q, k, v = _qkv(nq=64, nk=64)
+    q, k, v = _qkv(nq=64, nk=64, H=8)  # the other candidate is timed on one head of the eight
     ref = fused_attention(q, k, v, [], spec)
     key = choices.shape_key("fwd", spec.to_key(), q, k)
     entry = choices.CHOICES.get(key)
     assert entry is not None and set(entry["ms"]) == {"aten_flash", "tiled"}, entry
+    # the backward too, with its own key
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    fused_attention(qg, kg, vg, [], spec).sum().backward()
+    assert choices.CHOICES.get(choices.shape_key("bwd", spec.to_key(), q, k)) is not None
     assert key in choices.cache_path().read_text()  # on disk, with the sources' hash
     # later calls: the cached choice only (one kernel ran)
     _, _, kernels = profile_call(lambda: fused_attention(q, k, v, [], spec), kernels=True)
@@ -341,7 +345,9 @@ def test_first_call_measures_both_then_runs_the_choice(choices):
     assert kernels == "fwd: tiled x1", kernels
     torch.testing.assert_close(box["o"], ref)
     from fusion_pass.kernels.ops import kernel_summary
-    assert "measured: fwd" in kernel_summary(spec) and "tiled 1 ms" in kernel_summary(spec)
+    text = kernel_summary(spec)
+    assert "measured: " in text and "fwd bh8 q64 k64 d16 torch.float32 cpu c: tiled (aten_flash 2 ms, " \
+        "tiled 1 ms)" in text, text
 
 
 def test_measuring_off_uses_the_static_order(choices, monkeypatch):
