@@ -187,6 +187,30 @@ def _causal_top_left() -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=None)
+def _empty_rows_zero() -> bool:
+    """ATen's CPU flash kernel gives a row whose every key is masked (-inf) output 0 and, in its
+    backward, gradient 0 (and no contribution to dk, dv): SDPA's safe softmax (``spec.safe_softmax``),
+    so such rows need no tiled recompute for sites that were SDPA calls. Checked once per process
+    on this torch against the safe softmax's definition."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 19, 8, generator=g) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, 19)
+    mask[..., :5] = -math.inf
+    out, lse = _FLASH(q, k, v, 0.0, True, attn_mask=mask, scale=0.5)
+    do = torch.randn(out.shape, generator=g)
+    dq, dk, dv = _FLASH_BWD(do, q, k, v, out, lse, 0.0, True, attn_mask=mask, scale=0.5)
+    keep = torch.ones(19, 19, dtype=torch.bool).tril_() & (torch.arange(19) >= 5)
+    # products as sums (not matmul: a profile of the first call would read it as the tiled path)
+    s = (q.double()[..., :, None, :] * k.double()[..., None, :, :]).sum(-1) * 0.5
+    p = torch.softmax(s.masked_fill(~keep, -math.inf), -1).nan_to_num(0.0)  # safe: empty rows 0
+    ref = (p[..., :, :, None] * v.double()[..., None, :, :]).sum(-2)
+    dv_ref = (p[..., :, :, None] * do.double()[..., :, None, :]).sum(-3)
+    return bool(out[..., :5, :].eq(0).all() and dq[..., :5, :].eq(0).all()
+                and torch.allclose(out.double(), ref, atol=1e-5)
+                and torch.allclose(dv.double(), dv_ref, atol=1e-4))
+
+
 def _mask(p: Plan, captured, q, k):
     """(attn_mask, is_causal), whether some row keeps no key, for a mask tensor; None: the mask is
     not this kernel's function."""
@@ -204,12 +228,11 @@ def _mask(p: Plan, captured, q, k):
     keep = ~m if p.mask_kind == "fill" else m
     if _keeps_lower(keep, q.shape[-2], k.shape[-2]) and _causal_ok(q, k):
         return (None, True), False  # every row keeps key 0
-    if bool((~keep).all(-1).any()):
-        return None
+    keep = _unexpand(keep)
+    empty = bool((~keep).all(-1).any())
     # ATen's kernel takes a mask of the query's dtype: -inf where masked, 0 where kept (s + 0 == s
     # and s + -inf == -inf exactly, so this is the same function). Broadcast dims stay broadcast.
-    keep = _unexpand(keep)
-    return (torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -math.inf), False), False
+    return (torch.zeros(keep.shape, dtype=dtype).masked_fill_(~keep, -math.inf), False), empty
 
 
 def _causal_ok(q, k) -> bool:
@@ -406,8 +429,10 @@ def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Ca
         got = _predicate_mask(p, spec, captured, q, k)
     else:
         got = _mask(p, captured, q, k)
-    if got is None or got[1]:
-        return None  # not this kernel's function, or a row with no key (eager: NaN, ATen: 0)
+    if got is None:
+        return None  # not this kernel's function
+    if got[1] and not (spec.safe_softmax and not p.finite_fill and _empty_rows_zero()):
+        return None  # a row with no key: eager gives NaN (a finite fill: uniform), ATen 0
     mask, causal = got[0]
     # spec.causal: the mask keeps no element above the diagonal (proven by the pass), so ATen's
     # is_causal removes only masked elements; whether that is exact is the removal rule's question

@@ -250,6 +250,41 @@ def test_default_sdpa_llama_runs_flash_is_causal():
         _, _, kernels = profile_call(lambda: box.update(
             out=compiled(input_ids=ids, attention_mask=am).last_hidden_state), kernels=True)
         torch.testing.assert_close(box["out"], ref, atol=2e-5, rtol=1e-5)
+        assert kernels == "fwd: ATen flash is_causal mask x1", kernels
+
+
+def test_safe_softmax_empty_rows_on_flash_forward_and_backward():
+    """A site that was an SDPA call (safe softmax: a row with no kept key gives 0, and no gradient)
+    keeps ATen's kernel when some rows are empty: its output and gradients there are 0 too
+    (``cpu_flash._empty_rows_zero``, checked once per process). Eager softmax (not safe) would give
+    NaN rows: that spec still takes the tiled path."""
+    from fusion_pass.kernels import AttentionSpec, ScoreOp, fused_attention
+    keep = torch.ones(1, 1, 1, 40, dtype=torch.bool)
+    keep[..., :7] = False
+    keep = keep & torch.ones(40, 40, dtype=torch.bool).tril_()  # rows 0..6 keep nothing
+    for safe in (True, False):
+        spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25),
+                                        ScoreOp("fill_not", "tensor", -math.inf, 0)),
+                             captured=("tensor",), safe_softmax=safe)
+        q, k, v = (t.requires_grad_() for t in _qkv(nq=40, nk=40))
+        box = {}
+        _, _, fwd = profile_call(lambda: box.setdefault("o", fused_attention(q, k, v, [keep], spec)),
+                                 kernels=True)
+        out = box["o"]
+        qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+        p = torch.softmax((qd @ kd.transpose(-1, -2) * 0.25).masked_fill(~keep, -math.inf), -1)
+        ref = (p.nan_to_num(0.0) if safe else p) @ vd
+        g = torch.randn_like(out)
+        if not safe:
+            assert fwd == "fwd: tiled x1" and out[..., :7, :].isnan().all()
+            continue
+        assert fwd == "fwd: ATen flash mask x1", fwd
+        torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+        _, _, bwd = profile_call(lambda: box.setdefault("g", torch.autograd.grad(out, (q, k, v), g)),
+                                 kernels=True)
+        assert bwd == "bwd: ATen flash mask x1", bwd
+        for a, r in zip(box["g"], torch.autograd.grad(ref, (qd, kd, vd), g.double())):
+            torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
 
 
 class Projected(torch.nn.Module):
