@@ -13,8 +13,11 @@ captured tensors (a learnable bias, a learnable scale) are summed over their bro
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import os
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -444,6 +447,73 @@ def _as_3d(t: torch.Tensor) -> torch.Tensor:
     return t if t.dim() >= 3 else t.unsqueeze(0)
 
 
+class _CpuShare:
+    """Whether other processes keep this machine's cores busy, from /proc/stat (all cores' busy
+    time) minus /proc/self/stat (ours) since the last look (at most every ``PERIOD`` s).
+
+    Why: the tiled path is many medium-sized ATen ops, each an OpenMP parallel region; with the
+    other core busy, the thread that finishes first spin-waits at each region's barrier on the
+    core its partner needs, so every region costs a scheduler time slice. Measured here (2 cores,
+    load average 7, window mask, N = 1024, H = 12): 231-554 ms on 2 threads, 72-76 ms on 1. On a
+    quiet machine 2 threads are faster, so the count is chosen per call from what the others
+    used since the previous look (two small file reads, ~50 us, against calls of milliseconds)."""
+
+    PERIOD = 0.25
+    BUSY = 0.5  # cores' worth of other processes' work that makes one thread the faster choice
+
+    def __init__(self):
+        self.last = None
+        self.busy = False
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def _read(self):
+        with open("/proc/stat") as f:
+            cpu = f.readline().split()[1:]
+        total_busy = sum(int(x) for i, x in enumerate(cpu[:8]) if i not in (3, 4))  # not idle, iowait
+        with open("/proc/self/stat") as f:
+            ours = f.read().rsplit(")", 1)[1].split()
+        own = int(ours[11]) + int(ours[12])  # utime, stime
+        return time.monotonic(), total_busy, own
+
+    def others_busy(self) -> bool:
+        try:
+            now = self._read()
+        except (OSError, ValueError, IndexError):
+            return False
+        if self.last is None:
+            self.last = now
+            return False
+        dt = now[0] - self.last[0]
+        if dt < self.PERIOD:
+            return self.busy
+        others = ((now[1] - self.last[1]) - (now[2] - self.last[2])) / self.tick
+        self.busy = others / dt >= self.BUSY
+        self.last = now
+        return self.busy
+
+
+_SHARE = _CpuShare()
+
+
+def _threads_for_share(fn):
+    """Run the tiled forward on one intra-op thread while other processes keep the cores busy
+    (``_CpuShare``), else on the caller's count. Forward only: its result was bitwise equal on 1
+    and 2 threads, the backward's was not (its accumulations), and a gradient that depended on
+    the machine's load would break run-to-run determinism."""
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        n = torch.get_num_threads()
+        if n == 1 or not _SHARE.others_busy():
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(n)
+    return run
+
+
+@_threads_for_share
 def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out, lse): lse is the row log-sum-exp of the final scores, in float32."""
     squeeze = q.dim() == 2
