@@ -418,12 +418,16 @@ def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Ca
         return None
     if any(t.dtype != q.dtype for t in (k, v)) or str(q.dtype).replace("torch.", "") != spec.qk_dtype:
         return None
-    if not bool(removal.finite(*(_memory_order(t) for t in (q, k, v, grad_out)))):
+    # one aminmax pass per operand serves every check below (finiteness, score bound, removal)
+    (qmax, qfin), (kmax, kfin) = (removal._stats(_memory_order(t)) for t in (q, k))
+    vfin = removal.finite(_memory_order(v), _memory_order(grad_out))
+    if not bool(qfin & kfin & vfin):
         return None  # NaN / inf: the tiled path applies the model's steps as eager does
+    stats = (qmax, qfin, kmax, kfin, vfin)
     scale = _scale(p, captured)
     if p.mask_index is None:
         return Call(scale, None)
-    if p.fill is not None and not _scores_finite(spec, q, k, captured, p.step):
+    if p.fill is not None and not _scores_finite(spec, q, k, captured, p.step, (qmax, kmax)):
         return None  # ATen adds the -inf (or skips) where eager replaces: the same for finite scores
     if p.mask_kind.startswith("pred_"):
         got = _predicate_mask(p, spec, captured, q, k)
@@ -443,7 +447,7 @@ def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Ca
     drops = p.finite_fill or use_causal and p.fill is None
     if not drops:
         return Call(scale, mask, use_causal)
-    worst = _worst(spec, p, q, k, v, captured, grad_out)
+    worst = _worst(spec, p, q, k, v, captured, grad_out, stats)
     if worst < math.inf:
         return Call(scale, mask, use_causal, p.removal, worst)
     if not causal and not p.finite_fill:
@@ -461,18 +465,17 @@ def _memory_order(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.permute(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
 
 
-def _scores_finite(spec: AttentionSpec, q, k, captured, step=None) -> bool:
-    b = removal.score_bound(spec, q, k, captured, upto=step, tight=False,
-                            stats=(removal._stats(_memory_order(q))[0], removal._stats(_memory_order(k))[0]))
+def _scores_finite(spec: AttentionSpec, q, k, captured, step, stats) -> bool:
+    b = removal.score_bound(spec, q, k, captured, upto=step, tight=False, stats=stats)
     return math.isfinite(float(b.item()))
 
 
-def _worst(spec: AttentionSpec, p: Plan, q, k, v, captured, grad_out) -> float:
+def _worst(spec: AttentionSpec, p: Plan, q, k, v, captured, grad_out, stats) -> float:
     """The bound of the elements this call drops (``removal.worst_masked``); inf: none may go."""
     if p.removal is None:
         return math.inf
     return float(removal.worst_masked(spec, p.removal, q, k, v, captured, grad_out,
-                                      step=p.step).item())
+                                      step=p.step, stats=stats).item())
 
 
 @_on_one_thread

@@ -315,7 +315,7 @@ def _upper_max(t: torch.Tensor, nq: int, nk: int) -> torch.Tensor:
 def worst_masked(spec: AttentionSpec, r: Removal, q: torch.Tensor, k: torch.Tensor,
                  v: torch.Tensor, captured: Sequence[torch.Tensor],
                  grad_out: Optional[torch.Tensor] = None, finite_scores: bool = False,
-                 step: Optional[int] = None) -> torch.Tensor:
+                 step: Optional[int] = None, stats=None) -> torch.Tensor:
     """0-dim float64 tensor on q's device: an upper bound of every element the kernel would skip
     in this call, or +inf when the call must not skip at all (an input not finite, an additive
     mask without a finite bound of |s|). ``finite_scores``: also require a finite bound of |s| for
@@ -327,9 +327,13 @@ def worst_masked(spec: AttentionSpec, r: Removal, q: torch.Tensor, k: torch.Tens
     dev = q.device
     step = len(spec.score_ops) - 1 if step is None else step  # the masking step's position
     inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
-    qmax, qfin = _stats(q)
-    kmax, kfin = _stats(k)
-    ok = qfin & kfin & finite(v, grad_out).to(dev)
+    if stats is not None:  # (max|q|, q finite, max|k|, k finite, v and dO finite) from the caller
+        qmax, qfin, kmax, kfin, vfin = stats
+        ok = qfin & kfin & vfin
+    else:
+        qmax, qfin = _stats(q)
+        kmax, kfin = _stats(k)
+        ok = qfin & kfin & finite(v, grad_out).to(dev)
     if r.kind == REPLACE:
         w = torch.tensor(r.value, dtype=torch.float64, device=dev)
         if finite_scores:
