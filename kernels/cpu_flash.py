@@ -4,19 +4,29 @@ PyTorch ships an IO-aware, blocked, multi-threaded C++ flash-attention kernel fo
 (``aten::_scaled_dot_product_flash_attention_for_cpu`` and its backward). It computes
 ``softmax(q @ k^T * scale + mask) @ v`` and never materialises the scores. When a spec is exactly
 that function, we call it: it is 2-3x faster than tiles of ATen ops driven from Python
-(benchmarks/RESULTS.md). Everything else (soft-capping, replacing fills, dropout, gradients of a
-learnable bias, mixed dtypes) runs on the tiled implementation in ``cpu.py``.
+(benchmarks/RESULTS.md). Everything else (soft-capping, fills the removal rule does not clear,
+dropout, gradients of a learnable bias, mixed dtypes) runs on the tiled implementation in ``cpu.py``.
 
 "Exactly" is checked, not assumed:
-* the score chain is scale steps (``* c``, ``/ c``, constants or 0-dim tensors) followed by at
-  most one mask step: ``+ tensor`` (additive mask or bias) or a fill with -inf (a boolean mask);
+* the score chain, normalised (``plan``: casts to the chain's one dtype dropped), is scale steps
+  (``* c``, ``/ c``, constants or 0-dim tensors) followed by at most one mask step: ``+ tensor``
+  (additive mask or bias), or a replacing fill (a boolean mask, a predicate) with -inf or a
+  finite value (finfo.min, -1e9, -1e4): ATen gets a -inf mask or ``is_causal`` for it, so a finite
+  fill's keys are dropped, which is exact only where the removal rule proves it (per call: finite
+  inputs and scores; per row on the lse: ``rows_ok``), else the tiled path recomputes;
+* masks: a predicate's ``j <= i`` part becomes ``is_causal``, a part depending on one index a
+  (B, 1, 1, N) mask; a mask tensor or a data matrix read in place (GPT-2's sliced ``tril`` buffer)
+  is ``is_causal`` when the call's values are exactly ``j <= i`` (checked per call, never cached:
+  they are data), a small matrix (decoding) a -inf mask; ATen's top-left alignment is checked once
+  per process (``_causal_top_left``), so Nq != Nk is routed too;
 * one dtype throughout (scores, softmax, probabilities and output: no casts, no promotion);
 * no dropout; 2-D to 4-D operands with equal head dims for q, k and v;
 * finite q, k, v (and dO in the backward), checked per call: ATen adds a -inf mask where eager
   replaces (NaN + -inf is NaN where masked_fill gives -inf) and skips what is_causal removes, so
   NaN and inf would propagate differently; such calls take the tiled implementation;
 * rows whose mask removes every key with -inf: eager's softmax gives NaN there, ATen's kernel 0
-  (and lse 0), so when such a row exists (checked on the mask) the call goes to the tiled path;
+  (and lse 0), so when such a row exists (checked on the mask) the call goes to the tiled path,
+  except for sites that were SDPA calls (``spec.safe_softmax``: 0 there too, ``_empty_rows_zero``);
 * ``is_causal`` (keys j > i never computed) only where the removal rule (``removal.py``) proves
   their probabilities are exactly 0: per call, finite inputs (and a bound of |s| for an additive
   mask); per row, checked on the lse ATen returns (``removal.rows_ok_from_lse``). When a row fails,
@@ -229,6 +239,8 @@ def _mask(p: Plan, captured, q, k):
     if _keeps_lower(keep, q.shape[-2], k.shape[-2]) and _causal_ok(q, k):
         return (None, True), False  # every row keeps key 0
     keep = _unexpand(keep)
+    if bool(keep.all()):
+        return (None, False), False  # nothing masked (a decoding row against its cache)
     empty = bool((~keep).all(-1).any())
     # ATen's kernel takes a mask of the query's dtype: -inf where masked, 0 where kept (s + 0 == s
     # and s + -inf == -inf exactly, so this is the same function). Broadcast dims stay broadcast.
@@ -279,9 +291,10 @@ def _keep_expr(m, fill: bool):
 
 @functools.lru_cache(maxsize=None)
 def _data_matrix(m, fill: bool):
-    """(data position, leading indices, nonzero?) when keep is exactly ``d(c.., i, j) != 0`` (or
-    ``== 0``): a data tensor read at constant leading indices and the score's own (i, j), as GPT-2's
-    sliced ``tril`` buffer is. Then keep is a view of the data (no gather), checked per call by
+    """(data position, leading indices, (row, key) offsets, nonzero?) when keep is exactly
+    ``d(c.., i + a, j + b) != 0`` (or ``== 0``): a data tensor read at constant leading indices and
+    the score's own (i, j) plus constant offsets, as GPT-2's sliced ``tril`` buffer is (the offsets:
+    a slice the pass folded into the index). Then keep is a view of the data (no gather), checked per call by
     ``_keeps_lower``. None for any other form."""
     keep = _keep_expr(m, fill)
     if not isinstance(keep, (sympy.Ne, sympy.Eq)) or keep.rhs != 0 or not m.axes:
@@ -291,12 +304,17 @@ def _data_matrix(m, fill: bool):
     if not (name.startswith("d") and name[1:].isdigit() and int(name[1:]) < len(m.data)):
         return None
     *lead, i, j = f.args if len(f.args) >= 2 else (None, None)
-    if not (isinstance(i, sympy.Symbol) and isinstance(j, sympy.Symbol)
-            and i.name == m.axes[-2] and j.name == m.axes[-1]):
-        return None
+    names = {s.name: s for s in keep.free_symbols}
+    offsets = []
+    for arg, axis in ((i, m.axes[-2]), (j, m.axes[-1])):
+        sym = names.get(axis)
+        off = sympy.expand(arg - sym) if sym is not None and arg is not None else None
+        if off is None or not isinstance(off, sympy.Integer) or int(off) < 0:
+            return None  # the score's own index plus a constant offset (a slice the pass folded)
+        offsets.append(int(off))
     if not all(isinstance(c, sympy.Integer) and int(c) >= 0 for c in lead):
         return None
-    return m.data[int(name[1:])], tuple(int(c) for c in lead), isinstance(keep, sympy.Ne)
+    return m.data[int(name[1:])], tuple(int(c) for c in lead), tuple(offsets), isinstance(keep, sympy.Ne)
 
 
 def _data_keep(m, fill: bool, captured, nq: int, nk: int) -> Optional[torch.Tensor]:
@@ -304,12 +322,12 @@ def _data_keep(m, fill: bool, captured, nq: int, nk: int) -> Optional[torch.Tens
     form = _data_matrix(m, fill)
     if form is None:
         return None
-    pos, lead, nonzero = form
+    pos, lead, (oi, oj), nonzero = form
     t = captured[pos]
     if t.dim() != len(lead) + 2 or any(c >= n for c, n in zip(lead, t.shape)) or \
-            t.shape[-2] < nq or t.shape[-1] < nk:
+            t.shape[-2] < oi + nq or t.shape[-1] < oj + nk:
         return None  # eager's indexing would fail or wrap: the tiled path reports it as eager does
-    t = t[lead][:nq, :nk]
+    t = t[lead][oi:oi + nq, oj:oj + nk]
     if t.dtype == torch.bool:
         return t if nonzero else ~t
     return t != 0 if nonzero else t == 0
@@ -325,7 +343,8 @@ def mask_form(spec: AttentionSpec, p: Plan) -> Optional[str]:
         fill = p.mask_kind == "pred_fill"
         causal, rest = _split_causal(m, fill)
         if rest is None:
-            return ("is_causal when the call's data matrix is exactly j <= i (checked per call)"
+            return ("is_causal when the call's data matrix is exactly j <= i (checked per call), "
+                    "a -inf mask when it is smaller than q (decoding)"
                     if _data_matrix(m, fill) is not None else None)
         if rest.keep == _TRUE:
             return "is_causal" if causal else ""
@@ -348,9 +367,18 @@ def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
     nq, nk = q.shape[-2], k.shape[-2]
     if rest_spec is None:
         keep = _data_keep(m, fill, captured, nq, nk)
-        if keep is not None and _keeps_lower(keep, nq, nk) and _causal_ok(q, k):
+        if keep is None:
+            return None
+        if _keeps_lower(keep, nq, nk) and _causal_ok(q, k):
             return (None, True), False
-        return None
+        if keep.numel() > q.numel():
+            return None  # a dense mask larger than q: the tiled path reads the data in tiles
+        # a small matrix (GPT-2 decoding: Nq = 1 against the cache, bottom-right slice): as a -inf
+        # mask, all ones as none
+        if bool(keep.all()):
+            return (None, False), False
+        mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, -math.inf)
+        return (mask[None, None], False), bool((~keep).all(-1).any())
     if causal and not _causal_ok(q, k):
         return None
     if rest_spec.keep == _TRUE:  # keep is exactly the causal part: no mask at all

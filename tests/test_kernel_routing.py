@@ -177,12 +177,15 @@ def test_gpt2_buffer_not_causal_takes_tiled_path():
     assert fwd == "fwd: tiled x1", fwd
 
 
-def test_gpt2_decode_bottom_right_slice_is_not_is_causal():
+@pytest.mark.parametrize("nq,H,kernel", [(1, 2, "fwd: ATen flash x1"), (8, 4, "fwd: ATen flash mask x1"),
+                                         (8, 2, "fwd: tiled x1")])
+def test_gpt2_decode_bottom_right_slice_is_not_is_causal(nq, H, kernel):
     """With a cache (Nq < Nk) GPT-2's slice keeps j <= i + Nk - Nq (bottom-right): not ATen's
-    top-left is_causal, so not routed there."""
-    q, k, v = _qkv(nq=8, nk=40)
+    top-left is_causal. One query row keeps every key (no mask); a matrix no larger than q becomes
+    a -inf mask (the finite fill under the removal rule); a larger one stays on the tiled path."""
+    q, k, v = _qkv(nq=nq, nk=40, H=H)
     _, fwd, _ = _run(Gpt2(MIN32), (q, k, v))
-    assert "is_causal" not in fwd, fwd
+    assert fwd == kernel, fwd
 
 
 @pytest.mark.parametrize("nq,nk", [(17, 40), (40, 17)])
