@@ -7,8 +7,9 @@
 #   bash benchmarks/gpu_check.sh            # from anywhere; results go to $OUT if set
 #
 # Expects the project installed (pip install --no-deps --no-build-isolation -e .) and a CUDA GPU.
-# Budget: tests <= 170 s, static <= 160 s, benchmark <= 285 s (it stops starting rows after <= 230 s; on the
-# timeout's SIGTERM it prints the table of what it measured within the 15 s grace), total <= 470 s.
+# Budget: tests <= 170 s, static <= 160 s, decode <= 75 s, then the benchmark gets what is left (at
+# most 230 s of rows; on the timeout's SIGTERM it prints the table of what it measured within the
+# 15 s grace), total <= 470 s.
 set -u
 if [ -z "${GPU_CHECK_INNER:-}" ]; then
     GPU_CHECK_INNER=1 exec timeout -k 5 470 bash "$0" "$@"
@@ -56,6 +57,12 @@ timeout -k 5 60 python benchmarks/gpu_static.py --real --d 128 --dtype bfloat16 
     > "$RES/gpu_static_real.log" 2>&1
 echo "static-vs-real rc=$?"; tail -8 "$RES/gpu_static_real.log"
 echo "static took $(( $(date +%s) - start )) s"
+
+echo "== decode (split-KV kernels vs SDPA backends, GB/s against the copy bandwidth)"
+timeout -k 5 75 python benchmarks/gpu_decode_bench.py --budget-s 45 --json "$RES/gpu_decode.json" \
+    2>&1 | tee "$RES/gpu_decode.log" | tail -30
+echo "decode rc=${PIPESTATUS[0]} (124: timed out)"
+echo "decode took $(( $(date +%s) - start )) s"
 
 echo "== benchmark"
 left=$(( 460 - ($(date +%s) - start) ))

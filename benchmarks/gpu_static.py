@@ -1,8 +1,9 @@
 """Static GPU check of the generated Triton kernels (issue 15), on a machine without a GPU.
 
 For each spec of a matrix (head dim 64/128/256 x fp16/bf16 x patterns: no mask, causal
-predicate, sliding window, padding, soft-cap, ALiBi-like bias, learnable bias, dropout, GQA) the
-launchers of ``kernels/triton_attention.py`` are run on CPU tensors with their kernels replaced by
+predicate, sliding window, padding, soft-cap, ALiBi-like bias, learnable bias, dropout, GQA, and
+decode: one query of 4 heads per K/V head over a 4096-key cache, forward only) the
+launchers of ``kernels/triton_attn/launch.py`` are run on CPU tensors with their kernels replaced by
 recorders, so what gets compiled is exactly what a launch on the device would compile: the same
 arguments, the same specialisation (pointer alignment, strides equal to 1 or divisible by 16), the
 same tiles, warps and stages (chosen for the target architecture). Each recorded kernel is then
@@ -25,7 +26,8 @@ Gates (exit status 1 and a list of failures when any fails):
   spill     no local memory for fp16/bf16 with d <= 128
   wgmma     on sm_90a every dot of the forward and backward lowers to HGMMA (no HMMA)
   mufu      main loop: <= 1 MUFU per score element in the forward, <= 2 in the backward, plus
-            one per row (the rescale factor exp(m_old - m_new): the reference's own 1.06 at 64x64)
+            one per row (the rescale factor exp(m_old - m_new): the reference's own 1.06 at 64x64),
+            plus what the score function needs itself (SCORE_MUFU: the soft-cap's tanh, 2)
   budget    forward main loop: non-MMA instructions <= 1.25x the reference's, no mask and causal
 
     python benchmarks/gpu_static.py                       # whole matrix, all targets
@@ -51,7 +53,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -61,7 +63,17 @@ ARCH_NAME = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("float16", "bfloat16")
 PATTERNS = ("plain", "causal", "sliding", "padding", "softcap", "alibi", "bias_grad", "dropout",
-            "gqa")
+            "gqa", "decode")
+# decode: DECODE_QUERIES queries of 4 query heads per K/V head over a cache of DECODE_KEYS keys
+# (the split-KV kernels attn_decode and attn_decode_combine; forward only: inference)
+DECODE_QUERIES = 1
+DECODE_KEYS = 4096
+# MUFU per score element the score function needs by itself, beyond the softmax's budget: the
+# soft-cap's tanh is an exponential and a reciprocal (1 - 2 / (exp(2x) + 1), exact at +-inf); its
+# derivative 1 - tanh^2 reuses the forward's value (none more in the backward)
+SCORE_MUFU = {"softcap": 2}
+# kernels without a dot (no MMA to lower)
+NO_DOT_KERNELS = ("attn_bwd_preprocess", "attn_decode_combine")
 # the two cases whose forward is held to the reference's instruction budget
 BUDGET_PATTERNS = {"plain": False, "causal": True}
 BUDGET_RATIO = 1.25
@@ -83,7 +95,7 @@ def build_case(pattern: str, d: int, dtype_name: str):
 
     dtype = getattr(torch, dtype_name)
     B, H, N = SHAPE["B"], SHAPE["H"], SHAPE["N"]
-    HK = H // 4 if pattern == "gqa" else H
+    HK = H // 4 if pattern in ("gqa", "decode") else H
     b, i, j = (sympy.Symbol(x, integer=True, nonnegative=True) for x in "bij")
     d0 = sympy.Function("d0")
     axes = ("b", "h", "i", "j")
@@ -118,14 +130,15 @@ def build_case(pattern: str, d: int, dtype_name: str):
         captured, kinds, needs = [bias], ("tensor",), [pattern == "bias_grad"]
     elif pattern == "dropout":
         p = 0.1
-    elif pattern not in ("plain", "gqa"):
+    elif pattern not in ("plain", "gqa", "decode"):
         raise ValueError(pattern)
     n = dtype_name
     spec = AttentionSpec(score_ops=ops, captured=kinds, masks=masks, qk_dtype=n, softmax_dtype=n,
                          prob_dtype=n, out_dtype=n, dropout_p=p)
-    q = torch.randn(B, H, N, d, dtype=dtype)
-    k = torch.randn(B, HK, N, d, dtype=dtype)
-    v = torch.randn(B, HK, N, d, dtype=dtype)
+    nq, nk = (DECODE_QUERIES, DECODE_KEYS) if pattern == "decode" else (N, N)
+    q = torch.randn(B, H, nq, d, dtype=dtype)
+    k = torch.randn(B, HK, nk, d, dtype=dtype)
+    v = torch.randn(B, HK, nk, d, dtype=dtype)
     return spec, q, k, v, captured, needs
 
 
@@ -188,8 +201,9 @@ def record_launches(pattern: str, d: int, dtype_name: str, arch: int) -> List[La
             out, lse = ta.forward(q, k, v, captured, spec, seed=1)
             lse.zero_()
             out.zero_()
-            go = torch.randn_like(out)
-            ta.backward(go, q, k, v, captured, out, lse, spec, 1, needs)
+            if pattern != "decode":
+                go = torch.randn_like(out)
+                ta.backward(go, q, k, v, captured, out, lse, spec, 1, needs)
         finally:
             for n, fn in saved.items():
                 setattr(mod, n, fn)
@@ -359,7 +373,6 @@ def _per_thread(r) -> Tuple[float, int]:
     bm, bn, warps = r["block_m"], r["block_n"], r["warps"]
     rows = 2 * max(1, bm // (16 * min(warps, max(1, bm // 16))))
     return bm * bn / (32 * warps), rows
-    return res
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,15 +385,19 @@ def _launch_key(launch: Launch, arch: int) -> str:
     import triton
     fn = launch.fn
     parts = [triton.__version__, fn.cache_key, str(arch), launch.kernel]
-    for a in launch.args:
+
+    def spec(a):
+        if isinstance(a, tuple):  # the kernels' operand tuples specialise element by element
+            return "(" + ",".join(spec(x) for x in a) + ")"
         if hasattr(a, "data_ptr"):
-            parts.append(f"T{a.dtype}:{a.data_ptr() % 16 == 0}")
-        elif isinstance(a, bool) or a is None:
-            parts.append(repr(a))
-        elif isinstance(a, int):
-            parts.append(f"I{a == 1}:{a % 16 == 0}:{abs(a) >= 2 ** 31}")
-        else:
-            parts.append(type(a).__name__)
+            return f"T{a.dtype}:{a.data_ptr() % 16 == 0}"
+        if isinstance(a, bool) or a is None:
+            return repr(a)
+        if isinstance(a, int):
+            return f"I{a == 1}:{a % 16 == 0}:{abs(a) >= 2 ** 31}"
+        return type(a).__name__
+
+    parts += [spec(a) for a in launch.args]
     parts.append(json.dumps({k: v for k, v in launch.kwargs.items()}, sort_keys=True, default=str))
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
@@ -477,9 +494,11 @@ def gates(rows) -> List[str]:
             continue
         if r["d"] <= 128 and r.get("local", 0) > 0:
             fails.append(f"spill: {where}: {r['local']} bytes of local memory")
-        if r["arch"] == 90 and r["kernel"] != "attn_bwd_preprocess" and (r["hmma"] or not r["hgmma"]):
+        if r["arch"] == 90 and r["kernel"] not in NO_DOT_KERNELS and (r["hmma"] or not r["hgmma"]):
             fails.append(f"wgmma: {where}: {r['hgmma']} HGMMA, {r['hmma']} HMMA")
-        limit = 1 if r["kernel"] in ("attn_fwd", "attn_decode") else 2
+        # the softmax's own budget, plus what the score function itself costs per element
+        limit = (1 if r["kernel"] in ("attn_fwd", "attn_decode") else 2) \
+            + SCORE_MUFU.get(r["pattern"], 0)
         if "loop_mufu" in r and r.get("block_m") and r.get("block_n"):
             elems, nrows = _per_thread(r)
             # the per-row share as the reference compiled at the same tiles shows it (the layout

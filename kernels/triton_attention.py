@@ -14,7 +14,7 @@ modules of ``triton_attn/`` where they live:
 from .triton_attn.codegen import (  # noqa: F401
     LN2, LOG2E, generate_source, operand_names, predicates_supported, skip_op)
 from .triton_attn.launch import (  # noqa: F401
-    _blocks, _needs_row_stats, _threshold32, backward, forward, supports, target_arch)
+    _blocks, _needs_row_stats, _threshold32, backward, decode_plan, forward, supports, target_arch)
 from .triton_attn.loader import CACHE_ENV, KERNELS, cache_dir, kernels  # noqa: F401
 from .triton_attn.ranges import (  # noqa: F401
     RANGES, _block_ranges, _linear_block_ranges, _ranges, block_ranges, full_ranges)

@@ -811,3 +811,125 @@ def test_safe_softmax_rows_of_only_minus_inf_are_zero():
     out = _against_cpu(spec, [keep], [False])
     assert (out[0, :, 3] == 0).all() and torch.isfinite(out).all()
 
+
+# ---------------------------------------------------------------------------------------------
+# The real GPU tiles under the interpreter (issue 15): target_arch makes the launchers choose the
+# architecture's tile table (128 x 128 / 128 x 64 forward, 64 x 64 / 32 x 32 backward) instead of
+# the interpreter's 16 x 16, so tiling bugs that only show with large tiles (full-tile path, the
+# causal split, d = 256, ragged last blocks of 128 rows) are caught without a GPU.
+# ---------------------------------------------------------------------------------------------
+
+def _run_at_gpu_tiles(arch, pattern, d, n, dtype=torch.bfloat16):
+    with ta.target_arch(arch):
+        bm, bn = ta._blocks(d, d, False, dtype)[:2]
+        bbm, bbn = ta._blocks(d, d, True, dtype)[:2]
+        assert bm >= 64 and n > bm  # several query blocks, a ragged last one
+        if pattern == "causal":
+            torch.manual_seed(23)
+            ops = (ScoreOp("mul", "const", value=d ** -0.5),
+                   ScoreOp("fill", "predicate", value=-math.inf, index=0))
+            spec, *_ = _pred_run(ops, (), [], [], [_mask_spec(sympy.Gt(_j, _i))],
+                                 lambda s, c, M: (s * d ** -0.5).masked_fill(M[0], -math.inf),
+                                 dtype=dtype, B=1, H=2, nq=n, nk=n, d=d)
+            rows, _ = ta.block_ranges(spec, [], (1, 2, n, n), bm, bn)
+            assert rows[0, 0, 0].tolist() == [0, bm // bn]  # the first query block skips the rest
+        else:
+            _run(pattern, dtype, B=1, H=2, nq=n, nk=n + 7, d=d)
+    return (bm, bn), (bbm, bbn)
+
+
+def test_gpu_tiles_causal_hopper_d128():
+    # default run: one case at Hopper's forward tiles (128 x 128), d = 128
+    fwd, bwd = _run_at_gpu_tiles(90, "causal", 128, 300)
+    assert fwd == (128, 128) and bwd == (64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch,pattern,d,n", [
+    (90, "plain", 128, 577),     # N > 512, ragged
+    (90, "causal", 256, 600),    # d = 256: 128 x 64 forward
+    (80, "softcap", 128, 520),   # Ampere's 128 x 64 forward, 32 x 32 backward
+    (90, "bias", 256, 530),      # learnable bias gradient at 64 x 64 backward tiles
+])
+def test_gpu_tiles_large(arch, pattern, d, n):
+    _run_at_gpu_tiles(arch, pattern, d, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: the split-KV kernels (attn_decode + attn_decode_combine) for Nq <= 16 over a long cache
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern", ["plain", "mixed"] + [
+    pytest.param(p, marks=_SLOW_HERE) for p in ("bias", "mask_inf", "softcap")])
+def test_decode_split_kv_patterns(pattern):
+    # 6 queries over 300 keys: 19 key blocks of 16 in 10 splits (the last one short); the
+    # backward (the regular kernels) reads the lse the decode kernels combined
+    B, H, nq, nk, d = 2, 3, 6, 300, 40
+    assert ta.decode_plan(B, H, 1, nq, nk, d, d, _spec((), (), torch.float32)) is not None
+    out = _run(pattern, torch.float32, B=B, H=H, nq=nq, nk=nk, d=d)
+    if pattern == "mask_inf":  # row 5 of batch 0 keeps no key
+        assert torch.isnan(out[0, :, 5]).all() and not torch.isnan(out[1]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=_SLOW_HERE)],
+                         ids=dtype_name)
+def test_decode_grouped_query_reads_each_kv_head_once(dtype):
+    """GQA decode: the 4 query heads x 2 queries of a K/V head are one tile of 8 rows; against
+    float64 repeat_kv, with the KV-cache's causal offset as a predicate (query i sees keys
+    j <= i + Nk - Nq) and a per-head bias (ALiBi-like: the rows of a tile belong to different
+    heads), forward and backward."""
+    torch.manual_seed(31)
+    B, H, HK, nq, nk, d = 1, 8, 2, 2, 517, 64
+    n2, n3 = _n[2], _n[3]
+    m = _mask_spec(sympy.Gt(_j, _i + n3 - n2))
+    ops = (ScoreOp("mul", "const", value=d ** -0.5), ScoreOp("add", "tensor", index=0),
+           ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    n = dtype_name(dtype)
+    spec = AttentionSpec(score_ops=ops, captured=("tensor",), masks=(m,), qk_dtype=n,
+                         softmax_dtype=n, prob_dtype=n, out_dtype=n)
+    slopes = torch.arange(1, H + 1, device=DEVICE, dtype=torch.float32).reshape(1, H, 1, 1) / 512
+    bias = (-slopes * (nk - 1 - torch.arange(nk, device=DEVICE)).reshape(1, 1, 1, nk)).expand(1, H, nq, nk)
+    bias = bias.to(dtype).contiguous()
+    q = torch.randn(B, H, nq, d, device=DEVICE, dtype=dtype)
+    k = torch.randn(B, HK, nk, d, device=DEVICE, dtype=dtype)
+    v = torch.randn(B, HK, nk, d, device=DEVICE, dtype=dtype)
+    assert ta.supports(q, k, v, spec)
+    plan = ta.decode_plan(B, H, H // HK, nq, nk, d, d, spec)
+    assert plan is None or plan[0] == 16  # 4 heads x 2 queries, padded
+    out, lse = ta.forward(q, k, v, [bias], spec)
+    go = torch.randn_like(out)
+    dq, dk, dv, _ = ta.backward(go, q, k, v, [bias], out, lse, spec, 0, [False])
+    keep = predicate.materialize(m, (B, H, nq, nk), [])
+
+    def eager(t):
+        qr, kr, vr = (x.detach().to(t).requires_grad_() for x in (q, k, v))
+        s = (qr @ kr.repeat_interleave(H // HK, 1).transpose(-1, -2)) * d ** -0.5 + bias.to(t)
+        o = torch.softmax(s.masked_fill(keep, -math.inf), -1) @ vr.repeat_interleave(H // HK, 1)
+        o.backward(go.to(t))
+        return o.detach(), qr.grad, kr.grad, vr.grad
+
+    ref, low = eager(torch.float64), eager(dtype)
+    for name, g, e, r in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), low, ref):
+        _check_close(name, g, e, r, dtype)
+    s = (q.double() @ k.double().repeat_interleave(H // HK, 1).transpose(-1, -2)) * d ** -0.5 + bias.double()
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s.masked_fill(keep, -math.inf), -1),
+                               rtol=1e-5, atol=1e-3)
+
+
+def test_decode_fully_masked_rows_follow_eager_and_safe_softmax():
+    # a row whose every key is masked: NaN as eager's softmax (lse NaN), or SDPA's safe softmax
+    # (0 and lse +inf), across splits that all hold only -inf
+    q = torch.randn(1, 2, 2, 32, device=DEVICE)
+    k = torch.randn(1, 2, 400, 32, device=DEVICE)
+    m = _mask_spec(sympy.Eq(_i, 0))  # query 0 keeps nothing
+    ops = (ScoreOp("fill", "predicate", value=-math.inf, index=0),)
+    for safe in (False, True):
+        spec = AttentionSpec(score_ops=ops, masks=(m,), safe_softmax=safe)
+        assert ta.decode_plan(1, 2, 1, 2, 400, 32, 32, spec) is not None
+        out, lse = ta.forward(q, k, k, [], spec)
+        ref = torch.softmax((q @ k.transpose(-1, -2)), -1) @ k
+        torch.testing.assert_close(out[:, :, 1], ref[:, :, 1], atol=1e-5, rtol=1e-5)
+        if safe:
+            assert (out[:, :, 0] == 0).all() and torch.isposinf(lse[:, :, 0]).all()
+        else:
+            assert torch.isnan(out[:, :, 0]).all() and torch.isnan(lse[:, :, 0]).all()

@@ -22,13 +22,17 @@ namespace). Launchers: ``launch.py``; host-side block ranges: ``ranges.py``.
   ``kernels/removal.py``) and recomputes its query block over every key block when a row fails.
 * ``FULL_TILES``: key blocks every row of the query block keeps whole (``ranges.full_ranges``)
   take ``_fwd_tile`` with FULL: no bounds checks, the skipped mask step left out.
+* ``attn_decode`` + ``attn_decode_combine``: the forward for few queries over a long KV cache
+  (flash-decoding: the keys split across programs, the partial results combined by their
+  log-sum-exp; grouped-query heads of one K/V head share a tile), chosen by ``launch.decode_plan``.
 
 Everything is fp32 except the dot operands (the inputs' dtype).
 """
 import triton
 import triton.language as tl
 
-from .spec_parts import (  # noqa: F401 - replaced per spec in the kernels' namespace
+# replaced per spec in the kernels' namespace (loader.py)
+from .spec_parts import (
     DROP_SCALE, DROP_THRESHOLD, FULL_SCALE, HAS_DROPOUT, LOG2_UNITS, SAFE_SOFTMAX, operand_tiles,
     operand_tiles_full, score_mod, score_mod_backward, score_mod_backward_store, score_mod_full)
 
@@ -381,7 +385,7 @@ def attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # grouped-query attention: the G query heads that share this K/V head add into one dK/dV,
     # in a fixed order (no atomics)
-    for g in range(0, G):
+    for g in range(G):
         off_h = off_hk * G + g
         off_bh = off_b * H + off_h
         # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here
@@ -488,3 +492,109 @@ def attn_bwd_dq(
         dq += _dot(ds.to(k.dtype), k, UPCAST_DOT, ALLOW_TF32)
     tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < D))
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode (flash-decoding): few queries over a long KV cache
+# ---------------------------------------------------------------------------------------------
+#
+# With Nq <= 16 the forward above has one query block per (batch, head): too few programs to fill
+# a GPU, and each reads the whole K/V of its head, G times under grouped-query attention. Here the
+# key range is split across programs (grid: splits x batch*K/V heads) and each program takes the
+# G query heads of one K/V head together as its rows (row r = query head g * Nq + query i), so K
+# and V are read once per split. Each writes its unnormalised partial output, row max and sum; a
+# second kernel combines the splits by their log-sum-exp. Every key block of the split is visited
+# (no block skipping: exact by definition), through the partial-tile path.
+
+@triton.jit
+def attn_decode(
+    Q, K, V, PO, PM, PL, OPS,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    H, G, N_Q, N_K, D, DV, BLOCKS_PER_SPLIT, N_SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+):
+    split = tl.program_id(0)
+    off_bk = tl.program_id(1).to(tl.int64)
+    HK = H // G
+    off_b = off_bk // HK
+    off_hk = off_bk % HK
+    rows = tl.arange(0, BLOCK_M)
+    r_valid = rows < G * N_Q
+    g = rows // N_Q
+    offs_m = rows % N_Q                      # the query index of each row
+    off_h = (off_hk * G + g).to(tl.int64)    # the query head of each row
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + off_b * sqb + off_h[:, None] * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=r_valid[:, None] & (offs_d[None, :] < D), other=0.0)
+    K_bh = K + off_b * skb + off_hk * skh
+    V_bh = V + off_b * svb + off_hk * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    b0 = split * BLOCKS_PER_SPLIT
+    b1 = tl.minimum(b0 + BLOCKS_PER_SPLIT, tl.cdiv(N_K, BLOCK_N))
+    for blk_n in range(b0, b1):
+        start_n = blk_n * BLOCK_N
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        n_valid = offs_n < N_K
+        valid = r_valid[:, None] & n_valid[None, :]
+        k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
+                       N_K - start_n, offs_d, skd, D)
+        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+        T = operand_tiles(OPS, off_b, off_h[:, None], offs_m, offs_n, valid)
+        s = score_mod(s, T)
+        s = tl.where(n_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp(s - m_safe[:, None])
+        alpha = _exp(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_tile(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
+                       N_K - start_n, offs_dv, svd, DV)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
+        m_i = m_new
+    # partials, per (b, query head, query, split): contiguous fp32 buffers
+    part = ((off_b * H + off_h) * N_Q + offs_m) * N_SPLITS + split
+    tl.store(PM + part, m_i, mask=r_valid)
+    tl.store(PL + part, l_i, mask=r_valid)
+    tl.store(PO + part[:, None] * BLOCK_DV + offs_dv[None, :], acc, mask=r_valid[:, None])
+
+
+@triton.jit
+def attn_decode_combine(
+    PO, PM, PL, Out, LSE, sob, soh, som, sod, H, N_Q, DV, N_SPLITS,
+    BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr,
+):
+    # one program per (batch, head, query): the splits' partials weighted by exp(m_s - m)
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * N_Q + i
+    off_i = row % N_Q
+    off_bh = row // N_Q
+    off_b = off_bh // H
+    off_h = off_bh % H
+    offs_s = tl.arange(0, BLOCK_S)
+    s_valid = offs_s < N_SPLITS
+    offs_dv = tl.arange(0, BLOCK_DV)
+    m_s = tl.load(PM + row * N_SPLITS + offs_s, mask=s_valid, other=float("-inf"))
+    l_s = tl.load(PL + row * N_SPLITS + offs_s, mask=s_valid, other=0.0)
+    m = tl.max(m_s, 0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    w = _exp(m_s - m_safe)
+    l_i = tl.sum(l_s * w, 0)
+    o_s = tl.load(PO + (row * N_SPLITS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :],
+                  mask=s_valid[:, None], other=0.0)
+    acc = tl.sum(o_s * w[:, None], 0)
+    if LOG2_UNITS:
+        lse = (m + tl.math.log2(l_i)) * LN2
+    else:
+        lse = m + tl.log(l_i)
+    if SAFE_SOFTMAX:
+        out = tl.where(l_i == 0.0, 0.0, acc / l_i)
+        lse = tl.where(l_i == 0.0, float("inf"), lse)
+    else:
+        out = acc / l_i
+        lse = tl.where(l_i == 0.0, float("nan"), lse)
+    tl.store(Out + off_b * sob + off_h * soh + off_i * som + offs_dv * sod,
+             out.to(Out.dtype.element_ty), mask=offs_dv < DV)
+    tl.store(LSE + row, lse)

@@ -91,12 +91,14 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
 # the first entry whose head-dim bound covers max(d, dv). Hopper/Blackwell: the forward at
 # 128 x 128 (8 warps: two warpgroups of 64 rows each) so every dot is a warpgroup MMA, 3 stages of
 # K/V in flight; the backward's tiles at >= 64 rows on both sides (dS^T Q and P^T dO have BLOCK_N
-# rows) so its dots are warpgroup MMAs too. Ampere: FlashAttention-2's sizes.
+# rows) so its dots are warpgroup MMAs too. Ampere: FlashAttention-2's sizes; its d = 128
+# backward at 64 x 32 (at 32 x 32 the 4 warps' mma.sync layout held each score twice: 2 MUFU per
+# exponential, measured by gpu_static; 64 x 32 has none of that and no spills).
 _TILES = {
     (90, False): ((64, (128, 128, 8, 3)), (128, (128, 128, 8, 3)), (256, (128, 64, 8, 2))),
     (90, True): ((64, (64, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (64, 64, 8, 1))),
     (80, False): ((64, (128, 64, 4, 3)), (128, (128, 64, 8, 2)), (256, (64, 32, 4, 1))),
-    (80, True): ((64, (64, 64, 4, 2)), (128, (32, 32, 4, 2)), (256, (16, 32, 4, 1))),
+    (80, True): ((64, (64, 64, 4, 2)), (128, (64, 32, 4, 2)), (256, (16, 32, 4, 1))),
 }
 # fp32 inputs (IEEE or TF32 dots): twice the bytes per operand, the pre-Hopper sizes everywhere
 _TILES_FP32 = {
@@ -128,9 +130,10 @@ def _arch(device) -> Optional[int]:
 
 def _blocks(d: int, dv: int, backward: bool, dtype=None, device=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call (see _TILES)."""
-    if _interpret():
+    if _interpret() and not _ARCH_OVERRIDE:
         # small tiles keep the interpreter fast while still giving several key blocks to the
-        # online softmax and partial tiles at the edges
+        # online softmax and partial tiles at the edges; under target_arch the interpreter runs
+        # the real tiles of that architecture (tests at GPU tile sizes)
         return 16, 16, 4, 1
     dmax = max(d, dv)
     arch = _arch(device)
@@ -189,6 +192,58 @@ def _dims(q, k, v):
     return B, H, H // k.shape[1], nq, k.shape[2], d, v.shape[3]
 
 
+# Decode (flash-decoding, attention.attn_decode): chosen when the queries of one K/V head (its G
+# query heads x Nq) fit one tile of DECODE_MAX_ROWS rows and the cache has at least
+# DECODE_MIN_KEYS keys; the key range is split so that about DECODE_PROGRAMS programs run, each
+# over at least two key blocks
+DECODE_MAX_QUERIES = 16
+DECODE_MAX_ROWS = 128
+DECODE_MIN_KEYS = 256
+DECODE_PROGRAMS = 264  # two waves of an H100/H200's 132 SMs
+
+
+def decode_plan(B: int, H: int, G: int, nq: int, nk: int, d: int, dv: int, spec: AttentionSpec,
+                device=None):
+    """(BLOCK_M, BLOCK_N, splits, key blocks per split, warps, stages) when a call takes the
+    split-KV decode kernel, else None."""
+    if nq > DECODE_MAX_QUERIES or nk < DECODE_MIN_KEYS or spec.dropout_p > 0:
+        return None
+    bm = _pow2(G * nq)
+    if bm > DECODE_MAX_ROWS:
+        return None
+    bn = 64 if max(d, dv) <= 128 else 32
+    arch = _arch(device)
+    if _interpret() and not _ARCH_OVERRIDE:
+        bn = 16
+    elif arch is not None and arch >= 90:
+        # a warpgroup MMA takes 64 rows: the padding rows cost no memory traffic, which is what
+        # decode is bound by
+        bm = max(bm, 64)
+    n_nb = triton.cdiv(nk, bn)
+    splits = max(1, min(triton.cdiv(n_nb, 2), triton.cdiv(DECODE_PROGRAMS, B * (H // G))))
+    per = triton.cdiv(n_nb, splits)
+    return bm, bn, triton.cdiv(n_nb, per), per, 4, 3
+
+
+def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
+    B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
+    bm, bn, splits, per, warps, stages = plan
+    bdv = _pow2(dv)
+    # the splits' partials (fp32): unnormalised output, row max and sum, per (b, h, i, split)
+    po = torch.empty((B * H * nq * splits, bdv), dtype=torch.float32, device=q4.device)
+    pm = torch.empty((B * H * nq * splits,), dtype=torch.float32, device=q4.device)
+    pl = torch.empty_like(pm)
+    mod.attn_decode[(splits, B * (H // G))](
+        q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk)),
+        *q4.stride(), *k4.stride(), *v4.stride(),
+        H, G, nq, nk, d, dv, per, splits,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv, num_warps=warps,
+        num_stages=stages, **_flags())
+    mod.attn_decode_combine[(B * H * nq,)](
+        po, pm, pl, out, lse, *out.stride(), H, nq, dv, splits,
+        BLOCK_S=_pow2(splits), BLOCK_DV=bdv, num_warps=4 if bdv >= 128 else 1)
+
+
 def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out (..., Nq, Dv) in spec.out_dtype, lse (..., Nq) float32)."""
     batch = tuple(q.shape[:-2])
@@ -197,6 +252,10 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     out = torch.empty((B, H, nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
     lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     mod = kernels(spec)
+    plan = decode_plan(B, H, G, nq, nk, d, dv, spec, q.device)
+    if plan is not None:
+        _decode(mod, q4, k4, v4, out, lse, captured, spec, plan)
+        return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
     bm, bn, warps, stages = _blocks(d, dv, backward=False, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(nq, bm) * B * H,)
     ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
