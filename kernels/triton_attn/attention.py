@@ -223,6 +223,25 @@ def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, 
     return m_new, l_i, acc
 
 
+@triton.jit
+def _finish(acc, l_b, m, l):
+    # (out, lse) of rows from the online softmax's accumulator, max and sum (l_b: l broadcast to
+    # acc). A fully masked row (all -inf) has l = 0: 0/0 gives eager's NaN row, and lse is NaN as
+    # in cpu.py (max - log(max p) with p NaN). SDPA's safe softmax: output 0 and lse = +inf, so
+    # that the backward's p = exp(s - lse) is 0 on it; a NaN row stays NaN (l is NaN, not 0)
+    if LOG2_UNITS:
+        lse = (m + tl.math.log2(l)) * LN2
+    else:
+        lse = m + tl.log(l)
+    if SAFE_SOFTMAX:
+        out = tl.where(l_b == 0.0, 0.0, acc / l_b)
+        lse = tl.where(l == 0.0, float("inf"), lse)
+    else:
+        out = acc / l_b
+        lse = tl.where(l == 0.0, float("nan"), lse)
+    return out, lse
+
+
 @triton.jit(do_not_specialize=["seed"])
 def attn_fwd(
     Q, K, V, Out, LSE, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh, THRESH,
@@ -295,19 +314,7 @@ def attn_fwd(
                 q, K_bh, V_bh, m_i, l_i, acc, blk_n * BLOCK_N, OPS, off_b, off_h, off_bh, offs_m,
                 m_valid, offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, seed,
                 BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
-    # a fully masked row (all -inf) has l_i = 0: 0/0 gives eager's NaN row, and lse is NaN as in
-    # cpu.py (max - log(max p) with p NaN). SDPA's safe softmax: output 0 and lse = +inf, so that
-    # the backward's p = exp(s - lse) is 0 on it; a NaN row stays NaN (l is NaN, not 0)
-    if LOG2_UNITS:
-        lse = (m_i + tl.math.log2(l_i)) * LN2
-    else:
-        lse = m_i + tl.log(l_i)
-    if SAFE_SOFTMAX:
-        out = tl.where(l_i[:, None] == 0.0, 0.0, acc / l_i[:, None])
-        lse = tl.where(l_i == 0.0, float("inf"), lse)
-    else:
-        out = acc / l_i[:, None]
-        lse = tl.where(l_i == 0.0, float("nan"), lse)
+    out, lse = _finish(acc, l_i[:, None], m_i, l_i)
     tl.store(Out + off_b * sob + off_h * soh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))
     tl.store(LSE + off_bh * N_Q + offs_m, lse, mask=m_valid)
@@ -536,25 +543,12 @@ def attn_decode(
     b0 = split * BLOCKS_PER_SPLIT
     b1 = tl.minimum(b0 + BLOCKS_PER_SPLIT, tl.cdiv(N_K, BLOCK_N))
     for blk_n in range(b0, b1):
-        start_n = blk_n * BLOCK_N
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        n_valid = offs_n < N_K
-        valid = r_valid[:, None] & n_valid[None, :]
-        k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
-                       N_K - start_n, offs_d, skd, D)
-        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
-        T = operand_tiles(OPS, off_b, off_h[:, None], offs_m, offs_n, valid)
-        s = score_mod(s, T)
-        s = tl.where(n_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = _exp(s - m_safe[:, None])
-        alpha = _exp(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
-                       N_K - start_n, offs_dv, svd, DV)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST_DOT, ALLOW_TF32)
-        m_i = m_new
+        # the forward's partial-tile step, each row with its own head (no dropout here: the
+        # batch*head and seed arguments are unused)
+        m_i, l_i, acc = _fwd_tile(
+            q, K_bh, V_bh, m_i, l_i, acc, blk_n * BLOCK_N, OPS, off_b, off_h[:, None], 0, offs_m,
+            r_valid, offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, 0,
+            BLOCK_N, UPCAST_DOT, ALLOW_TF32, False, False)
     # partials, per (b, query head, query, split): contiguous fp32 buffers
     part = ((off_b * H + off_h) * N_Q + offs_m) * N_SPLITS + split
     tl.store(PM + part, m_i, mask=r_valid)
@@ -585,16 +579,7 @@ def attn_decode_combine(
     o_s = tl.load(PO + (row * N_SPLITS + offs_s)[:, None] * BLOCK_DV + offs_dv[None, :],
                   mask=s_valid[:, None], other=0.0)
     acc = tl.sum(o_s * w[:, None], 0)
-    if LOG2_UNITS:
-        lse = (m + tl.math.log2(l_i)) * LN2
-    else:
-        lse = m + tl.log(l_i)
-    if SAFE_SOFTMAX:
-        out = tl.where(l_i == 0.0, 0.0, acc / l_i)
-        lse = tl.where(l_i == 0.0, float("inf"), lse)
-    else:
-        out = acc / l_i
-        lse = tl.where(l_i == 0.0, float("nan"), lse)
+    out, lse = _finish(acc, l_i, m, l_i)
     tl.store(Out + off_b * sob + off_h * soh + off_i * som + offs_dv * sod,
              out.to(Out.dtype.element_ty), mask=offs_dv < DV)
     tl.store(LSE + row, lse)
