@@ -53,5 +53,5 @@ def test_causal_and_decode_compile_for_hopper_and_pass_the_gates(tmp_path):
             "attn_decode_combine"} <= kernels, proc.stdout[-2000:]
     for r in rows:
         assert "error" not in r, r
-        assert r["regs"] > 0 and r.get("loop_mma", 0) > 0, r
+        assert r["regs"] > 0 and (r.get("loop_mma", 0) > 0 or r["kernel"] in gs.NO_DOT_KERNELS), r
     assert res["fails"] == [] and proc.returncode == 0, proc.stdout[-2000:]
