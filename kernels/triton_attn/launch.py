@@ -93,10 +93,11 @@ def supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionS
 # K/V in flight; the backward's tiles at >= 64 rows on both sides (dS^T Q and P^T dO have BLOCK_N
 # rows) so its dots are warpgroup MMAs too. Ampere: FlashAttention-2's sizes; its d = 128
 # backward at 64 x 32 (at 32 x 32 the 4 warps' mma.sync layout held each score twice: 2 MUFU per
-# exponential, measured by gpu_static; 64 x 32 has none of that and no spills).
+# exponential, measured by gpu_static; 64 x 32 has none of that and no spills). Hopper's d = 256
+# backward likewise at 128 x 64 on 8 warps (at 64 x 64 both warpgroups computed every score).
 _TILES = {
     (90, False): ((64, (128, 128, 8, 3)), (128, (128, 128, 8, 3)), (256, (128, 64, 8, 2))),
-    (90, True): ((64, (64, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (64, 64, 8, 1))),
+    (90, True): ((64, (64, 64, 4, 2)), (128, (64, 64, 4, 2)), (256, (128, 64, 8, 1))),
     (80, False): ((64, (128, 64, 4, 3)), (128, (128, 64, 8, 2)), (256, (64, 32, 4, 1))),
     (80, True): ((64, (64, 64, 4, 2)), (128, (64, 32, 4, 2)), (256, (16, 32, 4, 1))),
 }
