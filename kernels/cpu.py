@@ -356,9 +356,11 @@ def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
 # (heads are grouped per block to fill it over the block's key span). Larger than TILE_ELEMENTS:
 # these tiles cover only the keys the block needs, and fewer, larger tiles halve the per-tile op
 # overhead (sliding window 256 at N = 2048: 23 ms with 128 rows / 2^20 against 28 ms with 64 / 2^18,
-# benchmarks/RESULTS.md); 4 MiB of fp32 scores per tile.
+# benchmarks/RESULTS.md). 2^18 scores (1 MiB fp32) per tile with 128 rows: per-call peak at N = 2048
+# 13.0 -> 9.1 MiB (window) and 19.1 -> 10.3 MiB (soft-cap + causal), the time within noise (window)
+# to ~7% slower (soft-cap) under load 3-5 (issue 11's target: peak <= 1.3x the anchor's).
 Q_BLOCK = 128
-SPAN_TILE_ELEMENTS = 1 << 20
+SPAN_TILE_ELEMENTS = 1 << 18
 
 
 def _flush_subnormal(p: torch.Tensor) -> torch.Tensor:
