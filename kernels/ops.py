@@ -15,10 +15,12 @@ it and the backward regenerates the same mask from it.
 Shapes: q (..., Nq, D), k (..., Nk, D), v (..., Nk, Dv) with equal batch dims "...";
 captured tensors broadcastable to (..., Nq, Nk). Results: out (..., Nq, Dv), lse (..., Nq) float32.
 
-Which kernel runs: on CUDA tensors the generated Triton kernels (``triton_attention.py``); on CPU,
-ATen's fused flash kernel when the spec is exactly its function (``cpu_flash.py`` says when);
-everywhere else the tiled implementation of ``cpu.py`` (device-agnostic torch ops, never an N x N
-buffer), which covers every spec. Forward and backward decide independently and consistently:
+Which kernel runs (one routing: ``select.route``, which the report prints too): on CUDA tensors
+the generated Triton kernels (``triton_attention.py``); on CPU, ATen's fused flash kernel when the
+normalised spec is exactly its function in this call (``cpu_flash.py`` says when); everywhere else
+the tiled implementation of ``cpu.py`` (device-agnostic torch ops, never an N x N buffer), which
+covers every spec. Where more than one is exact, ``select.pick`` runs the faster, measured once per
+shape bucket and cached. The output keeps q's layout (``_out_empty``): no output-sized copy. Forward and backward decide independently and consistently:
 both compute the same function, and the tiled backward does not read the forward's lse. Every
 path skips a masked key only under the one rule of ``removal.py`` (exact zero probability, NaN and
 inf propagating as in eager), checked per call and per row.
