@@ -286,7 +286,8 @@ SPELLINGS: Dict[str, Tuple[Any, ...]] = {
     "matmul": (torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm", "__matmul__"),
     "baddbmm": (torch.baddbmm, "baddbmm"),
     "einsum": (torch.einsum,),
-    "sdpa": (F.scaled_dot_product_attention,),
+    "sdpa": (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention,
+             torch.ops.aten.scaled_dot_product_attention.default),
     # arithmetic
     "add": (torch.add, operator.add, "add", "__add__", "__radd__"),
     "sub": (torch.sub, operator.sub, torch.subtract, "sub", "subtract", "__sub__"),

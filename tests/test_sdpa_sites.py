@@ -208,3 +208,22 @@ def test_kept_call_with_dropout_keeps_sdpas_own_dropout():
     a = ours(q, k, v)
     torch.manual_seed(5)
     assert torch.equal(a, stock(q, k, v))
+
+
+def test_the_aten_op_spelling_is_a_site_too():
+    """``torch.ops.aten.scaled_dot_product_attention`` called directly (packet or overload): the
+    same site as ``F.scaled_dot_product_attention``, taken with a predicate mask, kept without."""
+    aten = torch.ops.aten.scaled_dot_product_attention
+
+    def taken(q, k, v):
+        return aten(q, k, v, attn_mask=_window(q.shape[-2]))
+
+    def kept(q, k, v):
+        return aten.default(q, k, v, is_causal=True)
+    check_fused(taken, *_qkv())
+    torch._dynamo.reset()
+    q, k, v = _qkv()
+    expl = fusion_pass.explain(kept, q, k, v)
+    assert [s.status for s in expl.sites] == ["kept"], str(expl)
+    out = torch.compile(kept, backend=fusion_pass.Backend(strict=True))(q, k, v)
+    assert max_rel_error([out], [kept(q, k, v)]) < 1e-6
