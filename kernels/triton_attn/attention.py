@@ -507,11 +507,11 @@ def attn_bwd_dq(
 #
 # With Nq <= 16 the forward above has one query block per (batch, head): too few programs to fill
 # a GPU, and each reads the whole K/V of its head, G times under grouped-query attention. Here the
-# key range is split across programs (grid: splits x batch*K/V heads) and each program takes the
+# key range is split across programs (grid: batch*K/V heads x splits) and each program takes the
 # G query heads of one K/V head together as its rows (row r = query head g * Nq + query i), so K
 # and V are read once per split. Each writes its unnormalised partial output, row max and sum; a
 # second kernel combines the splits by their log-sum-exp. Every key block of the split is visited
-# (no block skipping: exact by definition), through the partial-tile path.
+# (no block skipping: exact by definition), through the forward's partial-tile step.
 
 @triton.jit
 def attn_decode(
@@ -521,8 +521,9 @@ def attn_decode(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    off_bk = tl.program_id(1).to(tl.int64)
+    # batch*K/V heads on axis 0 (no 65535 limit there), the splits (a few hundred) on axis 1
+    off_bk = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
     HK = H // G
     off_b = off_bk // HK
     off_hk = off_bk % HK

@@ -234,7 +234,7 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
     po = torch.empty((B * H * nq * splits, bdv), dtype=torch.float32, device=q4.device)
     pm = torch.empty((B * H * nq * splits,), dtype=torch.float32, device=q4.device)
     pl = torch.empty_like(pm)
-    mod.attn_decode[(splits, B * (H // G))](
+    mod.attn_decode[(B * (H // G), splits)](
         q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk)),
         *q4.stride(), *k4.stride(), *v4.stride(),
         H, G, nq, nk, d, dv, per, splits,
