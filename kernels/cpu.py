@@ -32,6 +32,13 @@ from .spec import AttentionSpec, ScoreOp, to_dtype
 # largest tile that keeps the peak within 1.3x of SDPA's.
 TILE_ELEMENTS = 1 << 18
 
+# fill steps of predicate masks as bitwise selects on the scores' bits (``_Operands.fill_bits``);
+# False: boolean masked_fill_ (the same bits, slower), for tests and comparisons
+FILL_BY_BITS = True
+# rows that keep no key under a -inf fill: their all-key scores built as the constant they are
+# (``_tile_parts``) instead of recomputed; False: recomputed, for tests and comparisons
+NO_KEY_SHORTCUT = True
+
 
 def _tiles(nh: int, nq: int, nk: int, group: int = 1):
     """Yield (h0, h1, q0, q1): head ranges and query row ranges of one batch entry. A head range
@@ -74,6 +81,9 @@ class _Operands:
         # and the upper bound of the elements skipping drops (inf: this call skips nothing)
         self.removal = None
         self.worst = math.inf
+        # (bidx, q0, q1) -> head ranges [(h0, h1)] of query blocks where no row keeps any key
+        # (``_key_range``: the key span is empty)
+        self.no_key = {}
 
     def decide_skipping(self, q, k, v, captured, grad_out=None):
         """Per call, the removal rule's first half: inputs finite (and, for an additive mask, |s|
@@ -177,6 +187,43 @@ class _Operands:
         self._cache[("tile", mi)] = (key, t)
         return t
 
+    def fill_bits(self, op: ScoreOp, where, dtype: torch.dtype, value=None):
+        """A fill step of a predicate mask as two bitwise ops on the scores' bit patterns:
+        (keep_bits, fill_bits) such that ``bits(s) & keep_bits | fill_bits`` is, bit for bit,
+        ``masked_fill`` of the step (NaN, +-inf and -0.0 scores included: the kept elements' bits are
+        copied, the filled ones set to the fill value's bits). Integer ops over the tile run at the
+        speed of a float add (``masked_fill_`` with a bool mask ran ~8x slower per tile); built once
+        per query block and key span when the predicate does not depend on the head. None when the
+        step does not qualify (a tensor mask, a dtype without an integer twin, a fill value the
+        dtype cannot hold: ``masked_fill_`` then runs, and raises, as before). ``value``: fill with
+        this instead of the step's value (the backward's gradient fill, 0)."""
+        ib = _INT_TWIN.get(dtype)
+        value = op.value if value is None else value
+        if op.operand != "predicate" or op.kind not in ("fill", "fill_not") or ib is None \
+                or isinstance(value, torch.Tensor):
+            return None
+        bidx, h0, h1, q0, q1, k0, k1 = where
+        # repr: -0.0 and 0.0 (and NaN) told apart, as == would not
+        key = ((bidx, q0, q1, k0, k1) if self._head_free(op.index) else where, op.kind, repr(value), dtype)
+        slot = ("bits", op.index, repr(value))
+        hit = self._cache.get(slot)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        mask = self.mask(op, where)
+        if mask.dtype != torch.bool:
+            return None
+        try:  # the fill value's bits, written by the op the step runs
+            vbits = torch.zeros(1, dtype=dtype).masked_fill_(torch.ones(1, dtype=torch.bool), value).view(ib)
+        except (RuntimeError, TypeError, OverflowError):
+            return None
+        filled = mask if op.kind == "fill" else ~mask
+        zero = torch.zeros((), dtype=ib)
+        keep_bits = torch.where(filled, zero, torch.full((), -1, dtype=ib))  # -1: all bits set
+        fill_bits = torch.where(filled, vbits.reshape(()), zero) if int(vbits.item()) != 0 else None
+        out = (keep_bits, fill_bits)
+        self._cache[slot] = (key, out)
+        return out
+
     def key_span(self, op: ScoreOp, where, nk: int):
         """[k0, k1) within where's keys holding every key some row of the tile may keep (under the
         fill semantics of ``op``); None when no row keeps any key. Linear conditions (causal,
@@ -237,6 +284,24 @@ _INPLACE = {
 }
 
 
+# the integer dtype of each float dtype's bit patterns (same size: a view, never a copy)
+_INT_TWIN = {torch.float32: torch.int32, torch.float64: torch.int64, torch.float16: torch.int16,
+             torch.bfloat16: torch.int16}
+
+
+def _fill_by_bits(s: torch.Tensor, bits) -> bool:
+    """``s`` filled in place by ``_Operands.fill_bits`` (False, untouched, when the mask would
+    broadcast the tile to a larger shape: the caller's op then decides)."""
+    keep_bits, fill_bits = bits
+    if keep_bits.dim() > s.dim() or torch.broadcast_shapes(s.shape, keep_bits.shape) != s.shape:
+        return False
+    b = s.view(_INT_TWIN[s.dtype])
+    b.bitwise_and_(keep_bits)
+    if fill_bits is not None:
+        b.bitwise_or_(fill_bits)
+    return True
+
+
 def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False, start=0):
     """Run the score chain (from step ``start``) on one tile; optionally keep each step's input
     for the backward.
@@ -252,7 +317,9 @@ def _score_chain(spec, ops: _Operands, s, where, keep_inputs=False, start=0):
         x = op.value if mask is not None else ops.operand(op, *where)
         target = to_dtype(op.dtype)
         if not keep_inputs and op.kind in _INPLACE and s.dtype == target and _keeps_dtype(s, x):
-            s = _INPLACE[op.kind](s, x, mask)
+            bits = ops.fill_bits(op, where, s.dtype) if mask is not None and FILL_BY_BITS else None
+            if bits is None or not _fill_by_bits(s, bits):
+                s = _INPLACE[op.kind](s, x, mask)
         else:
             s = _apply(op, s, x, mask=mask)
         if s.dtype != target:  # the graph's dtype for this step (e.g. under autocast)
@@ -281,6 +348,7 @@ def _key_range(spec: AttentionSpec, ops: "_Operands", bidx, h0, h1, q0, q1, nk: 
     if removal.skip_removal(spec) is not None:
         span = ops.key_span(spec.score_ops[-1], (bidx, h0, h1, q0, q1, k0, k1), nk)
         if span is None:  # no row keeps a key: eager's softmax sees every key (NaN or uniform)
+            ops.no_key.setdefault((bidx, q0, q1), []).append((h0, h1))
             return 0, nk
         k0, k1 = span
     return k0, k1
@@ -318,6 +386,14 @@ def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
     return s0, s, inputs, where, s.amax(-1, keepdim=True)
 
 
+def _neg_inf_fill(ops: "_Operands", keep_inputs: bool) -> bool:
+    """The chain's last step replaces masked elements by -inf (so a row's element at a masked key
+    is -inf whatever its score), the call skips, and no step's input is needed."""
+    r = ops.removal
+    return NO_KEY_SHORTCUT and not keep_inputs and ops.skipping and r is not None \
+        and r.kind == removal.REPLACE and r.value == -math.inf
+
+
 def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
     """The tile's scores as a list of row runs (r0, r1, s0, s, inputs, where, m), rows relative to
     the tile. Usually one run over the tile's key span. A row on which dropping the keys outside the
@@ -325,22 +401,43 @@ def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
     skipped elements, as on a row that keeps no key inside the span, left padding) must see every
     key, as eager does: the runs of such rows are recomputed over all keys, the other rows keep
     their span's scores."""
-    s0, s, inputs, where, m = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs)
     bidx, h0, h1, q0, q1, k0, k1 = where
     nk = kb.shape[-2]
+    shortcut = _neg_inf_fill(ops, keep_inputs)
+    if shortcut and k0 == 0 and k1 == nk and \
+            any(a <= h0 and h1 <= b for a, b in ops.no_key.get((bidx, q0, q1), ())):
+        # no row of the tile keeps a key: all its elements are -inf exactly (see below)
+        shape = tuple(torch.broadcast_shapes(qt.shape[:-2], kb[kh].shape[:-2])) + (q1 - q0,)
+        s = torch.full(shape + (nk,), -math.inf, dtype=to_dtype(spec.score_ops[-1].dtype), device=qt.device)
+        return [(0, q1 - q0, qt.new_empty(shape + (0,)), s, [], where,
+                 torch.full(shape + (1,), -math.inf, dtype=s.dtype, device=s.device))]
+    s0, s, inputs, where, m = _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs)
     if k0 == 0 and k1 == nk:
         return [(0, q1 - q0, s0, s, inputs, where, m)]
     bad = (~removal.rows_ok(m, ops.worst, ops.removal)).reshape(-1, q1 - q0).any(0)  # per row, over heads
     if not bool(bad.any()):
         return [(0, q1 - q0, s0, s, inputs, where, m)]
+    # rows whose max over the span is -inf for every head of the tile, under a last step that
+    # replaces masked elements by -inf: every key outside the span is masked for every row of the
+    # tile, so the row's elements over all keys are -inf exactly (whatever the scores: NaN and inf
+    # included); their all-key run is that constant tile, not a recomputation (same softmax, same
+    # products after it). Not with ``keep_inputs`` (the backward then reads each step's input).
+    empty = None
+    if shortcut:
+        empty = (m == -math.inf).reshape(-1, q1 - q0).all(0).tolist()
     parts = []
     flags = bad.tolist()
     r0 = 0
     while r0 < len(flags):
         r1 = r0
-        while r1 < len(flags) and flags[r1] == flags[r0]:
+        while r1 < len(flags) and flags[r1] == flags[r0] and \
+                (empty is None or not flags[r0] or empty[r1] == empty[r0]):
             r1 += 1
-        if flags[r0]:  # rows keeping no key in the span: all keys
+        if flags[r0] and empty is not None and all(empty[r0:r1]):  # rows keeping no key at all
+            wr = (bidx, h0, h1, q0 + r0, q0 + r1, 0, nk)
+            sr = torch.full(tuple(s.shape[:-2]) + (r1 - r0, nk), -math.inf, dtype=s.dtype, device=s.device)
+            parts.append((r0, r1, s0[..., r0:r1, :0], sr, [], wr, m[..., r0:r1, :]))
+        elif flags[r0]:  # rows keeping no key in the span: all keys
             wr = (bidx, h0, h1, q0 + r0, q0 + r1, 0, nk)
             parts.append((r0, r1) + _tile_scores(spec, ops, qt[..., r0:r1, :], kb, kh, wr, keep_inputs))
         else:
@@ -694,10 +791,11 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
             # d f / d s from sympy (pointwise.derivative), written so that its conventions at kinks
             # are eager's (relu'(0) = 0, clamp' = 1 on the closed interval), evaluated on the tile
             ds = pointwise.backward(op.fn, op.args, s_in, ds)
-        elif kind == "fill":
-            ds = ds.masked_fill_(ops.mask(op, where), 0)
-        elif kind == "fill_not":
-            ds = ds.masked_fill_(~ops.mask(op, where), 0)
+        elif kind in ("fill", "fill_not"):
+            bits = ops.fill_bits(op, where, ds.dtype, value=0) if FILL_BY_BITS else None
+            if bits is None or not _fill_by_bits(ds, bits):
+                mask = ops.mask(op, where)
+                ds = ds.masked_fill_(mask if kind == "fill" else ~mask, 0)
         if d_operand is not None and op.operand in ("tensor", "scalar"):
             _accumulate(dcap[op.index], d_operand, where, spec.captured[op.index])
         if op.operand == "bias" and dcap[spec.biases[op.index].x] is not None:
