@@ -427,10 +427,27 @@ def _analyse_sdpa(region: Region) -> Union[Analysis, NearMiss]:
                         "kernel for this call (its mask is data, which SDPA reads as the kernels "
                         "would: nothing to skip)" + _kept_dropout(p), kept=True)
     spec, captured = _with_predicates(spec, captured, preds, score_shape)
+    spec = _sdpa_additive(spec)
     if p:
         lines.append(f"dropout p={p}: fusion_pass's counter-based dropout, equal in distribution to "
                      "SDPA's, not bit-equal (a different random stream)")
     return _analysis(region, spec, captured, acc, dt, Frames(), lines)
+
+
+def _sdpa_additive(spec: AttentionSpec) -> AttentionSpec:
+    """SDPA applies a boolean ``attn_mask`` by adding 0 / -inf to the scores (its math and CPU
+    flash paths both do), not by replacing them: where a masked score is +inf or NaN, or a row
+    keeping no key has a NaN query, eager SDPA gives NaN and ``where(keep, s, -inf)`` would not.
+    So a proven boolean mask's step becomes the additive predicate ``where(keep, 0, -inf)`` added
+    to the scores: the eager additive spelling, whose removal rule (skipping a masked key only
+    where its score is proven finite) every kernel already follows."""
+    ops, masks = list(spec.score_ops), list(spec.masks)
+    for pos, op in enumerate(ops):
+        if op.kind == "fill_not" and op.operand == "predicate" and op.value == -math.inf:
+            masks[op.index] = dataclasses.replace(masks[op.index], kind="additive", dtype=op.dtype,
+                                                  kept=0.0, masked=-math.inf)
+            ops[pos] = ScoreOp("add", "predicate", index=op.index, dtype=op.dtype)
+    return dataclasses.replace(spec, score_ops=tuple(ops), masks=tuple(masks))
 
 
 def _kept_dropout(p) -> str:

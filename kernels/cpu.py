@@ -388,10 +388,12 @@ def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
 
 def _neg_inf_fill(ops: "_Operands", keep_inputs: bool) -> bool:
     """The chain's last step replaces masked elements by -inf (so a row's element at a masked key
-    is -inf whatever its score), the call skips, and no step's input is needed."""
+    is -inf whatever its score) or adds -inf to them (SDPA's boolean mask, an additive -inf
+    predicate: -inf for every finite score, and skipping under an additive step already required
+    a finite bound of |s| for this call), the call skips, and no step's input is needed."""
     r = ops.removal
     return NO_KEY_SHORTCUT and not keep_inputs and ops.skipping and r is not None \
-        and r.kind == removal.REPLACE and r.value == -math.inf
+        and r.kind in (removal.REPLACE, removal.ADD) and r.value == -math.inf
 
 
 def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):

@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+import fusion_pass
+
 from fusion_pass.kernels import AttentionSpec, ScoreOp, cpu, cpu_flash, fused_attention
 from fusion_pass.kernels.ops import kernel_summary
 from fusion_pass.kernels.dropout import keep_mask, threshold
@@ -336,11 +338,11 @@ def test_repository_kernels_folder_imported_top_level_is_inert(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("poison", ["finite", "nan_inf"])
 def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkeypatch):
-    """An SDPA site's boolean window + left-padding mask (a predicate, ``where(keep, s, -inf)``) is
-    applied on the tiled path by bitwise ops on the scores' bits (``_Operands.fill_bits``): the
-    same bits as the boolean masked_fill_ it replaces, NaN/+-inf scores and rows keeping no key
-    included, and the forward equals eager SDPA's (NaNs where eager has them)."""
-    import torch.nn.functional as F
+    """A window + left-padding mask written ``where(keep, s, -inf)`` (a predicate fill) is applied
+    on the tiled path by bitwise ops on the scores' bits (``_Operands.fill_bits``): the same bits
+    as the boolean masked_fill_ it replaces, NaN/+-inf scores and rows keeping no key included,
+    and the forward equals eager's (NaN rows where eager has them). (SDPA's own boolean mask is
+    additive: ``test_sdpa_bool_mask_over_nonfinite_scores_matches_eager``.)"""
     import fusion_pass
     torch._dynamo.reset()
     monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
@@ -351,7 +353,8 @@ def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkey
     def f(q, k, v, am):
         i, j = torch.arange(q.shape[-2])[:, None], torch.arange(q.shape[-2])[None, :]
         keep = (j <= i) & (j > i - 40) & am[:, None, None, :].bool()
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+        s = torch.where(keep, q @ k.transpose(-1, -2) * D ** -0.5, -math.inf)
+        return torch.softmax(s, -1) @ v
 
     g = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(B, H, N, D, generator=g).to(dtype) for _ in range(3))
@@ -379,10 +382,8 @@ def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkey
     if poison == "finite":
         ref = f(q, k, v, am)
         tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
-        torch.testing.assert_close(got, ref, rtol=tol, atol=tol)
-    # with +-inf/NaN scores at masked positions eager SDPA differs (it adds a 0/-inf tile: NaN
-    # where ours selects -inf; test_sdpa_bool_mask_over_nonfinite_scores_matches_eager); the
-    # bitwise fill must keep the masked_fill_ path's bits regardless
+        torch.testing.assert_close(got, ref, rtol=tol, atol=tol, equal_nan=True)
+    # the bitwise fill keeps the masked_fill_ path's bits, +-inf/NaN scores included
     monkeypatch.setattr(cpu, "FILL_BY_BITS", False)
     ib = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16}[dtype]
     for a, b in zip(got_all, run()):  # output and gradients bit for bit, NaN payloads included
@@ -423,24 +424,46 @@ def test_fill_bits_equals_masked_fill_on_special_scores(kind, dtype, value):
     assert torch.equal(got.view(ib), want.view(ib))
 
 
-@pytest.mark.xfail(strict=True, reason="known, not fixed: an SDPA bool mask is read as where(keep, s, "
-                   "-inf) (fusion_pass/analyze.py), but eager SDPA on CPU adds where(keep, 0, -inf): "
-                   "a masked +-inf/NaN score gives NaN rows in eager, not in ours")
-def test_sdpa_bool_mask_over_nonfinite_scores_matches_eager(monkeypatch):
+@pytest.mark.parametrize("poison", ["inf_key", "nan_query_in_empty_row", "nan_key"])
+def test_sdpa_bool_mask_over_nonfinite_scores_matches_eager(monkeypatch, poison):
+    """SDPA adds 0 / -inf for a boolean mask (it does not replace): a masked +inf or NaN score, or
+    a NaN query in a row keeping no key, gives NaN in eager SDPA; the fused site (tiled path, the
+    flash route turned off) gives the same NaN pattern and equal values elsewhere, forward and
+    backward."""
     import torch.nn.functional as F
     torch._dynamo.reset()
     monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
-    B, H, N, D = 1, 2, 40, 8
+    B, H, N, D = 2, 2, 40, 8
 
-    def f(q, k, v):
+    def f(q, k, v, am):
         i, j = torch.arange(q.shape[-2])[:, None], torch.arange(q.shape[-2])[None, :]
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=(j <= i) & (j > i - 8))
+        keep = (j <= i) & (j > i - 8) & am[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
 
     q, k, v = (torch.randn(B, H, N, D, dtype=torch.float64) for _ in range(3))
-    k[0, 0, 30, 2] = math.inf  # masked for rows < 30 and >= 38
-    got = torch.compile(f, backend="fusion_pass")(q, k, v)
-    ref = f(q, k, v)
-    assert torch.equal(got.isnan(), ref.isnan())
+    am = torch.ones(B, N, dtype=torch.long)
+    am[1, :20] = 0  # rows 0-19 of batch 1 keep no key
+    if poison == "inf_key":
+        k[0, 0, 30, 2] = math.inf  # masked for rows < 30 and >= 38
+    elif poison == "nan_key":
+        k[0, 1, 12, 3] = math.nan
+    else:
+        q[1, 0, 5, 1] = math.nan
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    expl = fusion_pass.explain(f, q, k, v, am)
+    assert len(expl.fused) == 1
+    got = torch.compile(f, backend="fusion_pass")(q, k, v, am)
+    ref = f(q, k, v, am)
+    assert torch.equal(got.isnan(), ref.isnan()) and ref.isnan().any()
+    ok = ~ref.isnan()
+    torch.testing.assert_close(got[ok], ref[ok])
+    grad = torch.randn_like(ref)
+    g_got = torch.autograd.grad(got, (q, k, v), grad)
+    g_ref = torch.autograd.grad(ref, (q, k, v), grad)
+    for a, b in zip(g_got, g_ref):
+        assert torch.equal(a.isnan(), b.isnan())
+        torch.testing.assert_close(a[~b.isnan()], b[~b.isnan()])
 
 
 @pytest.mark.parametrize("site", ["sdpa", "eager_where"])

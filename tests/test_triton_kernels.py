@@ -934,3 +934,29 @@ def test_decode_fully_masked_rows_follow_eager_and_safe_softmax():
             assert (out[:, :, 0] == 0).all() and torch.isposinf(lse[:, :, 0]).all()
         else:
             assert torch.isnan(out[:, :, 0]).all() and torch.isnan(lse[:, :, 0]).all()
+
+
+def test_sdpa_site_spec_additive_mask_with_safe_softmax_equals_sdpa():
+    """The spec the pass builds for an SDPA call with a boolean window mask (SDPA adds 0 / -inf:
+    an additive -inf predicate, safe softmax): forward and backward against SDPA in float64,
+    rows keeping no key 0 (safe softmax), gradients there 0."""
+    import torch.nn.functional as F
+    B, H, N, d = 1, 2, 48, 16
+    keep = sympy.And(_j <= _i, _j > _i - 8, _i >= 4)  # rows 0-3 keep no key
+    m = _mask_spec(keep, kind="additive")
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=d ** -0.5),
+                                    ScoreOp("add", "predicate", index=0)),
+                         masks=(m,), safe_softmax=True)
+    g = torch.Generator().manual_seed(7)
+    q, k, v, go = (torch.randn(B, H, N, d, generator=g).to(DEVICE) for _ in range(4))
+    out, lse = ta.forward(q, k, v, [], spec)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    dense = ((j <= i) & (j > i - 8) & (i >= 4)).to(DEVICE)
+    qd, kd, vd = (t.double().requires_grad_() for t in (q, k, v))
+    ref = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=dense)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+    assert (out[:, :, :4] == 0).all()
+    dq, dk, dv, _ = ta.backward(go, q, k, v, [], out, lse, spec, 0, [])
+    rq, rk, rv = torch.autograd.grad(ref, (qd, kd, vd), go.double())
+    for a, b in zip((dq, dk, dv), (rq, rk, rv)):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
