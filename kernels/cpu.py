@@ -596,22 +596,29 @@ class _CpuShare:
 _SHARE = _CpuShare()
 
 
-def _threads_for_share(fn):
-    """Run the tiled forward on one intra-op thread while other processes keep the cores busy
-    (``_CpuShare``), else on the caller's count. Forward only: its result was bitwise equal on 1
-    and 2 threads, the backward's was not (its accumulations), and a gradient that depended on
-    the machine's load would break run-to-run determinism."""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        n = torch.get_num_threads()
-        if n == 1 or not _SHARE.others_busy():
-            return fn(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-    return run
+def one_thread(when=None):
+    """Decorator: run the function with one intra-op thread (then restore the caller's count)
+    whenever ``when()`` holds (always without ``when``)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            n = torch.get_num_threads()
+            if n == 1 or (when is not None and not when()):
+                return fn(*args, **kwargs)
+            torch.set_num_threads(1)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                torch.set_num_threads(n)
+        return run
+    return wrap
+
+
+# The tiled forward runs on one intra-op thread while other processes keep the cores busy
+# (``_CpuShare``), else on the caller's count. Forward only: its result was bitwise equal on 1
+# and 2 threads, the backward's was not (its accumulations), and a gradient that depended on the
+# machine's load would break run-to-run determinism.
+_threads_for_share = one_thread(when=lambda: _SHARE.others_busy())
 
 
 @_threads_for_share

@@ -50,6 +50,7 @@ import sympy
 import torch
 
 from . import removal
+from .cpu import one_thread
 from .predicate import as_operand, materialize, parse
 from .spec import AttentionSpec, to_dtype
 
@@ -413,26 +414,15 @@ class Call:
     worst: float = math.inf
 
 
-def _on_one_thread(fn):
-    """Run ``fn`` (the per-call checks: O(N d) reductions over q, k, v, dO and the lse, a
-    (B, 1, 1, N) mask) with one intra-op thread, then restore the caller's count. Each check is a
-    separate small parallel region: with two threads and the other core busy (any other process),
-    the thread that finishes first spin-waits at the region's barrier on the core its partner
-    needs, so every region costs a scheduler time slice: ``aminmax`` of a 3 MiB q took 8 ms with
-    2 threads against 0.08 ms with 1 (measured here, load average 2), and the checks of one call
-    ~25 ms, more than half of ATen's flash kernel at N = 1024. On one thread they cost ~0.1-0.3 ms
-    on a quiet machine too. (``set_num_threads`` is per calling thread under OpenMP, ~0.3 us.)"""
-    @functools.wraps(fn)
-    def run(*args, **kwargs):
-        n = torch.get_num_threads()
-        if n == 1:
-            return fn(*args, **kwargs)
-        torch.set_num_threads(1)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            torch.set_num_threads(n)
-    return run
+# The per-call checks (O(N d) reductions over q, k, v, dO and the lse, a (B, 1, 1, N) mask)
+# run on one intra-op thread. Each check is a
+# separate small parallel region: with two threads and the other core busy (any other process),
+# the thread that finishes first spin-waits at the region's barrier on the core its partner
+# needs, so every region costs a scheduler time slice: ``aminmax`` of a 3 MiB q took 8 ms with
+# 2 threads against 0.08 ms with 1 (measured here, load average 2), and the checks of one call
+# ~25 ms, more than half of ATen's flash kernel at N = 1024. On one thread they cost ~0.1-0.3 ms
+# on a quiet machine too. (``set_num_threads`` is per calling thread under OpenMP, ~0.3 us.)
+_on_one_thread = one_thread()
 
 
 @_on_one_thread

@@ -110,7 +110,8 @@ class _Unsupported(Exception):
     pass
 
 
-def _lit(v) -> str:
+def triton_literal(v) -> str:
+    """A Python float literal Triton reads as fp32 (inf and nan through float())."""
     v = float(v)
     if math.isnan(v):
         return 'float("nan")'
@@ -127,7 +128,7 @@ def _print(e, var: str) -> str:
         v = complex(e.evalf())
         if v.imag:
             raise _Unsupported(f"complex constant {e}")
-        return _lit(v.real)
+        return triton_literal(v.real)
     if isinstance(e, sympy.Add):
         return "(" + " + ".join(_print(a, var) for a in e.args) + ")"
     if isinstance(e, sympy.Mul):
@@ -150,7 +151,7 @@ def _print(e, var: str) -> str:
             prod = " * ".join([base] * abs(int(p)))
             return f"({prod})" if p > 0 else f"(1.0 / ({prod}))"
         if p.is_Number:
-            return f"tl.exp({_lit(p)} * tl.log({_print(b, var)}))"
+            return f"tl.exp({triton_literal(p)} * tl.log({_print(b, var)}))"
         raise _Unsupported(f"power {e}")
     if isinstance(e, sympy.exp):
         return f"tl.exp({_print(e.args[0], var)})"

@@ -125,14 +125,7 @@ def _scale_only(lines: Sequence[str]) -> Optional[float]:
     return None
 
 
-def _lit(x: float) -> str:
-    """A Python float literal Triton reads as fp32 (inf and nan through float())."""
-    x = float(x)
-    if math.isnan(x):
-        return 'float("nan")'
-    if math.isinf(x):
-        return 'float("inf")' if x > 0 else 'float("-inf")'
-    return repr(x)
+_lit = pointwise.triton_literal  # a float literal Triton reads (inf and nan through float())
 
 
 def _operand_expr(op: ScoreOp, spec: AttentionSpec) -> str:
