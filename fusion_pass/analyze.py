@@ -30,6 +30,7 @@ from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
 
 from .canonicalize import value, view
 from .match import NearMiss, Region
+from .normalize import scales_before_masks
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -309,11 +310,15 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
         score_ops=tuple(ops), captured=captured.spec_kinds, qk_dtype=dtype_name(qk_dtype),
         softmax_dtype=dtype_name(softmax_dtype), prob_dtype=dtype_name(prob_dtype),
         out_dtype=dtype_name(out_dtype), dropout_p=dropout_p)
+    # a positive scale written after a -inf fill goes before it (the same bits): the mask is then
+    # the last step, which routing and the removal rule read (normalize.py)
+    spec = scales_before_masks(spec)
     lines, causal, preds = _mask_predicates(spec, captured, canonical)
     if causal:
         spec = dataclasses.replace(spec, causal=True)
     if preds:
         spec, captured = _with_predicates(spec, captured, preds, canonical)
+        spec = scales_before_masks(spec)  # a 0 / -inf additive predicate may now move a scale
     from .match import shape_only
     for n in region.nodes:
         for u in n.users:
