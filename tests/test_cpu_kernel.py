@@ -337,14 +337,12 @@ def test_repository_kernels_folder_imported_top_level_is_inert(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("poison", ["finite", "nan_inf"])
-def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkeypatch):
+def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkeypatch, fresh_dynamo):
     """A window + left-padding mask written ``where(keep, s, -inf)`` (a predicate fill) is applied
     on the tiled path by bitwise ops on the scores' bits (``_Operands.fill_bits``): the same bits
     as the boolean masked_fill_ it replaces, NaN/+-inf scores and rows keeping no key included,
     and the forward equals eager's (NaN rows where eager has them). (SDPA's own boolean mask is
     additive: ``test_sdpa_bool_mask_over_nonfinite_scores_matches_eager``.)"""
-    import fusion_pass
-    torch._dynamo.reset()
     monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
     monkeypatch.setattr(cpu, "Q_BLOCK", 32)
     monkeypatch.setattr(cpu, "SPAN_TILE_ELEMENTS", 32 * 40)
@@ -425,13 +423,12 @@ def test_fill_bits_equals_masked_fill_on_special_scores(kind, dtype, value):
 
 
 @pytest.mark.parametrize("poison", ["inf_key", "nan_query_in_empty_row", "nan_key"])
-def test_sdpa_bool_mask_over_nonfinite_scores_matches_eager(monkeypatch, poison):
+def test_sdpa_bool_mask_over_nonfinite_scores_matches_eager(monkeypatch, poison, fresh_dynamo):
     """SDPA adds 0 / -inf for a boolean mask (it does not replace): a masked +inf or NaN score, or
     a NaN query in a row keeping no key, gives NaN in eager SDPA; the fused site (tiled path, the
     flash route turned off) gives the same NaN pattern and equal values elsewhere, forward and
     backward."""
     import torch.nn.functional as F
-    torch._dynamo.reset()
     monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
     B, H, N, D = 2, 2, 40, 8
 

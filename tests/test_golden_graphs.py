@@ -17,12 +17,9 @@ _spec.loader.exec_module(regenerate)
 
 @pytest.mark.slow  # a Dynamo trace of every family: `python -m pytest -m slow`
 @pytest.mark.parametrize("name", sorted(regenerate.NAMES))
-def test_golden_graph_is_current(name):
-    import torch
-    torch._dynamo.reset()
+def test_golden_graph_is_current(name, fresh_dynamo):
     want = regenerate.path(name).read_text()
     got = regenerate.render(name)
-    torch._dynamo.reset()
     if got != want:
         diff = "".join(difflib.unified_diff(want.splitlines(True), got.splitlines(True),
                                             f"graphs/{name}.txt (committed)", "now"))

@@ -235,8 +235,7 @@ def test_kv_cache_offset_symbolic():
     assert off is not None and off.free_symbols, off  # past_len: a size symbol
 
 
-def test_old_gpt2_buffer_is_data():
-    torch._dynamo.reset()
+def test_old_gpt2_buffer_is_data(fresh_dynamo):
     results = []
     m = torch.compile(OldGPT2(), backend=_proving_backend(results, _outputs), dynamic=True)
     for N, P in ((5, 3), (7, 0), (9, 11)):
@@ -370,10 +369,9 @@ HF = [("llama", True, [("causal", "padding")]),
 
 
 @pytest.mark.parametrize("name,dynamic,kinds", HF, ids=[h[0] for h in HF])
-def test_hf_model_masks(name, dynamic, kinds):
+def test_hf_model_masks(name, dynamic, kinds, fresh_dynamo):
     pytest.importorskip("transformers")
     model = _hf(name)
-    torch._dynamo.reset()
     results = []
     compiled = torch.compile(model, backend=_proving_backend(results, _softmax_masks), dynamic=dynamic)
     sizes = [(2, 12), (3, 17)] if dynamic else [(2, 12), (2, 12)]
