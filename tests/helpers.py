@@ -59,3 +59,25 @@ def check_fused(fn, *inputs, sites=1, dynamic=None, rtol=1e-5):
     assert nb == sites
     assert max_rel_error(got, torch.autograd.grad(ref, diff, g)) < rtol * 10
     return expl
+
+
+def record_dropout_seeds(monkeypatch):
+    """The seeds the tiled forward (the only CPU kernel that takes dropout) is called with, in call
+    order: a compiled graph draws them itself, and a test rebuilds the same masks from them."""
+    from fusion_pass.kernels import cpu
+    seeds = []
+    real = cpu.attention_forward
+
+    def spy(*a, **kw):
+        seeds.append(int(kw.get("seed", a[5] if len(a) > 5 else 0)))
+        return real(*a, **kw)
+    monkeypatch.setattr(cpu, "attention_forward", spy)
+    return seeds
+
+
+def dropped(probs, seed: int, p: float):
+    """``probs`` (..., Nq, Nk) after the kernels' dropout for ``seed``: kept where the counter-based
+    hash of the flat element index says so (kernels/dropout.py), scaled by 1 / (1 - p)."""
+    from fusion_pass.kernels.dropout import keep_mask
+    idx = torch.arange(probs.numel(), device=probs.device).view(probs.shape)
+    return probs * keep_mask(seed, idx, p) / (1 - p)

@@ -25,7 +25,7 @@ from fusion_pass.kernels import predicate
 from fusion_pass.kernels import triton_attention as ta
 from fusion_pass.kernels.spec import dtype_name
 
-from helpers import profiled_op_counts
+from helpers import dropped, profiled_op_counts, record_dropout_seeds
 
 MIN32 = torch.finfo(torch.float32).min
 
@@ -403,11 +403,13 @@ def test_low_precision_dropout_training_matches_a_float64_run_with_the_same_seed
 # 3. Two dropout sites are two draws
 # ---------------------------------------------------------------------------------------------
 
-def test_identical_dropout_sites_get_different_masks_when_compiled():
+def test_identical_dropout_sites_get_different_masks_when_compiled(monkeypatch):
     """Two identical dropout attentions in one graph: eager draws two masks (their difference is
     not zero). AOTAutograd's CSE merged two identical calls into one (difference exactly 0): now
     each site's seed is its own torch.randint node, drawn where the model's dropout drew, so the
-    calls have different inputs and are never merged."""
+    calls have different inputs and are never merged. Output and gradients against float64 with
+    the masks rebuilt from the two seeds the kernels were called with: the backward regenerates
+    each site's own mask."""
     def attn(q, k, v):
         s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
         return torch.matmul(F.dropout(s.softmax(-1), 0.5, training=True), v)
@@ -420,11 +422,21 @@ def test_identical_dropout_sites_get_different_masks_when_compiled():
     compiled = torch.compile(f, backend="fusion_pass")
     with torch._inductor.config.patch(force_disable_caches=True):
         compiled(q, k, v)
+    seeds = record_dropout_seeds(monkeypatch)
     out, nf, _ = profiled_op_counts(lambda: compiled(q, k, v))
-    assert nf == 2
+    assert nf == 2 and len(seeds) == 2 and seeds[0] != seeds[1], seeds
     assert out.abs().max() > 0, "both sites drew the same dropout mask"
-    out.sum().backward()  # the backward regenerates each site's own mask
-    assert q.grad is not None and q.grad.isfinite().all()
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    probs = torch.softmax(qd @ kd.transpose(-1, -2) * 0.25, -1)
+    a, b = (dropped(probs, s, 0.5) @ vd for s in seeds)
+    ref = a - b
+    if not torch.allclose(out.double(), ref, atol=1e-5):
+        ref = b - a  # the two calls ran in the other order; the sites are alike
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    for x, r in zip(got, torch.autograd.grad(ref, (qd, kd, vd), g.double())):
+        torch.testing.assert_close(x.double(), r, atol=1e-4, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------

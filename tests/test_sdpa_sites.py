@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import fusion_pass
 
 import test_families as fam
-from helpers import check_fused, max_rel_error, profiled_op_counts
+from helpers import check_fused, dropped, max_rel_error, profiled_op_counts, record_dropout_seeds
 
 B, H, N, D = 2, 4, 19, 8
 
@@ -91,7 +91,7 @@ def test_calls_already_optimal_are_kept_not_missed(case):
     assert max_rel_error([out], [f(q, k, v)]) < 1e-6
 
 
-def test_dropout_site_uses_our_stream_and_says_so():
+def test_dropout_site_uses_our_stream_and_says_so(monkeypatch):
     def f(q, k, v):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=_window(q.shape[-2]), dropout_p=0.3)
     torch.manual_seed(0)  # fixed inputs: the statistical check below must not depend on test order
@@ -106,10 +106,19 @@ def test_dropout_site_uses_our_stream_and_says_so():
     assert torch.equal(a, b)  # repeatable under torch.manual_seed
     no_drop = F.scaled_dot_product_attention(q, k, v, attn_mask=_window(N))
     assert (a - no_drop).abs().max() > 1e-3  # dropout applied
-    # the expected value of the output is the undropped output (dropout rescales by 1 / (1 - p))
-    torch.manual_seed(1)
-    mean = torch.stack([cf(q, k, v) for _ in range(200)]).mean(0)
-    assert (mean - no_drop).abs().max() < 0.25
+    # our stream: the mask of kernels/dropout.py for the seed the kernel got, scaled by 1 / (1 - p);
+    # output and gradients against float64 SDPA math with that mask
+    seeds = record_dropout_seeds(monkeypatch)
+    out = cf(q, k, v)
+    assert len(seeds) == 1
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    s = (qd @ kd.transpose(-1, -2) / math.sqrt(D)).masked_fill(~_window(N), -math.inf)
+    ref = dropped(torch.softmax(s, -1), seeds[0], 0.3) @ vd
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    for a, r in zip(got, torch.autograd.grad(ref, (qd, kd, vd), g.double())):
+        torch.testing.assert_close(a.double(), r, atol=1e-4, rtol=1e-4)
 
 
 def test_dropout_p_zero_is_exact_and_draws_nothing():
