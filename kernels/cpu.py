@@ -614,10 +614,17 @@ def one_thread(when=None):
     return wrap
 
 
-# The tiled forward runs on one intra-op thread while other processes keep the cores busy
-# (``_CpuShare``), else on the caller's count. Forward only: its result was bitwise equal on 1
-# and 2 threads, the backward's was not (its accumulations), and a gradient that depended on the
-# machine's load would break run-to-run determinism.
+# The tiled forward and backward run on one intra-op thread while other processes keep the cores
+# busy (``_CpuShare``), else on the caller's count. Their results must not depend on that choice (a
+# gradient that changed with the machine's load would break run-to-run determinism), so every
+# reduction here is one whose ATen kernel gives the same bits on any thread count: softmax and
+# sums over the last dim of a tile are parallel over rows (each row summed by one thread, in
+# order); a sum to few elements goes through ``_sum_dims``; matrix products were checked equal.
+# ``torch._softmax_backward_data`` is not among them: its last-dim kernel gave other bits on 1 and
+# 2 threads for rows whose length is not a multiple of the vector width (383 keys: a window's key
+# span), so the backward writes it out (``_softmax_backward``). Tested bitwise on 1 and 2 threads,
+# forward and backward (tests/test_cpu_threads.py). Measured (2 cores, load 3, window 256,
+# N = 2048, H = 12): backward 2.8-5.6 s on 2 threads, 145-201 ms on one.
 _threads_for_share = one_thread(when=lambda: _SHARE.others_busy())
 
 
@@ -684,9 +691,52 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 def _reduce_to(t: torch.Tensor, shape) -> torch.Tensor:
     """Sum a tile-shaped gradient over the dims where the operand tile broadcasts (size 1)."""
     dims = [d for d in range(t.dim()) if shape[d] == 1 and t.shape[d] != 1]
-    return t.sum(dim=dims, keepdim=True) if dims else t
+    return _sum_dims(t, dims) if dims else t
 
 
+# ATen sums a reduction with several outputs in parallel over the outputs (each in one thread, in
+# order) and one of fewer than GRAIN_SIZE (32768) elements serially: both give the same bits on
+# any thread count. A larger sum to one element is split across the threads: that one is cut into
+# rows first.
+_ROW = 1024
+
+
+def _sum_dims(t: torch.Tensor, dims) -> torch.Tensor:
+    """``t.sum(dims, keepdim=True)`` with bits that do not depend on the intra-op thread count:
+    one dim at a time from the innermost, and a sum to one element of a long vector by rows."""
+    for d in sorted(dims, reverse=True):
+        if t.numel() == t.shape[d] and t.shape[d] > _ROW:  # one output: a full reduction
+            t = _sum_all(t).reshape([1] * t.dim())
+        else:
+            t = t.sum(d, keepdim=True)
+    return t
+
+
+def _sum_all(t: torch.Tensor) -> torch.Tensor:
+    flat = t.reshape(-1)
+    while flat.numel() > _ROW:
+        pad = (-flat.numel()) % _ROW
+        if pad:  # + 0.0 changes no partial sum
+            flat = torch.cat([flat, flat.new_zeros(pad)])
+        flat = flat.view(-1, _ROW).sum(-1)
+    return flat.sum()
+
+
+def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``torch._softmax_backward_data(dp, p, -1, dtype)``: p * (dp - rowsum(dp * p)), computed in
+    p's dtype and returned in ``dtype``, written out so its bits do not depend on the thread count
+    (see ``_threads_for_share``); ``dp`` (a fresh tile) is overwritten."""
+    prod = dp * p
+    if prod.numel() == prod.shape[-1]:  # one row: a sum to one element (``_sum_dims``)
+        delta = _sum_dims(prod, [prod.dim() - 1])
+    else:
+        delta = prod.sum(-1, keepdim=True)
+    del prod
+    ds = dp.sub_(delta).mul_(p)
+    return ds.to(dtype) if ds.dtype != dtype else ds
+
+
+@_threads_for_share
 def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec,
                        seed: int = 0, needs_grad: Optional[Sequence[bool]] = None):
     """Returns (dq, dk, dv, [d captured_i or None])."""
@@ -750,7 +800,7 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         dpd = torch.matmul(dor, vt.transpose(-1, -2))
                         dpc = dpd * keep * (1.0 / (1.0 - p_drop)) if p_drop else dpd
                         dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
-                        ds = torch._softmax_backward_data(dp, p, -1, s.dtype)
+                        ds = _softmax_backward(dp, p, s.dtype)
                         ds = _chain_backward(spec, ops, inputs, s, ds, part, dcap)
                         ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                         dq[bidx][h0:h1, a0:a1] = torch.matmul(ds, kt)
@@ -819,7 +869,7 @@ def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
 def _accumulate(buf: torch.Tensor, g: torch.Tensor, where, kind):
     bidx, h0, h1, q0, q1, k0, k1 = where
     if kind == "scalar":
-        buf += g.to(buf.dtype).sum()
+        buf += _sum_all(g.to(buf.dtype))
         return
     # buf has the scores' rank: (*batch, Nq, Nk) with 1 where the operand broadcasts
     view = buf
