@@ -1,6 +1,7 @@
-"""The CPU implementation of fusion_pass::attention against a float64 reference, forward and
-backward, over shapes x dtypes x score chains; dropout's mask regenerated in the backward; the
-custom ops checked with opcheck. Tiles are forced small so every test crosses tile boundaries."""
+"""The CPU paths of fusion_pass::attention beyond the shared kernel suite (test_kernel_paths.py,
+which runs every score chain x shape x dtype on each kernel path): exact float64, grouped heads,
+determinism, dropout's mask regeneration, the custom ops checked with opcheck, the tiled path's
+skipping and bitwise fills. Tiles are forced small so every test crosses tile boundaries."""
 import math
 
 import pytest
@@ -11,9 +12,6 @@ import fusion_pass
 from fusion_pass.kernels import AttentionSpec, ScoreOp, cpu, cpu_flash, fused_attention
 from fusion_pass.kernels.ops import kernel_summary
 from fusion_pass.kernels.dropout import keep_mask, threshold
-
-TOL = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float16: 3e-3}
-
 
 @pytest.fixture(autouse=True)
 def small_tiles(monkeypatch):
@@ -35,65 +33,6 @@ def _spec(ops, captured, dtype, **kw):
                          prob_dtype=n, out_dtype=n, **kw)
 
 
-def _reference(q, k, v, fn):
-    """The model's math in float64."""
-    s = q.double() @ k.double().transpose(-1, -2)
-    return torch.softmax(fn(s), -1) @ v.double()
-
-
-# pattern name -> (ops, captured kinds, operand factory(B, H, Nq, Nk), float64 score_mod)
-PATTERNS = {
-    "scale": ([dict(kind="mul", operand="const", value=0.125)], (), lambda *s: [],
-              lambda s, c: s * 0.125),
-    "div_scalar_tensor": ([dict(kind="div", operand="scalar", index=0)], ("scalar",),
-                          lambda B, H, Nq, Nk: [torch.tensor(8.0, dtype=torch.float64)],
-                          lambda s, c: s / 8.0),
-    "bias_heads": ([dict(kind="mul", operand="const", value=0.25),
-                    dict(kind="add", operand="tensor", index=0)], ("tensor",),
-                   lambda B, H, Nq, Nk: [torch.randn(1, H, Nq, Nk)],
-                   lambda s, c: s * 0.25 + c[0].double()),
-    "padding_mask": ([dict(kind="add", operand="tensor", index=0)], ("tensor",),
-                     lambda B, H, Nq, Nk: [torch.where(torch.rand(B, 1, 1, Nk) < 0.3, -1e9, 0.0)],
-                     lambda s, c: s + c[0].double()),
-    "bool_fill": ([dict(kind="fill", index=0, value=-1e4)], ("tensor",),
-                  lambda B, H, Nq, Nk: [torch.rand(B, 1, Nq, Nk) < 0.4],
-                  lambda s, c: s.masked_fill(c[0], -1e4)),
-    "where_keep": ([dict(kind="fill_not", index=0, value=-3e4)], ("tensor",),
-                   lambda B, H, Nq, Nk: [torch.rand(Nq, Nk) < 0.7],
-                   lambda s, c: torch.where(c[0], s, -3e4)),
-    "softcap": ([dict(kind="div", operand="const", value=5.0), dict(kind="tanh"),
-                 dict(kind="mul", operand="const", value=5.0)], (), lambda *s: [],
-                lambda s, c: torch.tanh(s / 5.0) * 5.0),
-}
-
-
-@pytest.mark.parametrize("pattern", sorted(PATTERNS))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("shape", [(2, 3, 37, 53, 16), (1, 2, 1, 97, 40), (2, 2, 65, 17, 8)],
-                         ids=["odd", "decode", "short-keys"])
-def test_matches_float64_reference(pattern, dtype, shape, cpu_path):
-    B, H, Nq, Nk, D = shape
-    ops, kinds, make, fn = PATTERNS[pattern]
-    q = torch.randn(B, H, Nq, D, dtype=dtype, requires_grad=True)
-    k = torch.randn(B, H, Nk, D, dtype=dtype, requires_grad=True)
-    v = torch.randn(B, H, Nk, D, dtype=dtype, requires_grad=True)
-    caps = [c.to(dtype) if c.is_floating_point() and c.dim() else c for c in make(B, H, Nq, Nk)]
-    spec = _spec(ops, kinds, dtype)
-    out = fused_attention(q, k, v, caps, spec)
-    ref = _reference(q, k, v, lambda s: fn(s, caps))
-    # FlashAttention's rule: our error at most 2x eager's own error in this dtype, plus a floor
-    eager = torch.softmax(fn((q @ k.transpose(-1, -2)).double(), caps).to(dtype), -1) @ v
-    tol = 2 * (eager.double() - ref).abs().max().item() + TOL[dtype]
-    assert out.dtype == dtype and out.shape == (B, H, Nq, D)
-    assert (out.double() - ref).abs().max().item() <= tol
-    g = torch.randn_like(out)
-    got = torch.autograd.grad(out, (q, k, v), g)
-    want = torch.autograd.grad(ref, (q, k, v), g.double())
-    for a, b in zip(got, want):
-        scale = b.abs().max().item() + 1
-        assert (a.double() - b).abs().max().item() <= 20 * TOL[dtype] * scale
-
-
 def test_float64_is_exact_and_bias_gradient():
     q, k, v = (torch.randn(2, 3, 29, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     bias = torch.randn(3, 29, 29, dtype=torch.float64, requires_grad=True)   # broadcast over batch
@@ -109,24 +48,6 @@ def test_float64_is_exact_and_bias_gradient():
     for a, b in zip(got, want):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-10, rtol=1e-10)
-
-
-def test_fully_masked_rows_match_eager(cpu_path):
-    """-inf on a whole row: eager's softmax gives NaN there; so must we (never a silent 0)."""
-    q, k, v = (torch.randn(1, 2, 9, 8) for _ in range(3))
-    mask = torch.zeros(9, 9, dtype=torch.bool)
-    mask[3] = True
-    spec = _spec([dict(kind="fill", index=0, value=-math.inf)], ("tensor",), torch.float32)
-    out = fused_attention(q, k, v, [mask], spec)
-    ref = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(mask, -math.inf), -1) @ v
-    assert torch.equal(out.isnan(), ref.isnan()) and out[:, :, 3].isnan().all()
-    ok = ~ref.isnan()
-    assert torch.allclose(out[ok], ref[ok], atol=1e-6)
-    # with the dtype's minimum instead of -inf eager is finite (uniform row): so are we
-    spec = _spec([dict(kind="fill", index=0, value=torch.finfo(torch.float32).min)], ("tensor",), torch.float32)
-    out = fused_attention(q, k, v, [mask], spec)
-    ref = torch.softmax((q @ k.transpose(-1, -2)).masked_fill(mask, torch.finfo(torch.float32).min), -1) @ v
-    assert torch.allclose(out, ref, atol=1e-6) and out.isfinite().all()
 
 
 def test_empty_sequences():
