@@ -37,8 +37,9 @@ EOF
 
 echo "== GPU tests"
 if [ -f tests/test_triton_kernels.py ]; then
-    timeout -k 5 170 python -m pytest tests/test_triton_kernels.py -q --maxfail=10 -p no:cacheprovider \
-        -o addopts="" 2>&1 | tail -25
+    # the full-tile and decode-band tests first (fast: a few seconds compiled), then the suite
+    timeout -k 5 170 python -m pytest tests/test_triton_full_tiles.py tests/test_triton_kernels.py \
+        -q -rfE --maxfail=10 -p no:cacheprovider -o addopts="" 2>&1 | tail -25
     echo "tests rc=${PIPESTATUS[0]} (124: timed out)"
 else
     timeout -k 5 170 python -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tail -25

@@ -2,7 +2,8 @@
 
 For each spec of a matrix (head dim 64/128/256 x fp16/bf16 x patterns: no mask, causal
 predicate, sliding window, padding, soft-cap, ALiBi-like bias, learnable bias, dropout, GQA, and
-decode: one query of 4 heads per K/V head over a 4096-key cache, forward only) the
+decode: one query of 4 heads per K/V head over a 4096-key cache, forward only, and
+decode_window: the same under a 256-key sliding window, whose other key blocks are not computed) the
 launchers of ``kernels/triton_attn/launch.py`` are run on CPU tensors with their kernels replaced by
 recorders, so what gets compiled is exactly what a launch on the device would compile: the same
 arguments, the same specialisation (pointer alignment, strides equal to 1 or divisible by 16), the
@@ -29,6 +30,9 @@ Gates (exit status 1 and a list of failures when any fails):
             one per row (the rescale factor exp(m_old - m_new): the reference's own 1.06 at 64x64),
             plus what the score function needs itself (SCORE_MUFU: the soft-cap's tanh, 2)
   budget    forward main loop: non-MMA instructions <= 1.25x the reference's, no mask and causal
+
+``--tune-set`` also compiles every autotune candidate (``launch.tune_set``: the tiles tried beside
+the table's on a GPU with $FUSION_PASS_AUTOTUNE=1), gated like the table's tiles.
 
     python benchmarks/gpu_static.py                       # whole matrix, all targets
     python benchmarks/gpu_static.py --arch 90 --d 128 --dtype bfloat16 --pattern plain causal
@@ -63,7 +67,7 @@ ARCH_NAME = {80: "sm_80", 90: "sm_90a", 100: "sm_100a"}
 HEAD_DIMS = (64, 128, 256)
 DTYPES = ("float16", "bfloat16")
 PATTERNS = ("plain", "causal", "sliding", "padding", "softcap", "alibi", "bias_grad", "dropout",
-            "gqa", "decode")
+            "gqa", "decode", "decode_window")
 # decode: DECODE_QUERIES queries of 4 query heads per K/V head over a cache of DECODE_KEYS keys
 # (the split-KV kernels attn_decode and attn_decode_combine; forward only: inference)
 DECODE_QUERIES = 1
@@ -95,7 +99,7 @@ def build_case(pattern: str, d: int, dtype_name: str):
 
     dtype = getattr(torch, dtype_name)
     B, H, N = SHAPE["B"], SHAPE["H"], SHAPE["N"]
-    HK = H // 4 if pattern in ("gqa", "decode") else H
+    HK = H // 4 if pattern in ("gqa", "decode", "decode_window") else H
     b, i, j = (sympy.Symbol(x, integer=True, nonnegative=True) for x in "bij")
     d0 = sympy.Function("d0")
     axes = ("b", "h", "i", "j")
@@ -130,12 +134,18 @@ def build_case(pattern: str, d: int, dtype_name: str):
         captured, kinds, needs = [bias], ("tensor",), [pattern == "bias_grad"]
     elif pattern == "dropout":
         p = 0.1
+    elif pattern == "decode_window":
+        # the cache's last WINDOW keys (the query sits at position Nk - 1): key blocks outside the
+        # band are not computed (attn_decode's BAND)
+        pos = i + DECODE_KEYS - DECODE_QUERIES
+        masks = (mask(sympy.Not(sympy.And(sympy.Le(j, pos), sympy.Lt(pos - j, WINDOW)))),)
+        ops = (scale, ScoreOp("fill", "predicate", value=-math.inf, index=0))
     elif pattern not in ("plain", "gqa", "decode"):
         raise ValueError(pattern)
     n = dtype_name
     spec = AttentionSpec(score_ops=ops, captured=kinds, masks=masks, qk_dtype=n, softmax_dtype=n,
                          prob_dtype=n, out_dtype=n, dropout_p=p)
-    nq, nk = (DECODE_QUERIES, DECODE_KEYS) if pattern == "decode" else (N, N)
+    nq, nk = (DECODE_QUERIES, DECODE_KEYS) if pattern.startswith("decode") else (N, N)
     q = torch.randn(B, H, nq, d, dtype=dtype)
     k = torch.randn(B, HK, nk, d, dtype=dtype)
     v = torch.randn(B, HK, nk, d, dtype=dtype)
@@ -183,15 +193,18 @@ KERNEL_NAMES = ("attn_fwd", "attn_bwd_preprocess", "attn_bwd_dq", "attn_bwd_dkdv
                 "attn_decode_combine")
 
 
-def record_launches(pattern: str, d: int, dtype_name: str, arch: int) -> List[Launch]:
-    """The kernel launches of one forward and one backward of the case, for ``arch``."""
+def record_launches(pattern: str, d: int, dtype_name: str, arch: int, tiles=None) -> List[Launch]:
+    """The kernel launches of one forward and one backward of the case, for ``arch``; ``tiles``:
+    (BLOCK_M, BLOCK_N, warps, stages) instead of the table's (an autotune candidate)."""
     import torch
     from fusion_pass.kernels import triton_attention as ta
+    from fusion_pass.kernels.triton_attn import launch as ta_launch
 
     spec, q, k, v, captured, needs = build_case(pattern, d, dtype_name)
     log: List[Launch] = []
     arch_ctx = ta.target_arch(arch) if hasattr(ta, "target_arch") else contextlib.nullcontext()
-    with compiled_mode(), arch_ctx:
+    tile_ctx = ta_launch.tiles(tiles) if tiles else contextlib.nullcontext()
+    with compiled_mode(), arch_ctx, tile_ctx:
         mod = ta.kernels(spec)
         saved = {n: getattr(mod, n) for n in KERNEL_NAMES if hasattr(mod, n)}
         try:
@@ -201,7 +214,7 @@ def record_launches(pattern: str, d: int, dtype_name: str, arch: int) -> List[La
             out, lse = ta.forward(q, k, v, captured, spec, seed=1)
             lse.zero_()
             out.zero_()
-            if pattern != "decode":
+            if not pattern.startswith("decode"):
                 go = torch.randn_like(out)
                 ta.backward(go, q, k, v, captured, out, lse, spec, 1, needs)
         finally:
@@ -412,8 +425,11 @@ def _measure_task(task):
         _, d, dt, causal, bm, bn, warps, stages = cell
         launches = [reference_launch(d, dt, causal, bm, bn, warps, stages)]
     else:
-        _, pattern, d, dt = cell
-        launches = record_launches(pattern, d, dt, arch)
+        _, pattern, d, dt, tune = cell
+        launches = record_launches(pattern, d, dt, arch, tune[1] if tune else None)
+        if tune:  # an autotune candidate of one direction: that direction's kernels only
+            launches = [L for L in launches
+                        if (L.kernel == "attn_fwd") == (tune[0] == "fwd") and L.kernel != "attn_bwd_preprocess"]
     for L in launches:
         key = _launch_key(L, arch)
         res = cache.get(key)
@@ -425,15 +441,29 @@ def _measure_task(task):
     return cell, arch, out
 
 
-def run(archs, dims, dtypes, patterns, jobs=1, cache_path=DEFAULT_CACHE, log=print):
-    """Measure the matrix; returns rows: dicts with the cell, the kernel and its figures."""
+def tune_cells(arch: int, pattern: str, d: int, dt: str):
+    """The autotune candidates of a case (``launch.tune_set``): (direction, tiles) pairs."""
+    import torch
+    from fusion_pass.kernels.triton_attn import launch as ta_launch
+    if pattern.startswith("decode"):
+        return []
+    return [(direction, cfg) for direction in ("fwd", "bwd")
+            for cfg in ta_launch.tune_set(d, d, direction == "bwd", getattr(torch, dt), arch)]
+
+
+def run(archs, dims, dtypes, patterns, jobs=1, cache_path=DEFAULT_CACHE, log=print, tune=False):
+    """Measure the matrix; returns rows: dicts with the cell, the kernel and its figures. ``tune``:
+    also every autotune candidate (gated like the table's tiles)."""
     cache = {}
     if cache_path and os.path.exists(cache_path):
         with contextlib.suppress(Exception):
             with open(cache_path) as f:
                 cache = json.load(f)
-    cells = [("case", p, d, dt) for p in patterns for d in dims for dt in dtypes]
+    cells = [("case", p, d, dt, None) for p in patterns for d in dims for dt in dtypes]
     tasks = [(c, a, cache) for c in cells for a in archs]
+    if tune:
+        tasks += [(("case", p, d, dt, t), a, cache) for p in patterns for d in dims
+                  for dt in dtypes for a in archs for t in tune_cells(a, p, d, dt)]
     rows = []
 
     def collect(results):
@@ -442,7 +472,7 @@ def run(archs, dims, dtypes, patterns, jobs=1, cache_path=DEFAULT_CACHE, log=pri
                 if "error" not in res:
                     cache[key] = res
                 if cell[0] == "case":
-                    label = dict(pattern=cell[1], d=cell[2], dtype=cell[3])
+                    label = dict(pattern=cell[1], d=cell[2], dtype=cell[3], candidate=bool(cell[4]))
                 else:
                     label = dict(pattern="ref_causal" if cell[3] else "ref_plain", d=cell[1],
                                  dtype=cell[2])
@@ -606,6 +636,8 @@ def main(argv=None):
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="figures cache ('' for none)")
     ap.add_argument("--json", help="write the rows and failed gates here")
     ap.add_argument("--markdown", help="write the table and failed gates here")
+    ap.add_argument("--tune-set", action="store_true",
+                    help="also compile and gate every autotune candidate (launch.tune_set)")
     ap.add_argument("--real", action="store_true",
                     help="on a GPU: compare the static figures with the kernels the JIT compiled")
     a = ap.parse_args(argv)
@@ -621,7 +653,7 @@ def main(argv=None):
             print("MISMATCH " + b)
         return 1 if bad else 0
     t0 = time.time()
-    rows = run(a.arch, a.d, a.dtype, a.pattern, a.jobs, a.cache or None)
+    rows = run(a.arch, a.d, a.dtype, a.pattern, a.jobs, a.cache or None, tune=a.tune_set)
     fails = gates(rows)
     text = table(rows)
     print(text)

@@ -21,10 +21,14 @@ namespace). Launchers: ``launch.py``; host-side block ranges: ``ranges.py``.
   (``ranges.block_ranges``); the forward checks each row's max against THRESH (the removal rule,
   ``kernels/removal.py``) and recomputes its query block over every key block when a row fails.
 * ``FULL_TILES``: key blocks every row of the query block keeps whole (``ranges.full_ranges``)
-  take ``_fwd_tile`` with FULL: no bounds checks, the skipped mask step left out.
+  take ``_fwd_tile`` with FULL: no bounds checks, the skipped mask step left out. The backward
+  likewise (``_bwd_tile`` with FULL): dQ over the same per-query-block ranges, dK/dV over their
+  transpose per key block (``launch.full_columns``); tiles with padding rows or keys never are.
 * ``attn_decode`` + ``attn_decode_combine``: the forward for few queries over a long KV cache
   (flash-decoding: the keys split across programs, the partial results combined by their
-  log-sum-exp; grouped-query heads of one K/V head share a tile), chosen by ``launch.decode_plan``.
+  log-sum-exp; grouped-query heads of one K/V head share a tile), chosen by ``launch.decode_plan``;
+  with BAND, key blocks no query keeps are not computed (their V only is checked for non-finite
+  values, which eager's 0 * v would spread).
 
 Everything is fp32 except the dot operands (the inputs' dtype).
 """
@@ -117,6 +121,28 @@ def _block_range(RANGES, off, pid, SKIP: tl.constexpr, N, BLOCK: tl.constexpr):
         lo = 0
         hi = tl.cdiv(N, BLOCK)
     return lo, hi
+
+
+@triton.jit
+def _full_range(FULL, off, pid, lo, hi, n_full, FULL_TILES: tl.constexpr, HOST: tl.constexpr):
+    # [flo, fhi) within [lo, hi) of the full tiles of block pid: every row keeps every key of the
+    # tile and nothing is out of bounds. HOST: the host's ranges (ranges.full_ranges, or its
+    # transpose for dK/dV); else every block before n_full (no mask to skip). n_full: the blocks
+    # lying wholly inside the loop's dimension (0 when this program's own block is ragged)
+    if FULL_TILES:
+        if HOST:
+            flo = tl.load(FULL + off + pid * 2)
+            fhi = tl.load(FULL + off + pid * 2 + 1)
+        else:
+            flo = lo
+            fhi = n_full
+        fhi = tl.minimum(fhi, n_full)
+        flo = tl.minimum(tl.maximum(flo, lo), hi)
+        fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    else:
+        flo = lo
+        fhi = lo
+    return flo, fhi
 
 
 @triton.jit
@@ -271,18 +297,8 @@ def attn_fwd(
     n_blocks = tl.cdiv(N_K, BLOCK_N)
     # full tiles [flo, fhi) within [lo, hi): every row keeps every key and no key is out of
     # bounds; the tiles before and after take the masked path
-    if FULL_TILES:
-        if SKIP:
-            flo = tl.load(FULL + off_b * f_sb + off_h * f_sh + pid_m * 2)
-            fhi = tl.load(FULL + off_b * f_sb + off_h * f_sh + pid_m * 2 + 1)
-        else:
-            flo = lo
-            fhi = N_K // BLOCK_N
-        flo = tl.minimum(tl.maximum(flo, lo), hi)
-        fhi = tl.minimum(tl.maximum(fhi, flo), hi)
-    else:
-        flo = lo
-        fhi = lo
+    flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, N_K // BLOCK_N,
+                           FULL_TILES, SKIP)
     # with SKIP, a last pass over every key block for a block with a row on which skipping is
     # not exact (kernels/removal.py: its max not finite, or less than THRESH): no host round trip
     for phase in tl.static_range(4 if SKIP else 3):
@@ -343,16 +359,20 @@ def attn_bwd_preprocess(
 
 
 @triton.jit
-def _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n, valid, N_Q, N_K, seed,
-              UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr):
+def _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, offs_m, offs_n, valid,
+              UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, FULL: tl.constexpr):
     # One tile of the backward: the raw products s0, the operand tiles, the probabilities
     # p = exp(score_mod(s0) - lse) (0 outside the bounds: by where, not by a 0/1 product, so a
-    # fully masked row's NaN reaches dV as in eager while the padding's does not), dP = dO V^T,
-    # and with dropout the dropped probabilities pd and dP through the dropout
+    # fully masked row's NaN reaches dV as in eager while the padding's does not) and dP = dO V^T.
+    # FULL: every row keeps every key of the tile and nothing is out of bounds, so neither the
+    # skipped mask step nor the bounds select is computed (as the forward's _fwd_tile)
     s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
-    T = operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid)
-    s = score_mod(s0, T)
-    p = tl.where(valid, _exp(s - lse[:, None]), 0.0)
+    if FULL:
+        T = operand_tiles_full(OPS, off_b, off_h, offs_m, offs_n, valid)
+        p = _exp(score_mod_full(s0, T) - lse[:, None])
+    else:
+        T = operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid)
+        p = tl.where(valid, _exp(score_mod(s0, T) - lse[:, None]), 0.0)
     dp = _dot(do, tl.trans(v), UPCAST_DOT, ALLOW_TF32)
     return s0, T, p, dp
 
@@ -369,15 +389,48 @@ def _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K):
     return pd, dp
 
 
+@triton.jit
+def _bwd_kv_tile(q, do, lse, K_bh, V_bh, start_n, OPS, off_b, off_h, offs_m, m_valid, offs_d,
+                 offs_dv, skn, skd, svn, svd, N_K, D, DV,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
+                 ALLOW_TF32: tl.constexpr, EVEN_D: tl.constexpr, FULL: tl.constexpr):
+    # the dQ kernel's key block at start_n: its K tile, indices, bounds and _bwd_tile
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    K_t = K_bh + tl.cast(start_n, tl.int64) * skn
+    V_t = V_bh + tl.cast(start_n, tl.int64) * svn
+    if FULL:
+        valid = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+        k = _load_rows(K_t, tl.arange(0, BLOCK_N), skn, offs_d, skd, D, EVEN_D)
+        v = _load_rows(V_t, tl.arange(0, BLOCK_N), svn, offs_dv, svd, DV, EVEN_D)
+    else:
+        valid = m_valid[:, None] & (offs_n < N_K)[None, :]
+        k = _load_tile(K_t, tl.arange(0, BLOCK_N), skn, N_K - start_n, offs_d, skd, D)
+        v = _load_tile(V_t, tl.arange(0, BLOCK_N), svn, N_K - start_n, offs_dv, svd, DV)
+    s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, offs_m, offs_n, valid,
+                             UPCAST_DOT, ALLOW_TF32, FULL)
+    return k, offs_n, valid, s0, T, p, dp
+
+
+@triton.jit
+def _phase_range(lo, flo, fhi, hi, phase: tl.constexpr):
+    # the blocks of phase 0 (partial, before the full tiles), 1 (full) or 2 (partial, after)
+    if phase == 0:
+        return lo, flo
+    elif phase == 1:
+        return flo, fhi
+    else:
+        return fhi, hi
+
+
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dkdv(
-    Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_, OPS, RANGES, r_sb, r_sh,
+    Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
-    SKIP: tl.constexpr,
+    SKIP: tl.constexpr, FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_n, off_bk = _program_ids(N_K, BLOCK_N, False)
     off_b = off_bk // (H // G)
@@ -390,34 +443,58 @@ def attn_bwd_dkdv(
     v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
+    # query blocks with no padding row; none when this key block is ragged
+    n_full = tl.where((pid_n + 1) * BLOCK_N <= N_K, N_Q // BLOCK_M, 0)
     # grouped-query attention: the G query heads that share this K/V head add into one dK/dV,
     # in a fixed order (no atomics)
     for g in range(G):
         off_h = off_hk * G + g
         off_bh = off_b * H + off_h
-        # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here
+        Q_bh = Q + off_b * sqb + off_h * sqh
+        DO_bh = DO + off_b * sdob + off_h * sdoh
+        # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here; the
+        # full tiles [flo, fhi) among them (the transpose of the forward's) skip the mask step
         lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_n, SKIP, N_Q, BLOCK_M)
-        for blk_m in range(lo, hi):
-            start_m = blk_m * BLOCK_M
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            m_valid = offs_m < N_Q
-            valid = m_valid[:, None] & n_valid[None, :]
-            q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
-            do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(v.dtype)
-            lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
-            if LOG2_UNITS:
-                lse = lse * LOG2E
-            delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
-            s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n,
-                                     valid, N_Q, N_K, seed, UPCAST_DOT, ALLOW_TF32)
-            if ROW_STATS:
-                p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
-            pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
-            dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST_DOT, ALLOW_TF32)
-            ds = p * (dp - delta[:, None])
-            ds = score_mod_backward(ds, s0, T)
-            ds = tl.where(valid, ds, 0.0)
-            dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST_DOT, ALLOW_TF32)
+        flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_n, lo, hi, n_full,
+                               FULL_TILES, SKIP)
+        for phase in tl.static_range(3):
+            b0, b1 = _phase_range(lo, flo, fhi, hi, phase)
+            for blk_m in range(b0, b1):
+                start_m = blk_m * BLOCK_M
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                Q_t = Q_bh + tl.cast(start_m, tl.int64) * sqm
+                DO_t = DO_bh + tl.cast(start_m, tl.int64) * sdom
+                if phase == 1:
+                    valid = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
+                    q = _load_rows(Q_t, tl.arange(0, BLOCK_M), sqm, offs_d, sqd, D, EVEN_D)
+                    do = _load_rows(DO_t, tl.arange(0, BLOCK_M), sdom, offs_dv, sdod, DV,
+                                    EVEN_D).to(v.dtype)
+                    lse = tl.load(LSE + off_bh * N_Q + offs_m)
+                    delta = tl.load(DELTA + off_bh * N_Q + offs_m)
+                else:
+                    m_valid = offs_m < N_Q
+                    valid = m_valid[:, None] & n_valid[None, :]
+                    q = _load_tile(Q_t, tl.arange(0, BLOCK_M), sqm, N_Q - start_m, offs_d, sqd, D)
+                    do = _load_tile(DO_t, tl.arange(0, BLOCK_M), sdom, N_Q - start_m, offs_dv,
+                                    sdod, DV).to(v.dtype)
+                    lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+                    delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
+                if LOG2_UNITS:
+                    lse = lse * LOG2E
+                s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, offs_m, offs_n,
+                                         valid, UPCAST_DOT, ALLOW_TF32, phase == 1)
+                if ROW_STATS:
+                    if phase == 1:
+                        p = p * tl.load(INV_R + off_bh * N_Q + offs_m)[:, None]
+                    else:
+                        p = p * tl.load(INV_R + off_bh * N_Q + offs_m, mask=m_valid, other=1.0)[:, None]
+                pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
+                dv += _dot(tl.trans(pd).to(do.dtype), do, UPCAST_DOT, ALLOW_TF32)
+                ds = p * (dp - delta[:, None])
+                ds = score_mod_backward(ds, s0, T)
+                if phase != 1:
+                    ds = tl.where(valid, ds, 0.0)
+                dk += _dot(tl.trans(ds).to(q.dtype), q, UPCAST_DOT, ALLOW_TF32)
     tl.store(DK + off_b * sdkb + off_hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=n_valid[:, None] & (offs_d[None, :] < D))
     tl.store(DV_ + off_b * sdvb + off_hk * sdvh + offs_n[:, None] * sdvn + offs_dv[None, :] * sdvd,
@@ -426,13 +503,13 @@ def attn_bwd_dkdv(
 
 @triton.jit(do_not_specialize=["seed"])
 def attn_bwd_dq(
-    Q, K, V, DO, LSE, DELTA, INV_R, DQ, OPS, DC, RANGES, r_sb, r_sh,
+    Q, K, V, DO, LSE, DELTA, INV_R, DQ, OPS, DC, RANGES, r_sb, r_sh, FULL, f_sb, f_sh,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
-    SKIP: tl.constexpr, GRAD: tl.constexpr,
+    SKIP: tl.constexpr, GRAD: tl.constexpr, FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
 ):
     pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
@@ -444,12 +521,18 @@ def attn_bwd_dq(
     m_valid = offs_m < N_Q
     q = _load_tile(Q + off_b * sqb + off_h * sqh, offs_m, sqm, N_Q, offs_d, sqd, D)
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(V.dtype.element_ty)
+    K_bh = K + off_b * skb + off_hk * skh
+    V_bh = V + off_b * svb + off_hk * svh
     # in the units of the exponential (base 2 when log2(e) is folded into the chain)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     if LOG2_UNITS:
         lse = lse * LOG2E
-    # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0)
+    # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0), and
+    # the full tiles among them (none when this query block has padding rows)
     lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
+    n_full = tl.where((pid_m + 1) * BLOCK_M <= N_Q, N_K // BLOCK_N, 0)
+    flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, n_full,
+                           FULL_TILES, SKIP)
     if ROW_STATS:
         # One extra pass over the keys for two per-row statistics:
         # * r = sum_j exp(s - lse), normally 1: when the row max is huge (a fully masked row
@@ -460,16 +543,16 @@ def attn_bwd_dq(
         #   scalar's gradient (2% off in bf16) where eager's errors cancel.
         r = tl.zeros([BLOCK_M], tl.float32)
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for blk_n in range(lo, hi):
-            offs_n = blk_n * BLOCK_N + tl.arange(0, BLOCK_N)
-            valid = m_valid[:, None] & (offs_n < N_K)[None, :]
-            k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
-            v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
-            s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n,
-                                     valid, N_Q, N_K, seed, UPCAST_DOT, ALLOW_TF32)
-            pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
-            r += tl.sum(p, 1)
-            delta += tl.sum(p * dp, 1)
+        for phase in tl.static_range(3):
+            b0, b1 = _phase_range(lo, flo, fhi, hi, phase)
+            for blk_n in range(b0, b1):
+                k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
+                    q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
+                    offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
+                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+                pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
+                r += tl.sum(p, 1)
+                delta += tl.sum(p * dp, 1)
         if SAFE_SOFTMAX:
             inv_r = tl.where(r == 0.0, 0.0, 1.0 / tl.where(m_valid, r, 1.0))
         else:
@@ -481,22 +564,23 @@ def attn_bwd_dq(
         delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
-    for blk_n in range(lo, hi):
-        offs_n = blk_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        valid = m_valid[:, None] & (offs_n < N_K)[None, :]
-        k = _load_tile(K + off_b * skb + off_hk * skh, offs_n, skn, N_K, offs_d, skd, D)
-        v = _load_tile(V + off_b * svb + off_hk * svh, offs_n, svn, N_K, offs_dv, svd, DV)
-        s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, off_bh, offs_m, offs_n,
-                                 valid, N_Q, N_K, seed, UPCAST_DOT, ALLOW_TF32)
-        if ROW_STATS:
-            p = p * inv_r[:, None]
-        pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
-        ds = p * (dp - delta[:, None])
-        # the captured operands' gradients are stored per tile inside (GRAD: which ones)
-        ds = score_mod_backward_store(ds, s0, T, DC, GRAD, off_bh, pid_m, blk_n, offs_m, offs_n,
-                                      valid, N_Q, N_K, BLOCK_M, num_n_blocks)
-        ds = tl.where(valid, ds, 0.0)
-        dq += _dot(ds.to(k.dtype), k, UPCAST_DOT, ALLOW_TF32)
+    for phase in tl.static_range(3):
+        b0, b1 = _phase_range(lo, flo, fhi, hi, phase)
+        for blk_n in range(b0, b1):
+            k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
+                q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
+                offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
+                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+            if ROW_STATS:
+                p = p * inv_r[:, None]
+            pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
+            ds = p * (dp - delta[:, None])
+            # the captured operands' gradients are stored per tile inside (GRAD: which ones)
+            ds = score_mod_backward_store(ds, s0, T, DC, GRAD, off_bh, pid_m, blk_n, offs_m,
+                                          offs_n, valid, N_Q, N_K, BLOCK_M, num_n_blocks)
+            if phase != 1:
+                ds = tl.where(valid, ds, 0.0)
+            dq += _dot(ds.to(k.dtype), k, UPCAST_DOT, ALLOW_TF32)
     tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
              dq.to(DQ.dtype.element_ty), mask=m_valid[:, None] & (offs_d[None, :] < D))
 
@@ -510,16 +594,20 @@ def attn_bwd_dq(
 # key range is split across programs (grid: batch*K/V heads x splits) and each program takes the
 # G query heads of one K/V head together as its rows (row r = query head g * Nq + query i), so K
 # and V are read once per split. Each writes its unnormalised partial output, row max and sum; a
-# second kernel combines the splits by their log-sum-exp. Every key block of the split is visited
-# (no block skipping: exact by definition), through the forward's partial-tile step.
+# second kernel combines the splits by their log-sum-exp. The key blocks of the split are visited
+# through the forward's partial-tile step, except, with BAND, those outside [B_LO, B_HI): the
+# blocks holding a key some query keeps under a mask that replaces the scores it removes by -inf
+# (``launch._decode_band``; all blocks when some query keeps none). Those add exp(-inf) = 0 to every
+# row; what eager still takes from them is 0 * v, NaN in a column where one of their v is not
+# finite, so their V alone is read for that (no K, no dot, no exponential): exact for any input.
 
 @triton.jit
 def attn_decode(
     Q, K, V, PO, PM, PL, OPS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    H, G, N_Q, N_K, D, DV, BLOCKS_PER_SPLIT, N_SPLITS,
+    H, G, N_Q, N_K, D, DV, BLOCKS_PER_SPLIT, N_SPLITS, B_LO, B_HI,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, BAND: tl.constexpr,
 ):
     # batch*K/V heads on axis 0 (no 65535 limit there), the splits (a few hundred) on axis 1
     off_bk = tl.program_id(0).to(tl.int64)
@@ -543,13 +631,36 @@ def attn_decode(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     b0 = split * BLOCKS_PER_SPLIT
     b1 = tl.minimum(b0 + BLOCKS_PER_SPLIT, tl.cdiv(N_K, BLOCK_N))
-    for blk_n in range(b0, b1):
+    # the blocks of the split some query keeps: [c0, c1)
+    if BAND:
+        c0 = tl.minimum(tl.maximum(B_LO, b0), b1)
+        c1 = tl.minimum(tl.maximum(B_HI, c0), b1)
+    else:
+        c0 = b0
+        c1 = b1
+    for blk_n in range(c0, c1):
         # the forward's partial-tile step, each row with its own head (no dropout here: the
         # batch*head and seed arguments are unused)
         m_i, l_i, acc = _fwd_tile(
             q, K_bh, V_bh, m_i, l_i, acc, blk_n * BLOCK_N, OPS, off_b, off_h[:, None], 0, offs_m,
             r_valid, offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, 0,
             BLOCK_N, UPCAST_DOT, ALLOW_TF32, False, False)
+    if BAND:
+        # the skipped blocks' 0 * v: NaN in the columns where one of their v is not finite
+        bad = tl.zeros([BLOCK_DV], tl.int32)
+        for part in tl.static_range(2):
+            if part == 0:
+                s0 = b0
+                s1 = c0
+            else:
+                s0 = c1
+                s1 = b1
+            for blk_n in range(s0, s1):
+                v = _load_tile(V_bh + tl.cast(blk_n * BLOCK_N, tl.int64) * svn, tl.arange(0, BLOCK_N),
+                               svn, N_K - blk_n * BLOCK_N, offs_dv, svd, DV).to(tl.float32)
+                nonfinite = ((tl.abs(v) == float("inf")) | (v != v)).to(tl.int32)
+                bad = tl.maximum(bad, tl.max(nonfinite, 0))
+        acc = tl.where(bad[None, :] != 0, float("nan"), acc)
     # partials, per (b, query head, query, split): contiguous fp32 buffers
     part = ((off_b * H + off_h) * N_Q + offs_m) * N_SPLITS + split
     tl.store(PM + part, m_i, mask=r_valid)

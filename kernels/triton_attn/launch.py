@@ -18,7 +18,9 @@ ops, in chunks, per forward and per backward, except for linear masks (causal, w
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -28,7 +30,8 @@ from .. import pointwise, removal
 from ..dropout import threshold
 from ..spec import AttentionSpec, to_dtype
 from . import ranges as _rng
-from .codegen import _ARITH_KINDS, _data_arities, _fits_fp32, _grad_indices, predicates_supported
+from .codegen import (_ARITH_KINDS, _data_arities, _fits_fp32, _grad_indices, predicates_supported,
+                      skip_op)
 from .loader import interpret as _interpret
 from .loader import kernels
 
@@ -109,6 +112,21 @@ _TILES_FP32 = {
     True: ((64, (64, 64, 4, 2)), (128, (32, 32, 4, 2)), (256, (16, 32, 4, 1))),
 }
 _ARCH_OVERRIDE: List[int] = []
+_TILE_OVERRIDE: List[tuple] = []
+
+# The small autotune set: per (architecture, direction), per head-dim bound, the candidates tried
+# beside the table's entry (which stays the default). Only on a GPU, with $FUSION_PASS_AUTOTUNE=1:
+# the first call of each key (architecture, direction, spec, head dims, dtype, sequence-length
+# buckets) times every candidate (``TUNER``) and keeps the fastest. Under the interpreter, under
+# target_arch (gpu_static's fixed configs) and while a CUDA graph is captured: the table's entry
+# only. Each candidate is compiled and gated like the defaults by ``gpu_static.py --tune-set``.
+_TUNE_EXTRA = {
+    (90, False): ((128, ((128, 64, 8, 3), (128, 128, 8, 2))), (256, ((64, 64, 4, 2),))),
+    (90, True): ((128, ((128, 64, 8, 2), (64, 128, 8, 2))), (256, ())),
+    (80, False): ((128, ((64, 64, 4, 3),)), (256, ())),
+    (80, True): ((64, ((64, 32, 4, 2),)), (256, ())),
+}
+AUTOTUNE_ENV = "FUSION_PASS_AUTOTUNE"
 
 
 @contextlib.contextmanager
@@ -122,6 +140,76 @@ def target_arch(arch: int):
         _ARCH_OVERRIDE.pop()
 
 
+@contextlib.contextmanager
+def tiles(cfg):
+    """Launch with the tiles ``cfg`` = (BLOCK_M, BLOCK_N, num_warps, num_stages) for both
+    directions, whatever the table says (the tuner's candidates; gpu_static's ``--tune-set``)."""
+    _TILE_OVERRIDE.append(tuple(cfg))
+    try:
+        yield
+    finally:
+        _TILE_OVERRIDE.pop()
+
+
+def tune_set(d: int, dv: int, backward: bool, dtype, arch: int) -> List[tuple]:
+    """The autotune candidates of a call beside the table's entry (see _TUNE_EXTRA)."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return []
+    for bound, cfgs in _TUNE_EXTRA.get((90 if arch >= 90 else 80, bool(backward)), ()):
+        if max(d, dv) <= bound:
+            return list(cfgs)
+    return []
+
+
+class TileTuner:
+    """The autotune choice per key, timed once on the GPU (triton.testing.do_bench over the whole
+    launch, ranges included); a candidate that fails (out of shared memory on this device) is out."""
+
+    def __init__(self):
+        self.best: dict = {}
+
+    def clear(self) -> None:
+        self.best.clear()
+
+    def choose(self, key, default, candidates, run):
+        hit = self.best.get(key)
+        if hit is not None:
+            return hit
+        from triton.testing import do_bench
+        best, best_t = default, math.inf
+        for cfg in [default] + [c for c in candidates if c != default]:
+            try:
+                with tiles(cfg):
+                    t = do_bench(run, warmup=5, rep=25)
+            except Exception:  # noqa: BLE001 - a config this device cannot launch
+                continue
+            if t < best_t:
+                best, best_t = cfg, t
+        self.best[key] = best
+        return best
+
+
+TUNER = TileTuner()
+
+
+def _autotuned(mod, backward: bool, q, k, v, run):
+    """Run ``run()`` (a whole launch) with the tiles the tuner chose for this call's key; the
+    table's tiles whenever tuning is off (see _TUNE_EXTRA)."""
+    if _TILE_OVERRIDE or _ARCH_OVERRIDE or _interpret() or q.device.type != "cuda" \
+            or os.environ.get(AUTOTUNE_ENV) != "1" or torch.cuda.is_current_stream_capturing():
+        return run()
+    d, dv = q.shape[-1], v.shape[-1]
+    arch = _arch(q.device)
+    extra = tune_set(d, dv, backward, q.dtype, arch)
+    if not extra:
+        return run()
+    default = _blocks(d, dv, backward, q.dtype, q.device)
+    key = (arch, bool(backward), mod.__name__, d, dv, q.dtype, q.shape[-3] // k.shape[-3],
+           triton.next_power_of_2(q.shape[-2]), triton.next_power_of_2(k.shape[-2]))
+    with tiles(TUNER.choose(key, default, extra, run)):
+        return run()
+
+
 def _arch(device) -> Optional[int]:
     if _ARCH_OVERRIDE:
         return _ARCH_OVERRIDE[-1]
@@ -133,6 +221,8 @@ def _arch(device) -> Optional[int]:
 
 def _blocks(d: int, dv: int, backward: bool, dtype=None, device=None):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a call (see _TILES)."""
+    if _TILE_OVERRIDE:
+        return _TILE_OVERRIDE[-1]
     if _interpret() and not _ARCH_OVERRIDE:
         # small tiles keep the interpreter fast while still giving several key blocks to the
         # online softmax and partial tiles at the edges; under target_arch the interpreter runs
@@ -228,6 +318,35 @@ def decode_plan(B: int, H: int, G: int, nq: int, nk: int, d: int, dv: int, spec:
     return bm, bn, triton.cdiv(n_nb, per), per, 4, 3
 
 
+def _decode_band(spec: AttentionSpec, score_shape4, bn: int):
+    """[lo, hi) of the key blocks the decode kernel computes (``_band_blocks``), when the
+    chain's last step replaces the masked scores by -inf (then a skipped block adds exactly 0 to
+    every row, and 0 * v, which the kernel checks on V alone); None: every block is computed.
+    Not for an additive -inf mask (s + -inf is NaN for a NaN score: its K would be needed too)."""
+    op = skip_op(spec)
+    if op is None or op.kind not in ("fill", "fill_not") or op.operand != "predicate" \
+            or op.value != -math.inf:
+        return None
+    m = spec.masks[op.index]
+    if m.data:
+        return None
+    R = len(m.axes)
+    return _band_blocks(m, op.kind == "fill", tuple(int(x) for x in score_shape4[4 - R:]),
+                        int(score_shape4[2]), int(score_shape4[3]), int(bn))
+
+
+@functools.lru_cache(maxsize=256)
+def _band_blocks(m, invert: bool, sizes, nq: int, nk: int, bn: int):
+    """(lo, hi) Python ints: the key blocks holding a key some query keeps (all when one keeps
+    none), from ``ranges``' O(Nq) linear ranges with the queries as one block, on the CPU and
+    memoised per (mask, sizes); None for a mask that is not a conjunction of linear conditions."""
+    r = _rng._linear_block_ranges(m, invert, sizes, nq, nk, nq, bn, None)
+    if r is None:
+        return None
+    lo, hi = r[0].reshape(2).tolist()
+    return int(lo), int(hi)
+
+
 def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
     B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
     bm, bn, splits, per, warps, stages = plan
@@ -236,12 +355,13 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
     po = torch.empty((B * H * nq * splits, bdv), dtype=torch.float32, device=q4.device)
     pm = torch.empty((B * H * nq * splits,), dtype=torch.float32, device=q4.device)
     pl = torch.empty_like(pm)
+    band = _decode_band(spec, (B, H, nq, nk), bn)
     mod.attn_decode[(B * (H // G), splits)](
         q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk)),
         *q4.stride(), *k4.stride(), *v4.stride(),
-        H, G, nq, nk, d, dv, per, splits,
+        H, G, nq, nk, d, dv, per, splits, *(band or (0, 0)),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv, num_warps=warps,
-        num_stages=stages, **_flags())
+        num_stages=stages, BAND=band is not None, **_flags())
     mod.attn_decode_combine[(B * H * nq,)](
         po, pm, pl, out, lse, *out.stride(), H, nq, dv, splits,
         BLOCK_S=_pow2(splits), BLOCK_DV=bdv, num_warps=4 if bdv >= 128 else 1)
@@ -249,6 +369,14 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
 
 def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out (..., Nq, Dv) in spec.out_dtype, lse (..., Nq) float32)."""
+    run = lambda: _forward(q, k, v, captured, spec, seed)  # noqa: E731
+    q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
+    if decode_plan(*_dims(q4, k4, v4), spec, q.device) is not None:
+        return run()  # the decode kernels' tiles are decode_plan's
+    return _autotuned(kernels(spec), False, q4, k4, v4, run)
+
+
+def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     batch = tuple(q.shape[:-2])
     q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
     B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
@@ -287,6 +415,13 @@ def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
 def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: int = 0,
              needs_grad: Optional[Sequence[bool]] = None):
     """Returns (dq, dk, dv, [d captured_i or None]) like cpu.attention_backward."""
+    return _autotuned(kernels(spec), True, _to4d(q), _to4d(k), _to4d(v),
+                      lambda: _backward(grad_out, q, k, v, captured, out, lse, spec, seed,
+                                        needs_grad))
+
+
+def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: int = 0,
+              needs_grad: Optional[Sequence[bool]] = None):
     needs_grad = list(needs_grad) if needs_grad is not None else [False] * len(captured)
     q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
     do4, o4 = _to4d(grad_out), _to4d(out)
@@ -328,9 +463,18 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
             bufs[i] = new((B, H, nq, nk), dtype=torch.float32, device=q.device)
         else:
             bufs[i] = new((B * H, n_mb, n_nb), dtype=torch.float32, device=q.device)
+    # full tiles (every row keeps every key; see attention._full_range): per query block for dQ,
+    # the transpose per key block for dK/dV; without skipping the kernels take every in-bounds tile
+    full_q = full_k = None
+    if skip:
+        full_q = _rng.full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
+        full_k = None if full_q is None else full_columns(full_q, nq, nk, bm, bn)
+    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (not skip or full_q is not None)
+    common.update(FULL_TILES=full_tiles, EVEN_D=(d == _pow2(d) and dv == _pow2(dv)))
     mod.attn_bwd_dq[(n_mb * B * H,)](
         q4, k4, v4, do4, lse3, delta, inv_r, dq, ops, tuple(bufs[i] for i in grads),
         *_rng._range_args(ranges[0] if skip else None, B, H, q.device),
+        *_rng._range_args(full_q, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
         H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, GRAD=grad_bits,
         **common)
@@ -338,6 +482,7 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
     mod.attn_bwd_dkdv[(triton.cdiv(nk, bn) * B * (H // G),)](
         q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, ops,
         *_rng._range_args(ranges[1] if skip else None, B, H, q.device),
+        *_rng._range_args(full_k, B, H, q.device),
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
         H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common)
 
@@ -355,6 +500,28 @@ def backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: i
             g = bufs[i].sum(dim=dims, keepdim=True) if dims else bufs[i]
             dcap.append(g.reshape(c.shape).to(c.dtype))
     return dq.reshape(q.shape), dk.reshape(k.shape), dvt.reshape(v.shape), dcap
+
+
+def full_columns(full_rows: torch.Tensor, nq: int, nk: int, bm: int, bn: int) -> torch.Tensor:
+    """The dK/dV kernel's full tiles: per key block, [lo, hi) of the query blocks for which it is a
+    full tile (the transpose of ``ranges.full_ranges``' (1, 1, n_mb, 2) per-query-block ranges),
+    only query blocks without padding rows (the kernel loads them unmasked). A key block whose
+    full query blocks are not one interval (a mask that is not monotone) gets none: exact, the
+    others take the masked path. An int32 (1, 1, n_nb, 2) tensor on full_rows' device."""
+    fr = full_rows.reshape(-1, 2).to(torch.int64)
+    n_mb, n_nb = fr.shape[0], triton.cdiv(nk, bn)
+    dev = fr.device
+    idx = torch.arange(n_nb, device=dev)
+    full = (fr[:, :1] <= idx) & (idx < fr[:, 1:])  # (n_mb, n_nb)
+    full &= (torch.arange(n_mb, device=dev) < nq // bm)[:, None]
+    midx = torch.arange(n_mb, device=dev)[:, None]
+    lo = torch.where(full, midx, n_mb).amin(0)
+    hi = torch.where(full, midx + 1, 0).amax(0)
+    one = full.sum(0) == hi - lo  # contiguous (and empty when none: hi - lo <= 0 = sum)
+    some = one & (hi > lo)
+    lo = torch.where(some, lo, 0)
+    hi = torch.where(some, hi, 0)
+    return torch.stack([lo, hi], -1).to(torch.int32).reshape(1, 1, n_nb, 2).contiguous()
 
 
 def _threshold32(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> torch.Tensor:

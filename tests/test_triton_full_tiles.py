@@ -1,0 +1,263 @@
+"""Full tiles and skipped blocks of the Triton kernels at the real GPU tile sizes (issue 15), under
+the interpreter on CPU (compiled on a GPU): the backward's full-tile fast path (``attn_bwd_dq`` over
+key blocks, ``attn_bwd_dkdv`` over query blocks: tiles every row keeps whole skip the mask step and
+the bounds work) and the decode kernel's block skipping over a mask's band.
+
+Each case runs forward and backward against float64 eager (tolerance: FlashAttention's rule, twice
+eager's error in the same dtype plus a small atol), with causal and sliding-window masks, d = 64 and
+128, N of 300-600 with ragged last blocks; and a lying range (a partial tile reported as full) must
+make the same check fail, so the cases would catch a partial tile treated as full.
+"""
+import math
+
+import pytest
+import sympy
+import torch
+
+from conftest import DEVICE
+from fusion_pass.kernels import predicate
+from fusion_pass.kernels import triton_attention as ta
+from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
+from fusion_pass.kernels.triton_attn import launch
+from fusion_pass.kernels.triton_attn import ranges as tr
+
+ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+_i, _j = (sympy.Symbol(n, integer=True, nonnegative=True) for n in "ij")
+_n2, _n3 = (sympy.Symbol(f"n{t}", integer=True, nonnegative=True) for t in (2, 3))
+AXES = ("b", "h", "i", "j")
+
+
+def _masked(kind: str, window: int = 0):
+    """The masked set (a fill's predicate, true where removed)."""
+    if kind == "causal":
+        return sympy.Gt(_j, _i)
+    if kind == "sliding":
+        return sympy.Not(sympy.And(sympy.Le(_j, _i), sympy.Lt(_i - _j, window)))
+    if kind == "cache":  # a KV cache: query i is at position i + Nk - Nq
+        return sympy.Gt(_j, _i + _n3 - _n2)
+    if kind == "cache_window":
+        pos = _i + _n3 - _n2
+        return sympy.Not(sympy.And(sympy.Le(_j, pos), sympy.Lt(pos - _j, window)))
+    raise ValueError(kind)
+
+
+def _spec(kind, d, dtype, window=0):
+    keep = _masked(kind, window)
+    m = predicate.MaskSpec(keep=sympy.srepr(keep), axes=AXES, data=(), text=str(keep))
+    ops = (ScoreOp("mul", "const", value=d ** -0.5),
+           ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    n = dtype_name(dtype)
+    return AttentionSpec(score_ops=ops, captured=(), masks=(m,), qk_dtype=n, softmax_dtype=n,
+                         prob_dtype=n, out_dtype=n)
+
+
+def _eager(q, k, v, go, spec, dtype, backward=True):
+    """Eager attention in ``dtype`` (K/V heads repeated for grouped-query attention)."""
+    B, H, nq, d = q.shape
+    nk = k.shape[2]
+    masked = predicate.materialize(spec.masks[0], (B, H, nq, nk), []).to(q.device)
+    qr, kr, vr = (t.detach().to(dtype).requires_grad_(backward) for t in (q, k, v))
+    g = H // k.shape[1]
+    kx, vx = kr.repeat_interleave(g, 1), vr.repeat_interleave(g, 1)
+    s = ((qr @ kx.transpose(-1, -2)) * d ** -0.5).masked_fill(masked, -math.inf)
+    out = torch.softmax(s, -1) @ vx
+    if not backward:
+        return (out.detach(),)
+    out.backward(go.to(dtype))
+    return out.detach(), qr.grad, kr.grad, vr.grad
+
+
+def _errors(got, low, ref):
+    """Per output: (kernel error, eager low-precision error) against float64, max abs."""
+    return [((g.double() - r).abs().max().item(), (e.double() - r).abs().max().item())
+            for g, e, r in zip(got, low, ref)]
+
+
+def _ok(errs, dtype):
+    return all(eg <= 2 * ee + ATOL[dtype] for eg, ee in errs)
+
+
+def _inputs(B, H, HK, nq, nk, d, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, go = (torch.randn(B, H, nq, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    k, v = (torch.randn(B, HK, nk, d, generator=g).to(DEVICE, dtype) for _ in range(2))
+    return q, k, v, go
+
+
+def _fwd_bwd(arch, kind, d, nq, nk, dtype=torch.bfloat16, window=0, B=1, H=2, HK=None):
+    """(kernel results, eager low-precision, float64 reference, spec) at arch's tiles."""
+    spec = _spec(kind, d, dtype, window)
+    q, k, v, go = _inputs(B, H, HK or H, nq, nk, d, dtype)
+    with ta.target_arch(arch):
+        out, lse = ta.forward(q, k, v, [], spec)
+        dq, dk, dv, _ = ta.backward(go, q, k, v, [], out, lse, spec, 0, [])
+    ref = _eager(q, k, v, go, spec, torch.float64)
+    low = _eager(q, k, v, go, spec, dtype)
+    return (out, dq, dk, dv), low, ref, spec
+
+
+def _full_tile_counts(spec, nq, nk, bm, bn):
+    """(full (query block, key block) tiles of dQ, of dK/dV, visited tiles of dQ)."""
+    rows, _ = tr.block_ranges(spec, [], (1, 1, nq, nk), bm, bn)
+    fq = tr.full_ranges(spec, (1, 1, nq, nk), bm, bn)
+    fk = launch.full_columns(fq, nq, nk, bm, bn)
+    n_full_q = int((fq[..., 1] - fq[..., 0]).clamp(min=0)[..., : nq // bm].sum())
+    n_full_k = int((fk[..., 1] - fk[..., 0]).sum())
+    return n_full_q, n_full_k, int((rows[..., 1] - rows[..., 0]).sum())
+
+
+# (arch, mask, window, d, Nq, Nk): backward tiles 64 x 64 on sm_90a (d <= 128), 64 x 64 (d = 64)
+# and 64 x 32 (d = 128) on sm_80; ragged last blocks everywhere
+CASES = [
+    (90, "causal", 0, 128, 300, 300),
+    (90, "sliding", 200, 64, 450, 450),
+    (80, "causal", 0, 128, 333, 333),
+    (80, "cache_window", 250, 64, 200, 517),
+]
+
+
+@pytest.mark.parametrize("arch,kind,window,d,nq,nk", CASES,
+                         ids=[f"sm{c[0]}-{c[1]}-d{c[3]}-n{c[4]}" for c in CASES])
+def test_backward_full_tiles_against_float64(arch, kind, window, d, nq, nk):
+    got, low, ref, spec = _fwd_bwd(arch, kind, d, nq, nk, window=window)
+    for name, (eg, ee) in zip(("out", "dq", "dk", "dv"), _errors(got, low, ref)):
+        assert eg <= 2 * ee + ATOL[torch.bfloat16], f"{name}: {eg:.3g} vs eager bf16 {ee:.3g}"
+    with ta.target_arch(arch):
+        bm, bn = ta._blocks(d, d, True, torch.bfloat16)[:2]
+    n_full_q, n_full_k, visited = _full_tile_counts(spec, nq, nk, bm, bn)
+    # both paths taken in both kernels: full tiles and partial (diagonal, band edge, ragged) ones
+    assert 0 < n_full_q < visited and 0 < n_full_k < visited
+
+
+def test_plain_ragged_full_tiles_grouped_query():
+    # no mask (every in-bounds tile full, computed in the kernels), Nq != Nk both ragged, GQA
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=64 ** -0.5),), qk_dtype="bfloat16",
+                         softmax_dtype="bfloat16", prob_dtype="bfloat16", out_dtype="bfloat16")
+    q, k, v, go = _inputs(1, 4, 2, 201, 333, 64, torch.bfloat16, seed=3)
+    with ta.target_arch(90):
+        out, lse = ta.forward(q, k, v, [], spec)
+        got = (out, *ta.backward(go, q, k, v, [], out, lse, spec, 0, [])[:3])
+
+    def eager(t):
+        qr, kr, vr = (x.detach().to(t).requires_grad_() for x in (q, k, v))
+        o = torch.softmax((qr @ kr.repeat_interleave(2, 1).transpose(-1, -2)) * 0.125, -1) \
+            @ vr.repeat_interleave(2, 1)
+        o.backward(go.to(t))
+        return o.detach(), qr.grad, kr.grad, vr.grad
+
+    assert _ok(_errors(got, eager(torch.bfloat16), eager(torch.float64)), torch.bfloat16)
+
+
+def _widened(fn):
+    """A lying range function: every full range one block wider on the low side (a partial tile
+    reported as full)."""
+    def lying(*args, **kwargs):
+        r = fn(*args, **kwargs)
+        if r is None:
+            return r
+        r = r.clone()
+        some = r[..., 1] > r[..., 0]
+        r[..., 0] = torch.where(some & (r[..., 0] > 0), r[..., 0] - 1, r[..., 0])
+        return r
+    return lying
+
+
+@pytest.mark.parametrize("lie", ["dq", "dkdv"])
+def test_a_partial_tile_taken_as_full_is_caught(lie, monkeypatch):
+    """The same check as above fails when the host reports one partial tile per block as full: the
+    diagonal tile's masked keys then count. dq: the per-query-block ranges (forward and dQ);
+    dkdv: only the transpose. Sliding window (200 keys at 64 x 64 tiles: two full tiles per block): the partial tile
+    below the band, or the diagonal one, is the one taken."""
+    args = (90, "sliding", 200, 64, 450, 450)
+    if lie == "dq":
+        monkeypatch.setattr(launch._rng, "full_ranges", _widened(tr.full_ranges))
+    else:
+        monkeypatch.setattr(launch, "full_columns", _widened(launch.full_columns))
+    got, low, ref, _ = _fwd_bwd(*args[:2], args[3], args[4], args[5], window=args[2])
+    errs = _errors(got, low, ref)
+    assert not _ok(errs[1:] if lie == "dq" else errs[2:], torch.bfloat16)
+
+
+def test_full_columns_is_the_transpose():
+    # per key block, the query blocks whose full range holds it; only query blocks without padding
+    # rows, and an interval (a non-interval set gives none)
+    for kind, w in (("causal", 0), ("sliding", 200), ("cache_window", 250)):
+        for nq, nk, bm, bn in ((300, 300, 64, 64), (333, 333, 64, 32), (200, 517, 64, 64)):
+            spec = _spec(kind, 64, torch.float32, w)
+            fq = tr.full_ranges(spec, (1, 1, nq, nk), bm, bn)
+            fk = launch.full_columns(fq, nq, nk, bm, bn)
+            lo, hi = fq[0, 0, :, 0], fq[0, 0, :, 1]
+            for nb in range(-(-nk // bn)):
+                want = [mb for mb in range(nq // bm) if lo[mb] <= nb < hi[mb]]
+                got = list(range(int(fk[0, 0, nb, 0]), int(fk[0, 0, nb, 1])))
+                assert got == want or (not got and bool(want)
+                                       and want != list(range(want[0], want[-1] + 1)))
+    fq = torch.tensor([[0, 2], [3, 4], [0, 2]], dtype=torch.int32).reshape(1, 1, 3, 2)
+    fk = launch.full_columns(fq, 192, 256, 64, 64)
+    assert fk[0, 0].tolist() == [[0, 0], [0, 0], [0, 0], [1, 2]]  # key blocks 0, 1: {0, 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: key blocks outside the mask's band are not computed (only their V is checked)
+# ---------------------------------------------------------------------------------------------
+
+def _decode_case(arch, kind, window, nq=3, nk=1100, d=64, H=4, HK=2, dtype=torch.bfloat16,
+                 poison=None):
+    """Decode forward (and the regular backward) vs float64 eager; ``poison``: put NaN/inf into
+    V or K at masked keys (outside every query's window), where eager still reads 0 * v."""
+    spec = _spec(kind, d, dtype, window)
+    q, k, v, go = _inputs(1, H, HK, nq, nk, d, dtype, seed=5)
+    if poison == "v":
+        v[0, 0, 10, 3] = math.nan
+        v[0, 1, 40, 7] = math.inf
+    elif poison == "k":
+        k[0, 0, 20, :] = math.nan
+    with ta.target_arch(arch) if arch else _nullcontext():
+        plan = ta.decode_plan(1, H, H // HK, nq, nk, d, d, spec)
+        band = launch._decode_band(spec, (1, H, nq, nk), plan[1])
+        out, lse = ta.forward(q, k, v, [], spec)
+    ref = _eager(q, k, v, go, spec, torch.float64, backward=False)[0]
+    low = _eager(q, k, v, go, spec, dtype, backward=False)[0]
+    return plan, band, out, lse, low, ref
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@pytest.mark.parametrize("arch,kind,window", [(90, "cache_window", 300), (None, "cache_window", 100),
+                                              (80, "cache", 0)])
+def test_decode_skips_blocks_outside_the_band(arch, kind, window):
+    plan, band, out, lse, low, ref = _decode_case(arch, kind, window)
+    n_nb = -(-1100 // plan[1])
+    assert band is not None and band[1] == n_nb
+    if kind == "cache_window":  # the window's blocks only: most of the cache is not computed
+        assert band[1] - band[0] <= -(-(window + 3) // plan[1]) + 1 < n_nb // 2
+    (eg, ee), = _errors([out], [low], [ref])
+    assert eg <= 2 * ee + ATOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("poison", ["v", "k"])
+def test_decode_band_keeps_eager_nan_semantics(poison):
+    # a NaN/inf in V at a masked key: eager's 0 * v makes that column NaN on every row; a NaN in
+    # K at a masked key is replaced by -inf and changes nothing
+    plan, band, out, lse, low, ref = _decode_case(90, "cache_window", 300, poison=poison)
+    assert band[0] > 1  # keys 10-40 lie in skipped blocks
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    if poison == "v":
+        assert torch.isnan(out[0, 0, :, 3]).all() and torch.isnan(out[0, 2, :, 7]).all()
+    fin = torch.isfinite(ref)
+    assert (out.double()[fin] - ref[fin]).abs().max() <= 2 * (low.double()[fin] - ref[fin]).abs().max() + 1e-2
+
+
+def test_decode_a_band_too_narrow_is_caught(monkeypatch):
+    # the same check fails when the band leaves out a block a query keeps
+    real = launch._band_blocks
+    monkeypatch.setattr(launch, "_band_blocks", lambda *a: (real(*a)[0] + 1, real(*a)[1]))
+    plan, band, out, lse, low, ref = _decode_case(90, "cache_window", 300)
+    (eg, ee), = _errors([out], [low], [ref])
+    assert eg > 2 * ee + ATOL[torch.bfloat16]
