@@ -723,9 +723,13 @@ def _sum_all(t: torch.Tensor) -> torch.Tensor:
 
 
 def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``torch._softmax_backward_data(dp, p, -1, dtype)``: p * (dp - rowsum(dp * p)), computed in
-    p's dtype and returned in ``dtype``, written out so its bits do not depend on the thread count
-    (see ``_threads_for_share``); ``dp`` (a fresh tile) is overwritten."""
+    """``torch._softmax_backward_data(dp, p, -1, dtype)``: p * (dp - rowsum(dp * p)), returned in
+    ``dtype``, written out so its bits do not depend on the thread count (see
+    ``_threads_for_share``); ``dp`` (a fresh tile) may be overwritten. As ATen's kernel does, a
+    16-bit tile computes in float32 and rounds once at the end (in bf16 throughout, a learnable
+    scale's gradient, a sum over the whole tile, was 30x eager's error)."""
+    if p.dtype in (torch.float16, torch.bfloat16):
+        dp, p = dp.float(), p.float()
     prod = dp * p
     if prod.numel() == prod.shape[-1]:  # one row: a sum to one element (``_sum_dims``)
         delta = _sum_dims(prod, [prod.dim() - 1])

@@ -323,14 +323,6 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None)
 # The cases
 # ---------------------------------------------------------------------------------------------
 
-# Found by this suite: since 9e5ff73 (the tiled softmax backward written out) the tiled backward's
-# gradient of a learnable 0-dim scale in bfloat16 is ~30x eager's error against float64 (1.8 where
-# eager is off by 0.06, on a value ~50); at c5c2068 it met the 2x-eager rule. The sum over every
-# score of ds * s cancels, so an error in ds adds up. Strict: the day it is fixed, this says so.
-KNOWN = {("scalar_scale_learnable", "odd", torch.bfloat16, "tiled"),
-         ("scalar_scale_learnable", "odd", torch.bfloat16, "aten_flash"),  # its backward is tiled
-         ("mixed", "odd", torch.bfloat16, "tiled")}
-_KNOWN_MARK = pytest.mark.xfail(strict=True, reason="bf16 scalar-scale gradient of the tiled backward")
 
 
 def _triton_takes(shape: Shape, spec: AttentionSpec, dtype) -> bool:
@@ -355,8 +347,7 @@ def _cases():
                     # Triton under the interpreter: seconds a case; the default run checks every
                     # pattern once (odd shape, float32)
                     slow = path == "triton" and (shape_name != "odd" or dtype != torch.float32)
-                    marks = (slow_here if slow else []) + \
-                        ([_KNOWN_MARK] if (name, shape_name, dtype, path) in KNOWN else [])
+                    marks = slow_here if slow else []
                     yield pytest.param(name, shape_name, dtype, path, marks=marks,
                                        id=f"{name}-{shape_name}-{dtype_name(dtype)}-{path}")
 
