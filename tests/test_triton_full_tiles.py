@@ -261,3 +261,42 @@ def test_decode_a_band_too_narrow_is_caught(monkeypatch):
     plan, band, out, lse, low, ref = _decode_case(90, "cache_window", 300)
     (eg, ee), = _errors([out], [low], [ref])
     assert eg > 2 * ee + ATOL[torch.bfloat16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The small autotune set (launch.tune_set, TileTuner): off under the interpreter; the choice
+# ---------------------------------------------------------------------------------------------
+
+def test_autotune_is_one_config_under_the_interpreter(monkeypatch):
+    monkeypatch.setenv(launch.AUTOTUNE_ENV, "1")
+    calls = []
+    q = torch.zeros(1, 2, 8, 64)
+    launch._autotuned(None, False, q, q, q, lambda: calls.append(launch._blocks(64, 64, False)))
+    assert len(calls) == 1 and not launch.TUNER.best  # the table's tiles, nothing timed
+    assert launch.tune_set(128, 128, True, torch.float32, 90) == []
+    for arch in (80, 90, 100):  # candidates beside the table's entry, never a copy of it
+        for bwd in (False, True):
+            for d in (64, 128, 256):
+                with ta.target_arch(arch):
+                    default = launch._blocks(d, d, bwd, torch.bfloat16)
+                cands = launch.tune_set(d, d, bwd, torch.bfloat16, arch)
+                assert default not in cands and len(set(cands)) == len(cands)
+
+
+def test_tile_tuner_keeps_the_fastest_launchable_candidate(monkeypatch):
+    import triton.testing
+    timings = {(128, 128, 8, 3): 2.0, (128, 64, 8, 3): 1.0}
+
+    def fake_bench(fn, warmup=0, rep=0):
+        fn()
+        cfg = launch._TILE_OVERRIDE[-1]
+        if cfg not in timings:
+            raise RuntimeError("out of resources")  # a candidate this device cannot launch
+        return timings[cfg]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_bench)
+    tuner, seen = launch.TileTuner(), []
+    run = lambda: seen.append(launch._blocks(64, 64, False))  # noqa: E731
+    best = tuner.choose("k", (128, 128, 8, 3), [(128, 64, 8, 3), (64, 64, 4, 2)], run)
+    assert best == (128, 64, 8, 3) and seen == [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)]
+    assert tuner.choose("k", (128, 128, 8, 3), [], run) == best and len(seen) == 3  # cached
