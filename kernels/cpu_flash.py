@@ -39,7 +39,6 @@ Rounding differs from eager only in where the scale is applied (one fp32 roundin
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import itertools
 import math
@@ -49,7 +48,7 @@ from typing import Optional, Sequence
 import sympy
 import torch
 
-from . import removal
+from . import predicate, removal
 from .cpu import one_thread
 from .predicate import as_operand, materialize, parse
 from .spec import AttentionSpec, to_dtype
@@ -271,7 +270,18 @@ _TRUE = sympy.srepr(sympy.true)
 def _split_causal(m, fill: bool):
     """(causal, rest): keep (or not keep, for a fill) = (j <= i if causal) & rest; rest is a bool
     MaskSpec, or None when it depends on both i and j (then ATen's kernel would need an N x N
-    tensor). Symbolic work, done once per mask."""
+    tensor). A mask its spec describes whole reads the split off its band (``band_split``):
+    causal when the band is exactly j - i <= 0. Symbolic work, done once per mask."""
+    split = predicate.band_split(m, fill)
+    # a fill's mask whose negation normalises to other conjuncts ((j > i) | pad) keeps the split it
+    # always had, from the negation as sympy leaves it (reading the band would route it to ATen:
+    # a change of behaviour, left to a change of its own)
+    if split is not None and predicate.kept_expr(m, fill) == _keep_expr(m, fill):
+        (lo, hi), inside, rest = split
+        if inside and not (lo is None and hi == 0 and len(inside) == 1):
+            return False, None  # a window, an offset, or a band in several conjuncts
+        return bool(inside), predicate.conjunct_mask(m, sympy.And(*rest))
+    # not classified, or conjuncts the spec does not carry: from the expression
     keep = _keep_expr(m, fill)
     names = {s.name: s for s in keep.free_symbols}
     i, j = names.get(m.axes[-2]), names.get(m.axes[-1])
@@ -282,7 +292,7 @@ def _split_causal(m, fill: bool):
     rest = sympy.And(*parts)
     if i is not None and j is not None and i in rest.free_symbols and j in rest.free_symbols:
         return causal, None  # e.g. a sliding window: the tiled path skips its empty tiles instead
-    return causal, dataclasses.replace(m, keep=sympy.srepr(rest), text=str(rest), kind="bool")
+    return causal, predicate.conjunct_mask(m, rest)
 
 
 def _keep_expr(m, fill: bool):

@@ -358,32 +358,81 @@ def _plan(e, mask: MaskSpec, i, j):
         parts.sort(key=lambda p: isinstance(p, _Eval) and not p.keys_only)
         return ("and", parts) if parts else None
     if j is None or j not in e.free_symbols:
-        return _Eval(_conjunct(mask, e), True) if i is None or i not in e.free_symbols else None
+        return _Eval(conjunct_mask(mask, e), True) if i is None or i not in e.free_symbols else None
     if isinstance(e, sympy.core.relational.Relational):
         lins = _lin(e, i, j, R)
         if lins is not None:
             return ("and", lins) if len(lins) > 1 else lins[0]
     keys_only = i is None or i not in e.free_symbols
-    return _Eval(_conjunct(mask, e), keys_only)
+    return _Eval(conjunct_mask(mask, e), keys_only)
 
 
-def _conjunct(mask: MaskSpec, e) -> MaskSpec:
-    """A part ``e`` of ``mask``'s expression as a boolean mask of its own (the whole mask's
-    classification does not describe it)."""
+def conjunct_mask(mask: MaskSpec, e) -> MaskSpec:
+    """A part ``e`` of ``mask``'s expression as a boolean mask of its own, not classified (the
+    whole mask's classification does not describe it)."""
     return dataclasses.replace(mask, keep=sympy.srepr(e), text=str(e), kind="bool", kinds=(), band=(None, None))
 
 
-@functools.lru_cache(maxsize=None)
-def span_plan(mask: MaskSpec, invert: bool = False):
-    """The plan ``key_span`` follows for ``keep`` (or, ``invert``, for not keep: a fill's mask)."""
+def kept_expr(mask: MaskSpec, invert: bool = False):
+    """The elements the mask's step keeps: ``keep``, or (``invert``: a fill's mask, which marks the
+    elements it replaces) not keep in negation normal form, the expression the pass classified
+    (``MaskSpec.kinds``)."""
     e = parse(mask.keep)
     if invert:
         e = sympy.Not(e)
         if isinstance(e, sympy.logic.boolalg.BooleanFunction):
             e = e.to_nnf()
+    return e
+
+
+def band_split(mask: MaskSpec, invert: bool = False):
+    """(band, inside, rest) for a mask its spec describes whole (``MaskSpec.whole_band``): the
+    kept elements are ``lo <= j - i <= hi`` (band: (lo, hi), sympy or None), which the conjuncts
+    in ``inside`` (those reading both i and j) state together, and the conjuncts in ``rest``, none
+    of which reads both. None for any other mask. ``invert`` must be the step's polarity
+    (op.kind == "fill"), the one the pass classified."""
+    band = mask.whole_band()
+    if band is None:
+        return None
+    e = kept_expr(mask, invert)
+    i, j = (next((s for s in e.free_symbols if s.name == a), None) for a in mask.axes[-2:])
+    inside, rest = [], []
+    for c in e.args if isinstance(e, sympy.And) else (e,):  # in the expression's order
+        (inside if i in c.free_symbols and j in c.free_symbols else rest).append(c)
+    return band, inside, rest
+
+
+@functools.lru_cache(maxsize=None)
+def span_plan(mask: MaskSpec, invert: bool = False):
+    """The plan ``key_span`` follows for the elements the mask's step keeps (``invert``: not keep,
+    for a fill's mask; the polarity the pass classified). A mask its spec describes whole reads
+    its band from the spec (``band_split``); only the other masks (not classified, or with
+    conjuncts the spec does not carry) are planned from their expression, conjunct by conjunct."""
+    e = kept_expr(mask, invert)
     names = {s.name: s for s in e.free_symbols}
-    return _plan(e, mask, names.get(mask.axes[-2]) if len(mask.axes) >= 2 else None,
-                 names.get(mask.axes[-1]))
+    i = names.get(mask.axes[-2]) if len(mask.axes) >= 2 else None
+    j = names.get(mask.axes[-1])
+    split = band_split(mask, invert)
+    if split is not None and any(c.atoms(sympy.Abs) for c in split[1]):
+        # |j - i| < w: evaluated per tile, as it always was (its band would also give it full
+        # tiles in the Triton kernels: a change of behaviour, left to a change of its own)
+        split = None
+    if split is None:  # not classified, or conjuncts the spec does not carry: from the expression
+        return _plan(e, mask, i, j)
+    (lo, hi), inside, _ = split
+    R = len(mask.axes)
+    band = [] if hi is None else [_Lin(1, -1, _compile_sizes_fn(-hi, R))]  # j - i - hi <= 0
+    band += [] if lo is None else [_Lin(-1, 1, _compile_sizes_fn(lo, R))]  # lo - (j - i) <= 0
+    parts = []
+    # in the expression's order, the band where its first conjunct is, as _plan takes them (the
+    # order decides how narrow an evaluated conjunct's span is); evaluated conjuncts last
+    for c in e.args if isinstance(e, sympy.And) else (e,):
+        if c in inside:
+            parts, band = parts + band, []
+        elif (p := _plan(c, mask, i, j)) is not None:
+            parts.append(p)
+    parts.sort(key=lambda p: isinstance(p, _Eval) and not p.keys_only)
+    return None if not parts else parts[0] if len(parts) == 1 else ("and", parts)
 
 
 def key_span(plan, q0: int, q1: int, k0: int, k1: int, evaluate):

@@ -94,10 +94,13 @@ class MaskSpec:
     masked: float = -math.inf
     text: str = ""            # str() of the expression, for people
     # What the pass proved about the elements this mask's step keeps (fusion_pass/masks/classify.py,
-    # for a fill: not keep), so kernels read it instead of re-deriving it from ``keep``: ``kinds``
+    # for a fill: not keep, so a kernel reading it must take the step's polarity, op.kind == "fill",
+    # as the pass did), so kernels read it instead of re-deriving it from ``keep``: ``kinds``
     # such as "causal", "sliding_window", "band", "prefix_lm", "chunked", "document", "padding",
     # "other", "full" (empty: not classified); ``band`` (lo, hi): every kept element has
-    # lo <= j - i <= hi, each an srepr of an expression in the sizes n0 .. (None: unbounded).
+    # lo <= j - i <= hi, each an srepr of an expression in the sizes n0 .. (None: unbounded),
+    # except for "prefix_lm", whose hi bounds only the causal side of (j - i <= hi) | (j < P).
+    # ``whole_band`` says when the band describes the mask whole.
     kinds: tuple = ()
     band: tuple = (None, None)
 
@@ -111,6 +114,17 @@ class MaskSpec:
     def band_exprs(self):
         """(lo, hi) of the proven band lo <= j - i <= hi as sympy expressions (None: unbounded)."""
         return tuple(None if x is None else parse(x) for x in self.band)
+
+    def whole_band(self):
+        """(lo, hi) as ``band_exprs`` when the classification describes the mask's kept elements
+        whole: its kinds are only a band ("causal", "sliding_window", "band"), "padding" and
+        "full", so the conjuncts of the kept expression that read both i and j (the last two
+        axes) are exactly the band's, lo <= j - i <= hi together, and every other conjunct reads
+        one of i, j; lo and hi read the sizes n0 .. only. None otherwise: not classified (kinds
+        empty: a part of a mask, an older key), a prefix (its band is not a bound on every kept
+        element), chunks, documents or unrecognised conjuncts (the spec does not carry them), or
+        bounds that read data."""
+        return _whole_band(self.kinds, self.band, self.axes)
 
     @property
     def expr(self):
@@ -162,6 +176,22 @@ class BiasSpec:
 def parse(srepr: str):
     """The sympy expression of a ``MaskSpec.keep`` (sympy's own srepr, read back)."""
     return sympy.sympify(eval(srepr, dict(_SREPR_NS)))  # noqa: S307 - our own srepr output
+
+
+# the kinds whose conjuncts a MaskSpec's band and its one-index (padding) conjuncts describe whole
+_WHOLE_BAND_KINDS = frozenset({"causal", "sliding_window", "band", "padding", "full"})
+
+
+@functools.lru_cache(maxsize=None)
+def _whole_band(kinds: tuple, band: tuple, axes: tuple):
+    if not kinds or not set(kinds) <= _WHOLE_BAND_KINDS or tuple(axes[-2:]) != ("i", "j"):
+        return None
+    out = tuple(None if x is None else parse(x) for x in band)
+    for x in out:
+        if x is not None and (x.atoms(sympy.core.function.AppliedUndef) or any(
+                not (s.name[:1] == "n" and s.name[1:].isdigit()) for s in x.free_symbols)):
+            return None
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -214,7 +214,8 @@ def full_ranges(spec: AttentionSpec, score_shape4, block_m: int, block_n: int, d
 
 def _linear_rows(m, invert: bool, sizes, nq: int, nk: int, dev):
     """(lo, hi) int64 (Nq,) of the keys each row keeps, for a conjunction of linear conditions on
-    i and j with no data, batch or head; None otherwise."""
+    i and j with no data, batch or head (``predicate.span_plan``: the band the spec carries, or
+    for a mask it does not describe, the conditions read off its expression); None otherwise."""
     plan = predicate.span_plan(m, invert)
     parts = plan[1] if isinstance(plan, tuple) and plan[0] == "and" else [plan]
     if plan is None or not all(isinstance(p, predicate._Lin) for p in parts):
