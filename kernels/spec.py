@@ -131,7 +131,7 @@ class MaskSpec:
         return parse(self.keep)
 
     def uses_axis(self, name: str) -> bool:
-        return any(s.name == name for s in self.expr.free_symbols)
+        return name in _free_names(self.keep)
 
     def __str__(self):
         body = self.text or str(self.expr)
@@ -176,6 +176,11 @@ class BiasSpec:
 def parse(srepr: str):
     """The sympy expression of a ``MaskSpec.keep`` (sympy's own srepr, read back)."""
     return sympy.sympify(eval(srepr, dict(_SREPR_NS)))  # noqa: S307 - our own srepr output
+
+
+@functools.lru_cache(maxsize=None)
+def _free_names(srepr: str) -> frozenset:
+    return frozenset(s.name for s in parse(srepr).free_symbols)
 
 
 # the kinds whose conjuncts a MaskSpec's band and its one-index (padding) conjuncts describe whole
@@ -350,8 +355,13 @@ class AttentionSpec:
 
     # -- serialisation: the string the custom op carries ----------------------------------------
     def to_key(self) -> str:
-        d = dataclasses.asdict(self)
-        return json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=True)
+        # written once per spec object (it is frozen): launches ask for it on every call
+        key = self.__dict__.get("_key")
+        if key is None:
+            key = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"),
+                             allow_nan=True)
+            object.__setattr__(self, "_key", key)
+        return key
 
     @staticmethod
     def from_key(key: str) -> "AttentionSpec":

@@ -96,6 +96,9 @@ class KernelCache:
         self.modules.clear()
 
     def get(self, spec: AttentionSpec) -> types.ModuleType:
+        # the key string, not the spec object: equal specs may differ in their keys (0.0 and -0.0,
+        # 1 and 1.0 compare equal), and so in their generated code; it is written once per spec
+        # object (``AttentionSpec.to_key``), so a launch does no serialisation here
         key = (spec.to_key(), interpret())
         mod = self.modules.get(key)
         if mod is None:
