@@ -97,29 +97,27 @@ def _triton_operands(q, k, captured, spec: AttentionSpec):
     the graph built). ``origin[t]`` says where operand t comes from: ("captured", k), ("bias", b)
     or ("mask", m), so that the backward can map gradients back."""
     origin = [("captured", t) for t in range(len(captured))]
+    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
     if spec.biases:
         if any(b.y_data for b in spec.biases):
             return spec, list(captured), origin  # the tiled path takes it (supports() refuses)
-        score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
-        tensors, kinds, ops = list(captured), list(spec.captured), []
+        n, dense, ops = len(spec.captured), [], []
         for op in spec.score_ops:
-            if op.operand == "bias":
-                tensors.append(_bias_dense(spec.biases[op.index], captured, score_shape))
-                kinds.append("tensor")
+            if op.operand == "bias":  # read as the dense tensor appended after the captured ones
+                dense.append(_bias_dense(spec.biases[op.index], captured, score_shape))
                 origin.append(("bias", op.index))
-                op = dataclasses.replace(op, operand="tensor", index=len(tensors) - 1)
+                op = dataclasses.replace(op, operand="tensor", index=n + len(dense) - 1)
             ops.append(op)
-        spec = dataclasses.replace(spec, score_ops=tuple(ops), captured=tuple(kinds), biases=())
-        captured = tensors
+        spec = predicate.with_operands(spec, range(n), ["tensor"] * len(dense), score_ops=tuple(ops),
+                                       biases=())
+        captured = list(captured) + dense
     if not spec.masks:
         return spec, list(captured), origin
     from . import triton_attention
     if triton_attention.predicates_supported(spec, captured):
         return spec, list(captured), origin
-    score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
     # with_tensor_masks keeps the operands that are not mask data, in order, then appends the masks
-    data_pos = {d for m in spec.masks for d in m.data}
-    origin = [o for t, o in enumerate(origin) if t not in data_pos] + \
+    origin = [origin[t] for t in predicate.tensor_mask_order(spec)] + \
         [("mask", mi) for mi in range(len(spec.masks))]
     ts, tcaptured = predicate.with_tensor_masks(spec, captured, score_shape)
     assert len(origin) == len(tcaptured)
