@@ -11,8 +11,8 @@ Paths (``kernels/select.py`` routes between them; here each is forced, and check
   the backward runs on ATen's kernel unless a captured operand needs a gradient;
 * ``triton``: the generated Triton kernels, launched as ``ops.py`` launches them on CUDA
   (``_triton_operands`` / ``_triton_backward``); compiled on a GPU, under ``TRITON_INTERPRET=1`` on
-  CPU (conftest.py), where a case takes seconds: the default run there checks every pattern on
-  the odd shape in float32, ``-m slow`` the rest.
+  CPU (conftest.py), where a case takes seconds: the default run there checks one pattern per
+  kind of step on the odd shape in float32, ``-m slow`` the rest.
 
 Tolerance by FlashAttention's rule (STYLE 11b): the kernel's error against the float64 reference is
 at most twice eager PyTorch's error in the same dtype, plus a floor; NaN exactly where the
@@ -323,6 +323,10 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None)
 # The cases
 # ---------------------------------------------------------------------------------------------
 
+# one pattern per kind of step (the tensor-operand fills and padding run the same code as mask_inf
+# and bias; under ``-m slow`` and on a GPU every pattern runs)
+TRITON_DEFAULT = {"scale", "scalar_scale_learnable", "bias_learnable", "mask_inf", "mask_finfo_min",
+                  "softcap", "mixed"}
 
 
 def _triton_takes(shape: Shape, spec: AttentionSpec, dtype) -> bool:
@@ -344,9 +348,10 @@ def _cases():
                 if _triton_takes(shape, spec, dtype):
                     paths.append("triton")
                 for path in paths:
-                    # Triton under the interpreter: seconds a case; the default run checks every
-                    # pattern once (odd shape, float32)
-                    slow = path == "triton" and (shape_name != "odd" or dtype != torch.float32)
+                    # Triton under the interpreter: seconds a case; the default run checks the
+                    # patterns of TRITON_DEFAULT once (odd shape, float32)
+                    slow = path == "triton" and (shape_name != "odd" or dtype != torch.float32
+                                                 or name not in TRITON_DEFAULT)
                     marks = slow_here if slow else []
                     yield pytest.param(name, shape_name, dtype, path, marks=marks,
                                        id=f"{name}-{shape_name}-{dtype_name(dtype)}-{path}")
