@@ -37,8 +37,9 @@ EOF
 
 echo "== GPU tests"
 if [ -f tests/test_triton_kernels.py ]; then
-    # the full-tile and decode-band tests first (fast: a few seconds compiled), then the suite
-    timeout -k 5 170 python -m pytest tests/test_triton_full_tiles.py tests/test_triton_kernels.py \
+    # the suite, then the full-tile / decode-band / autotune tests (their extra tile configs are
+    # compiled last, so a slow compile cuts them, not the suite)
+    timeout -k 5 170 python -m pytest tests/test_triton_kernels.py tests/test_triton_full_tiles.py \
         -q -rfE --maxfail=10 -p no:cacheprovider -o addopts="" 2>&1 | tail -25
     echo "tests rc=${PIPESTATUS[0]} (124: timed out)"
 else

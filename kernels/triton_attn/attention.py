@@ -412,9 +412,12 @@ def _bwd_kv_tile(q, do, lse, K_bh, V_bh, start_n, OPS, off_b, off_h, offs_m, m_v
 
 
 @triton.jit
-def _phase_range(lo, flo, fhi, hi, phase: tl.constexpr):
-    # the blocks of phase 0 (partial, before the full tiles), 1 (full) or 2 (partial, after)
-    if phase == 0:
+def _phase_range(lo, flo, fhi, hi, phase: tl.constexpr, FULL_TILES: tl.constexpr):
+    # the blocks of phase 0 (partial, before the full tiles), 1 (full) or 2 (partial, after);
+    # without full tiles one phase over [lo, hi)
+    if not FULL_TILES:
+        return lo, hi
+    elif phase == 0:
         return lo, flo
     elif phase == 1:
         return flo, fhi
@@ -457,8 +460,8 @@ def attn_bwd_dkdv(
         lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_n, SKIP, N_Q, BLOCK_M)
         flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_n, lo, hi, n_full,
                                FULL_TILES, SKIP)
-        for phase in tl.static_range(3):
-            b0, b1 = _phase_range(lo, flo, fhi, hi, phase)
+        for phase in tl.static_range(3 if FULL_TILES else 1):
+            b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
             for blk_m in range(b0, b1):
                 start_m = blk_m * BLOCK_M
                 offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -543,8 +546,8 @@ def attn_bwd_dq(
         #   scalar's gradient (2% off in bf16) where eager's errors cancel.
         r = tl.zeros([BLOCK_M], tl.float32)
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for phase in tl.static_range(3):
-            b0, b1 = _phase_range(lo, flo, fhi, hi, phase)
+        for phase in tl.static_range(3 if FULL_TILES else 1):
+            b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
             for blk_n in range(b0, b1):
                 k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                     q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
@@ -564,8 +567,8 @@ def attn_bwd_dq(
         delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
-    for phase in tl.static_range(3):
-        b0, b1 = _phase_range(lo, flo, fhi, hi, phase)
+    for phase in tl.static_range(3 if FULL_TILES else 1):
+        b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
         for blk_n in range(b0, b1):
             k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                 q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
