@@ -371,6 +371,7 @@ def measure(launch: Launch, arch: int) -> dict:
     res = _resource_usage(usage)
     res["smem"] = int(getattr(ck.metadata, "shared", 0) or 0) + res.get("static_smem", 0)
     res.update(analyse_sass(sass))
+    res["utmaldg"] = len(re.findall(r"\bUTMALDG\b", sass))  # tensor-descriptor (TMA) loads
     kw = launch.kwargs
     res.update(block_m=kw.get("BLOCK_M"), block_n=kw.get("BLOCK_N"), warps=opts.get("num_warps"),
                stages=opts.get("num_stages"))
@@ -636,6 +637,8 @@ def main(argv=None):
     ap.add_argument("--cache", default=DEFAULT_CACHE, help="figures cache ('' for none)")
     ap.add_argument("--json", help="write the rows and failed gates here")
     ap.add_argument("--markdown", help="write the table and failed gates here")
+    ap.add_argument("--tma", action="store_true",
+                    help="the forward with tensor-descriptor (TMA) loads of K and V ($FUSION_PASS_TMA=1)")
     ap.add_argument("--tune-set", action="store_true",
                     help="also compile and gate every autotune candidate (launch.tune_set)")
     ap.add_argument("--real", action="store_true",
@@ -646,6 +649,8 @@ def main(argv=None):
         print(f"gpu_static: cannot run: {why}")
         return 2
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    if a.tma:
+        os.environ["FUSION_PASS_TMA"] = "1"
     if a.real:
         bad = real_vs_static(a.d, a.dtype, a.pattern)
         print(f"static vs real: {len(bad)} mismatch(es)")

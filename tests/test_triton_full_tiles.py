@@ -300,3 +300,30 @@ def test_tile_tuner_keeps_the_fastest_launchable_candidate(monkeypatch):
     best = tuner.choose("k", (128, 128, 8, 3), [(128, 64, 8, 3), (64, 64, 4, 2)], run)
     assert best == (128, 64, 8, 3) and seen == [(128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 2)]
     assert tuner.choose("k", (128, 128, 8, 3), [], run) == best and len(seen) == 3  # cached
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor descriptors (TMA) for the forward's K and V loads ($FUSION_PASS_TMA=1, Hopper or newer)
+# ---------------------------------------------------------------------------------------------
+
+def test_tma_loads_give_the_pointer_loads_results(monkeypatch):
+    # same values loaded (zero outside the keys and the head dim), so bitwise the same forward;
+    # a ragged last key block and a partial head dim (d = 40) included
+    for kind, w, d, n in (("sliding", 200, 64, 300), ("causal", 0, 40, 201)):
+        spec = _spec(kind, d, torch.bfloat16, w)
+        q, k, v, _ = _inputs(1, 2, 2, n, n, d, torch.bfloat16, seed=11)
+        with ta.target_arch(90):
+            monkeypatch.delenv(launch.TMA_ENV, raising=False)
+            assert launch._tma(k, v, q.device) == {}
+            ref = ta.forward(q, k, v, [], spec)
+            monkeypatch.setenv(launch.TMA_ENV, "1")
+            if d % 8 == 0:  # 16-byte rows
+                assert launch._tma(k, v, q.device) == {"TMA": True}
+            got = ta.forward(q, k, v, [], spec)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    # layouts TMA cannot take: plain pointers
+    monkeypatch.setenv(launch.TMA_ENV, "1")
+    k = torch.randn(1, 2, 300, 64, dtype=torch.bfloat16, device=DEVICE)
+    assert launch._tma(k.transpose(-1, -2).contiguous().transpose(-1, -2), k, k.device) == {}
+    assert launch._tma(torch.randn(1, 2, 300, 68, dtype=torch.bfloat16, device=DEVICE)[..., :60],
+                       k, k.device) == {}  # rows of 136 bytes

@@ -198,15 +198,20 @@ def _mod(a, b):
 def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, offs_m, m_valid,
               offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, seed,
               BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr,
-              EVEN_D: tl.constexpr, FULL: tl.constexpr):
-    # One key block of the online softmax. FULL: every row keeps every key of the block and no
+              EVEN_D: tl.constexpr, FULL: tl.constexpr, TMA: tl.constexpr = False):
+    # One key block of the online softmax. TMA: K_bh and V_bh are tensor descriptors of this
+    # head's keys and values (zero outside [0, N_K) x [0, D)), loaded by the tensor memory
+    # accelerator instead of per-thread pointers. FULL: every row keeps every key of the block and no
     # key is out of bounds, so the bounds checks and the skipped mask step are left out
     # (FlexAttention's full blocks). ``s`` ends in the units of the exponential (_exp).
     offs_n = start_n + tl.arange(0, BLOCK_N)
+    if TMA:
+        k = K_bh.load([start_n, 0])
     if FULL:
         valid = m_valid[:, None]
-        k = _load_rows(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
-                       offs_d, skd, D, EVEN_D)
+        if not TMA:
+            k = _load_rows(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
+                           offs_d, skd, D, EVEN_D)
         s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
         T = operand_tiles_full(OPS, off_b, off_h, offs_m, offs_n, valid)
         if FULL_SCALE > 0:
@@ -222,8 +227,9 @@ def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, 
     else:
         n_valid = offs_n < N_K
         valid = m_valid[:, None] & n_valid[None, :]
-        k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
-                       N_K - start_n, offs_d, skd, D)
+        if not TMA:
+            k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
+                           N_K - start_n, offs_d, skd, D)
         s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
         T = operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid)
         s = score_mod(s, T)
@@ -239,7 +245,9 @@ def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, 
         # l_i sums the probabilities before dropout: softmax normalises, dropout then scales
         keep = _dropout_keep(seed, off_bh, offs_m, offs_n, N_Q, N_K)
         p = tl.where(keep, p * DROP_SCALE, 0.0)
-    if FULL:
+    if TMA:
+        v = V_bh.load([start_n, 0])
+    elif FULL:
         v = _load_rows(V_bh + tl.cast(start_n, tl.int64) * svn, tl.arange(0, BLOCK_N), svn,
                        offs_dv, svd, DV, EVEN_D)
     else:
@@ -275,7 +283,7 @@ def attn_fwd(
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, SKIP: tl.constexpr,
-    FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
+    FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr = False,
 ):
     pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
@@ -289,6 +297,12 @@ def attn_fwd(
                    tl.arange(0, BLOCK_M), sqm, N_Q - pid_m * BLOCK_M, offs_d, sqd, D)
     K_bh = K + off_b * skb + off_hk * skh
     V_bh = V + off_b * svb + off_hk * svh
+    if TMA:
+        # the launcher checked the layout: unit last stride, 16-byte aligned rows and heads
+        K_bh = tl.make_tensor_descriptor(K_bh, shape=[N_K, D], strides=[skn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_bh = tl.make_tensor_descriptor(V_bh, shape=[N_K, DV], strides=[svn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_DV])
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -329,7 +343,7 @@ def attn_fwd(
             m_i, l_i, acc = _fwd_tile(
                 q, K_bh, V_bh, m_i, l_i, acc, blk_n * BLOCK_N, OPS, off_b, off_h, off_bh, offs_m,
                 m_valid, offs_d, offs_dv, skn, skd, svn, svd, N_Q, N_K, D, DV, seed,
-                BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+                BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1, TMA)
     out, lse = _finish(acc, l_i[:, None], m_i, l_i)
     tl.store(Out + off_b * sob + off_h * soh + offs_m[:, None].to(tl.int64) * som + offs_dv[None, :] * sod,
              out.to(Out.dtype.element_ty), mask=m_valid[:, None] & (offs_dv[None, :] < DV))

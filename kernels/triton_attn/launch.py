@@ -277,6 +277,32 @@ def _operands(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape
     return tuple(args)  # the kernels' OPS (codegen.operand_names)
 
 
+TMA_ENV = "FUSION_PASS_TMA"
+_TMA_ALLOCATOR: List[bool] = []
+
+
+def _tma(k4, v4, device) -> dict:
+    """{"TMA": True} when the forward loads K and V through tensor descriptors (the tensor memory
+    accelerator): opt-in ($FUSION_PASS_TMA=1) while unmeasured, Hopper or newer (or the
+    interpreter), and a layout TMA takes: unit last stride, every other stride and the base 16-byte
+    aligned. Else {} (plain pointers). On the GPU the kernel builds its descriptors in a global
+    scratch buffer, so Triton needs an allocator: one is installed on first use (process-wide)."""
+    if os.environ.get(TMA_ENV) != "1":
+        return {}
+    arch = _arch(device)
+    if not _interpret() and (arch is None or arch < 90):
+        return {}
+    for t in (k4, v4):
+        e = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
+            return {}
+    if torch.device(device).type == "cuda" and not _TMA_ALLOCATOR:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
+                                                                     device="cuda"))
+        _TMA_ALLOCATOR.append(True)
+    return {"TMA": True}
+
+
 def _flags():
     return dict(UPCAST_DOT=_interpret(),
                 ALLOW_TF32=bool(torch.backends.cuda.matmul.allow_tf32))
@@ -411,7 +437,7 @@ def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
         H, G, nq, nk, d, dv, _seed32(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
         num_warps=warps, num_stages=stages, SKIP=ranges is not None, FULL_TILES=full_tiles,
-        EVEN_D=(d == _pow2(d) and dv == _pow2(dv)), **_flags())
+        EVEN_D=(d == _pow2(d) and dv == _pow2(dv)), **_flags(), **_tma(k4, v4, q.device))
     return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
 
 
