@@ -12,7 +12,7 @@ Paths (``kernels/select.py`` routes between them; here each is forced, and check
 * ``triton``: the generated Triton kernels, launched as ``ops.py`` launches them on CUDA
   (``_triton_operands`` / ``_triton_backward``); compiled on a GPU, under ``TRITON_INTERPRET=1`` on
   CPU (conftest.py), where a case takes seconds: the default run there checks one pattern per
-  kind of step on the odd shape in float32, ``-m slow`` the rest.
+  kind of step on the odd shape and the other layouts in float32, ``-m slow`` the rest.
 
 Tolerance by FlashAttention's rule (STYLE 11b): the kernel's error against the float64 reference is
 at most twice eager PyTorch's error in the same dtype, plus a floor; NaN exactly where the
@@ -327,6 +327,7 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None)
 # and bias; under ``-m slow`` and on a GPU every pattern runs)
 TRITON_DEFAULT = {"scale", "scalar_scale_learnable", "bias_learnable", "mask_inf", "mask_finfo_min",
                   "softcap", "mixed"}
+TRITON_DEFAULT_SHAPES = {"odd", "value_head_dim", "projected", "rank3", "rank2"}
 
 
 def _triton_takes(shape: Shape, spec: AttentionSpec, dtype) -> bool:
@@ -349,9 +350,9 @@ def _cases():
                     paths.append("triton")
                 for path in paths:
                     # Triton under the interpreter: seconds a case; the default run checks the
-                    # patterns of TRITON_DEFAULT once (odd shape, float32)
-                    slow = path == "triton" and (shape_name != "odd" or dtype != torch.float32
-                                                 or name not in TRITON_DEFAULT)
+                    # patterns of TRITON_DEFAULT on the odd shape and the layouts, in float32
+                    slow = path == "triton" and (dtype != torch.float32 or name not in TRITON_DEFAULT
+                                                 or shape_name not in TRITON_DEFAULT_SHAPES)
                     marks = slow_here if slow else []
                     yield pytest.param(name, shape_name, dtype, path, marks=marks,
                                        id=f"{name}-{shape_name}-{dtype_name(dtype)}-{path}")
