@@ -327,3 +327,40 @@ def test_tma_loads_give_the_pointer_loads_results(monkeypatch):
     assert launch._tma(k.transpose(-1, -2).contiguous().transpose(-1, -2), k, k.device) == {}
     assert launch._tma(torch.randn(1, 2, 300, 68, dtype=torch.bfloat16, device=DEVICE)[..., :60],
                        k, k.device) == {}  # rows of 136 bytes
+
+
+def _spelled(spec: AttentionSpec, spelling: str) -> AttentionSpec:
+    """The same masked attention with the mask step spelled ``where(keep, s, -inf)`` (fill_not)
+    or as an additive 0 / -inf predicate (SDPA's): on a full tile the skipped mask's placeholder
+    must mean "kept" in each spelling, since the backward's chain reads it."""
+    m = spec.masks[0]
+    keep = sympy.Not(sympy.sympify(predicate.parse(m.keep))).to_nnf()
+    km = predicate.MaskSpec(keep=sympy.srepr(keep), axes=m.axes, data=(), text=str(keep))
+    if spelling == "fill_not":
+        step = ScoreOp("fill_not", "predicate", value=-math.inf, index=0, dtype=spec.qk_dtype)
+    else:
+        km = predicate.MaskSpec(keep=sympy.srepr(keep), axes=m.axes, data=(), text=str(keep),
+                                kind="additive", dtype=spec.qk_dtype, kept=0.0, masked=-math.inf)
+        step = ScoreOp("add", "predicate", index=0, dtype=spec.qk_dtype)
+    return AttentionSpec(score_ops=(spec.score_ops[0], step), captured=(), masks=(km,),
+                         qk_dtype=spec.qk_dtype, softmax_dtype=spec.softmax_dtype,
+                         prob_dtype=spec.prob_dtype, out_dtype=spec.out_dtype)
+
+
+@pytest.mark.parametrize("spelling", ["fill_not", "additive"])
+def test_full_tiles_in_every_mask_spelling(spelling):
+    """A causal mask written as where(keep, s, -inf) or as an additive 0 / -inf mask, forward and
+    backward at sm_90a tiles: the full-tile backward once zeroed every dS of a fill_not (its
+    placeholder meant "masked")."""
+    dtype = torch.float32
+    base = _spec("causal", 64, dtype)
+    spec = _spelled(base, spelling)
+    q, k, v, go = _inputs(1, 2, 2, 300, 300, 64, dtype)
+    with ta.target_arch(90):
+        assert tr.full_ranges(spec, (1, 2, 300, 300), 64, 64) is not None  # full tiles exist
+        out, lse = ta.forward(q, k, v, [], spec)
+        got = (out,) + tuple(ta.backward(go, q, k, v, [], out, lse, spec, 0, [])[:3])
+    ref = _eager(q, k, v, go, base, torch.float64)
+    low = _eager(q, k, v, go, base, dtype)
+    errs = _errors(got, low, ref)
+    assert _ok(errs, dtype), errs

@@ -163,6 +163,17 @@ def _step(op: ScoreOp, spec: AttentionSpec, s: str) -> str:
     raise AssertionError(k)
 
 
+def _kept_value(op: ScoreOp, spec: AttentionSpec) -> str:
+    """The literal a mask step's tile holds where it keeps the score: a fill's mask is false
+    there, a fill_not's (a where keeping s) true, an additive mask its kept value."""
+    if op.kind == "fill":
+        return "0"
+    if op.kind == "fill_not":
+        return "1"
+    m = spec.masks[op.index]
+    return _lit(_mask_value(m, m.kept)) if m.kind == "additive" else "1"
+
+
 def _mask_var(op: ScoreOp) -> str:
     """The kernel variable holding the boolean mask a fill step reads."""
     return f"m{op.index}" if op.operand == "predicate" else f"c{op.index}"
@@ -507,7 +518,9 @@ def generate_source(spec: AttentionSpec) -> str:
         if skip is None or skip.index != k or skip.operand != "predicate":
             full_loads.append(loads[-1])
         else:
-            full_loads.append(f"m{k} = 0  # the skipped mask: every key of a full tile is kept")
+            # the skipped mask's value where a key is kept (every key of a full tile is): the
+            # backward's chain reads it (a fill_not's where(m, ds, 0) zeroed every ds with 0)
+            full_loads.append(f"m{k} = {_kept_value(skip, spec)}  # the skipped mask, all kept")
     fops = _full_ops(spec)
     full_chain = None
     if fops is not None:
