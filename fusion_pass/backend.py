@@ -10,7 +10,6 @@ default backend (so a model without attention compiles as it always did).
 from __future__ import annotations
 
 import functools
-import hashlib
 import itertools
 import logging
 import threading
@@ -19,7 +18,7 @@ from typing import Any, Callable, List, Mapping, Optional
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from fusion_pass import kernels as _kernels
 from fusion_pass.kernels.ops import kernel_summary
@@ -212,13 +211,10 @@ class Backend:
 def source_hash() -> str:
     """Hash of this package's source (pass and kernels): part of Inductor's cache key, so a change
     to a fake implementation or a kernel never reuses code compiled against the old one."""
-    h = hashlib.sha256()
     roots = [Path(__file__).parent, Path(_kernels.__file__).parent]
-    for root in roots:
-        for f in sorted(root.rglob("*.py")):
-            h.update(f.name.encode())
-            h.update(f.read_bytes())
-    return h.hexdigest()
+    files = tuple(str(f) for root in roots for f in sorted(root.rglob("*.py")))
+    # Inductor's own helper for hashing files; the names go in too (a renamed file is a change)
+    return get_hash_for_files(files, extra="\n".join(Path(f).name for f in files)).hex()
 
 
 class _OwnAttention(CustomGraphPass):

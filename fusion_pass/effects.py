@@ -53,6 +53,10 @@ _PURE_MODULES = ("torch", "operator", "_operator", "math", "builtins")
 _ALL = object()  # "every tensor operand": a call whose effects are not known
 
 
+# Hand-written, not Inductor's ``pattern_matcher.is_mutation_op``: that answers whether a node
+# mutates (schema, a name regex, ``out=``), not which operand it writes, and on Dynamo's graphs it
+# says False for ``operator.setitem`` (``x[:4] = 1``), ``operator.iadd`` (``s += m``) and
+# ``F.relu(x, inplace=True)`` (checked on torch 2.13), each a write this pass must see.
 def written_operands(u: fx.Node):
     """The operands ``u`` may write into: a list of arguments, or ``_ALL`` when any tensor operand may
     be written (module calls, functions from outside torch, higher-order ops whose body writes its
