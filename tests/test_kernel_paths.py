@@ -14,21 +14,30 @@ Paths (``kernels/select.py`` routes between them; here each is forced, and check
   CPU (conftest.py), where a case takes seconds: the default run there checks one pattern per
   kind of step on the odd shape and the other layouts in float32, ``-m slow`` the rest.
 
+Mask predicates (``spec.masks``: causal, offsets, windows, padding read from a (B, N) data tensor,
+prefix-LM, chunks, head-dependent windows; filled, kept with where, or added as 0 / finfo.min /
+-inf with SDPA's safe softmax; grouped-query heads) are patterns like the others: each runs on
+the paths that compute it, rows keeping no key included (ATen's kernel must then refuse the call
+unless the softmax is safe). The key blocks each kernel skips for them are counted in
+test_triton_kernels.py and test_predicate_kernels.py.
+
 Tolerance by FlashAttention's rule (STYLE 11b): the kernel's error against the float64 reference is
 at most twice eager PyTorch's error in the same dtype, plus a floor; NaN exactly where the
 reference has NaN (a row whose every key is -inf). Shapes are odd (Nq 37, Nk 53, head dim 40) so
 every tile has a ragged edge; tiles of the tiled path are forced small so it crosses them.
 """
+import dataclasses
 import math
 from dataclasses import dataclass
 
 import pytest
+import sympy
 import torch
 
 from conftest import DEVICE, INTERPRET
-from fusion_pass.kernels import cpu, ops as kops, select
+from fusion_pass.kernels import cpu, ops as kops, predicate, select
 from fusion_pass.kernels import triton_attention as ta
-from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
+from fusion_pass.kernels.spec import AttentionSpec, MaskSpec, ScoreOp, dtype_name
 
 from helpers import dropped
 
@@ -150,9 +159,172 @@ def mixed(shape, dtype):
             lambda s, c: (-(1.0 - (s / c[1] - c[0]))).masked_fill(~c[2], -1e4))
 
 
+# ---------------------------------------------------------------------------------------------
+# Mask predicates (spec.masks, a MaskSpec each): the kernels evaluate keep(b, h, i, j) per tile
+# and skip the keys no row of a tile keeps. A predicate factory returns a sixth element, the
+# spec's extra fields (masks, safe_softmax) and whether some row keeps no key; its chain reads
+# the dense masks predicate.materialize builds. Scores are (B, H, Nq, Nk) (axes b h i j); the
+# sizes n2 = Nq, n3 = Nk.
+# ---------------------------------------------------------------------------------------------
+
+_b, _h, _i, _j = (sympy.Symbol(n, integer=True, nonnegative=True) for n in "bhij")
+_n2, _n3 = (sympy.Symbol(f"n{t}", integer=True, nonnegative=True) for t in (2, 3))
+_d0 = sympy.Function("d0")
+
+
+def _mask(keep, kind="bool", data=(), masked=-math.inf, dtype="float32"):
+    """A MaskSpec of ``keep`` (for a fill's mask: the elements it replaces); additive: where(keep,
+    0, masked) of ``dtype``."""
+    extra = dict(kind="additive", dtype=dtype, kept=0.0, masked=masked) if kind == "additive" else {}
+    return MaskSpec(keep=sympy.srepr(keep), axes=("b", "h", "i", "j"), data=tuple(data),
+                    text=str(keep), **extra)
+
+
+def _pred(shape, ops, kinds, captured, needs_grad, masks, chain, safe=False):
+    """The factory's result for a predicate pattern: ``chain(s, c, M)`` reads M[k], the tensor
+    the graph built for mask k (predicate.materialize: a bool mask, or an additive mask's values,
+    added to the scores as the graph adds them: the gradient of s + finfo.min is that of s)."""
+    def dense(m, **kw):
+        return predicate.materialize(dataclasses.replace(m, **kw), shape,
+                                     [captured[d] for d in m.data], device=DEVICE)
+    keeps = [dense(m, kind="bool") for m in masks]
+    # a row keeping no key: every element of it is replaced (a fill) or not kept
+    replaced = [d if op.kind == "fill" else ~d for op, d in zip(
+        [o for o in ops if o.operand == "predicate"], keeps)]
+    gone = torch.zeros(shape, dtype=torch.bool, device=DEVICE)
+    for r in replaced:
+        gone = gone | r
+    empty = bool(gone.all(-1).any())
+    tensors = [dense(m) for m in masks]
+    return (ops, kinds, captured, needs_grad, lambda s, c: chain(s, c, tensors),
+            dict(masks=tuple(masks), safe_softmax=safe, empty_rows=empty))
+
+
+def _left_padding(shape):
+    """A (B, Nk) attention mask, 1 where kept: the last batch entry's first 21 keys padded (so
+    its first rows keep no key under causal)."""
+    am = torch.ones(shape[0], shape[-1], dtype=torch.long, device=DEVICE)
+    am[-1, :min(21, shape[-1] - 1)] = 0
+    return am
+
+
+def pred_causal_offset(shape, dtype):
+    # the KV cache's causal mask, bottom-right aligned (query i sees keys j <= i + Nk - Nq), read
+    # as masked_fill(j > i + Nk - Nq, -inf); Nq > Nk: the first rows keep no key (NaN in eager)
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    return _pred(shape, ops, (), [], [], [_mask(sympy.Gt(_j, _i + _n3 - _n2))],
+                 lambda s, c, M: (s * 0.125).masked_fill(M[0], -math.inf))
+
+
+def pred_causal_fill(shape, dtype):
+    # causal as masked_fill(j > i, -inf) (top-left aligned: with Nq <= Nk every row keeps key 0;
+    # Nq > Nk keeps the first Nk rows' keys)
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    return _pred(shape, ops, (), [], [], [_mask(sympy.Gt(_j, _i))],
+                 lambda s, c, M: (s * 0.125).masked_fill(M[0], -math.inf))
+
+
+def pred_causal_additive(shape, dtype):
+    # causal as HF builds it: where(j <= i, 0, finfo.min) in the model's dtype, added to scores
+    # scaled by a learnable 0-dim tensor (its per-tile partial sums must be 0 on skipped tiles)
+    fill = torch.finfo(dtype).min
+    ops = (ScoreOp("mul", "scalar", index=0), ScoreOp("add", "predicate", index=0))
+    m = _mask(sympy.Le(_j, _i), kind="additive", masked=fill, dtype=dtype_name(dtype))
+    return _pred(shape, ops, ("scalar",), [torch.tensor(40 ** -0.5, device=DEVICE)], [True], [m],
+                 lambda s, c, M: s * c[0] + M[0])
+
+
+def pred_window(shape, dtype):
+    # a one-sided sliding window, torch.where(keep, s, -inf) (fill_not), after a learnable bias (its
+    # N x N gradient must be 0 on skipped tiles); Nq > Nk + 4: rows keeping no key
+    keep = sympy.And(sympy.Le(_j, _i), sympy.Lt(_i - _j, 5))
+    bias = torch.randn(_per_head(shape), device=DEVICE, dtype=dtype)
+    ops = (ScoreOp("mul", "const", value=0.25), ScoreOp("add", "tensor", index=0),
+           ScoreOp("fill_not", "predicate", value=-math.inf, index=0))
+    return _pred(shape, ops, ("tensor",), [bias], [True], [_mask(keep)],
+                 lambda s, c, M: torch.where(M[0], s * 0.25 + c[0], -math.inf))
+
+
+def pred_window_two_sided(shape, dtype):
+    # |i - j| < 4, read as masked_fill(|i - j| >= 4, -inf) (not linear: evaluated per tile)
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    return _pred(shape, ops, (), [], [], [_mask(sympy.Ge(sympy.Abs(_i - _j), 4))],
+                 lambda s, c, M: (s * 0.125).masked_fill(M[0], -math.inf))
+
+
+def _causal_padding():
+    return sympy.And(sympy.Le(_j, _i), sympy.Ne(_d0(_b, _j), 0))
+
+
+def pred_padding_additive(shape, dtype):
+    # causal & padding read from a (B, N) attention mask as d0[b, j], HF's additive finfo.min
+    # form: left padding leaves rows keeping no key, uniform over every key in eager
+    fill = torch.finfo(dtype).min
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("add", "predicate", index=0))
+    m = _mask(_causal_padding(), kind="additive", data=(0,), masked=fill, dtype=dtype_name(dtype))
+    return _pred(shape, ops, ("data",), [_left_padding(shape)], [False], [m],
+                 lambda s, c, M: s * 0.125 + M[0])
+
+
+def pred_padding_fill(shape, dtype):
+    # the same mask as masked_fill(~keep, -inf): NaN rows in eager where no key is kept
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    m = _mask(sympy.Not(_causal_padding()), data=(0,))
+    return _pred(shape, ops, ("data",), [_left_padding(shape)], [False], [m],
+                 lambda s, c, M: (s * 0.125).masked_fill(M[0], -math.inf))
+
+
+def pred_prefix_lm(shape, dtype):
+    # prefix-LM: the first 7 keys seen by every row, causal after, torch.where(keep, s, finfo.min)
+    fill = torch.finfo(dtype).min
+    keep = sympy.Or(sympy.Le(_j, _i), sympy.Lt(_j, 7))
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill_not", "predicate", value=fill, index=0))
+    return _pred(shape, ops, (), [], [], [_mask(keep)],
+                 lambda s, c, M: torch.where(M[0], s * 0.125, fill))
+
+
+def pred_chunked(shape, dtype):
+    # chunked causal (Llama-4 style chunks of 16): masked_fill(~(same chunk & j <= i), -inf)
+    keep = sympy.And(sympy.Eq(sympy.floor(_i / 16), sympy.floor(_j / 16)), sympy.Le(_j, _i))
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill", "predicate", value=-math.inf, index=0))
+    return _pred(shape, ops, (), [], [], [_mask(sympy.Not(keep))],
+                 lambda s, c, M: (s * 0.125).masked_fill(M[0], -math.inf))
+
+
+def pred_sdpa_padding(shape, dtype):
+    # an SDPA site: a boolean causal & padding mask, added as 0 / -inf, with SDPA's safe softmax
+    # (a row keeping no key gives 0 and no gradient)
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("add", "predicate", index=0))
+    m = _mask(_causal_padding(), kind="additive", data=(0,), dtype=dtype_name(dtype))
+    return _pred(shape, ops, ("data",), [_left_padding(shape)], [False], [m],
+                 lambda s, c, M: s * 0.125 + M[0], safe=True)
+
+
+def pred_sdpa_window(shape, dtype):
+    # an SDPA site with a window mask whose first 4 rows keep no key, 0 / -inf, safe softmax
+    keep = sympy.And(sympy.Le(_j, _i), sympy.Gt(_j, _i - 8), sympy.Ge(_i, 4))
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("add", "predicate", index=0))
+    return _pred(shape, ops, (), [], [], [_mask(keep, kind="additive", dtype=dtype_name(dtype))],
+                 lambda s, c, M: s * 0.125 + M[0], safe=True)
+
+
+def pred_head_window(shape, dtype):
+    # a window whose length depends on the head (4 + 8h), filled with finfo.min: with grouped
+    # K/V heads, each query head of a group keeps its own keys
+    fill = torch.finfo(dtype).min
+    keep = sympy.And(sympy.Le(_j, _i), sympy.Lt(_i - _j, 4 + 8 * _h))
+    ops = (ScoreOp("mul", "const", value=0.125), ScoreOp("fill", "predicate", value=fill, index=0))
+    return _pred(shape, ops, (), [], [], [_mask(sympy.Not(keep))],
+                 lambda s, c, M: (s * 0.125).masked_fill(M[0], fill))
+
+
 PATTERNS = {f.__name__: f for f in (scale, scalar_div, scalar_scale_learnable, bias_learnable,
                                      padding_mask, bool_fill, where_keep, mask_inf, mask_finfo_min,
-                                     softcap, mixed)}
+                                     softcap, mixed, pred_causal_offset, pred_causal_fill, pred_causal_additive,
+                                     pred_window, pred_window_two_sided, pred_padding_additive,
+                                     pred_padding_fill, pred_prefix_lm, pred_chunked,
+                                     pred_sdpa_padding, pred_sdpa_window, pred_head_window)}
+PREDICATES = {n for n in PATTERNS if n.startswith("pred_")}
 # ATen's kernel is routed these specs but refuses these calls (per call, cpu_flash.usable): the
 # tiled path must then compute them
 FLASH_REFUSES = {"mask_inf": "a row keeping no key (eager: NaN, ATen: 0)",
@@ -171,6 +343,7 @@ class Shape:
     d: int
     dv: int = 0            # 0: equal to d
     layout: str = "contiguous"  # "projected": (B, N, H, D) memory seen as (B, H, N, D)
+    kv_heads: int = 0      # grouped-query: K/V heads (0: as many as the query heads)
     patterns: tuple = ()   # () every pattern; else only these
 
     @property
@@ -188,14 +361,18 @@ SHAPES = {
     "projected": Shape((2, 3), 37, 53, 40, layout="projected", patterns=("mask_inf", "bias_learnable")),
     "rank3": Shape((3,), 37, 53, 40, patterns=("bias_learnable",)),
     "rank2": Shape((), 37, 53, 40, patterns=("bias_learnable",)),
+    # grouped-query: 4 query heads on 2 K/V heads (dK/dV sum over a group)
+    "gqa": Shape((2, 4), 37, 53, 40, kv_heads=2,
+                 patterns=("pred_head_window", "pred_causal_additive", "pred_padding_fill")),
 }
 
 
-def _spec(ops, kinds, dtype, dropout_p=0.0):
+def _spec(ops, kinds, dtype, dropout_p=0.0, extra=None):
     n = dtype_name(dtype)
     ops = tuple(o if o.kind == "cast" else ScoreOp(**{**o.__dict__, "dtype": n}) for o in ops)
+    fields = {k: v for k, v in (extra or {}).items() if k in ("masks", "safe_softmax")}
     return AttentionSpec(score_ops=ops, captured=kinds, qk_dtype=n, softmax_dtype=n, prob_dtype=n,
-                         out_dtype=n, dropout_p=dropout_p)
+                         out_dtype=n, dropout_p=dropout_p, **fields)
 
 
 def _qkv(shape: Shape, dtype):
@@ -206,9 +383,10 @@ def _qkv(shape: Shape, dtype):
         k = torch.randn(B, shape.nk, H, shape.d, device=DEVICE, dtype=dtype).transpose(1, 2)
         v = torch.randn(B, H, dv, shape.nk, device=DEVICE, dtype=dtype).transpose(-1, -2)
         return q, k, v
+    kv_lead = shape.lead[:-1] + (shape.kv_heads,) if shape.kv_heads else shape.lead
     return (torch.randn(shape.lead + (shape.nq, shape.d), device=DEVICE, dtype=dtype),
-            torch.randn(shape.lead + (shape.nk, shape.d), device=DEVICE, dtype=dtype),
-            torch.randn(shape.lead + (shape.nk, dv), device=DEVICE, dtype=dtype))
+            torch.randn(kv_lead + (shape.nk, shape.d), device=DEVICE, dtype=dtype),
+            torch.randn(kv_lead + (shape.nk, dv), device=DEVICE, dtype=dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,19 +442,27 @@ def force(monkeypatch):
 # Reference and comparison
 # ---------------------------------------------------------------------------------------------
 
-def _eager(q, k, v, captured, needs_grad, chain, go, dtype, dropout=None):
-    """Plain torch in ``dtype`` (float64: the reference): (out, scores, dq, dk, dv, [dcaptured])."""
+def _eager(q, k, v, captured, needs_grad, chain, go, dtype, dropout=None, safe=False):
+    """Plain torch in ``dtype`` (float64: the reference): (out, scores, dq, dk, dv, [dcaptured]).
+    Grouped K/V heads are repeated (repeat_kv); ``safe``: SDPA's safe softmax (a row whose every
+    score is -inf gets probabilities 0 and no gradient)."""
     def prep(t, grad):
         if t.is_floating_point():
             t = t.to(dtype if t.dim() else (torch.float64 if dtype == torch.float64 else torch.float32))
         return t.detach().requires_grad_(grad)
     qr, kr, vr = (prep(t, True) for t in (q, k, v))
     cr = [prep(c, ng) for c, ng in zip(captured, needs_grad)]
-    s = chain(qr @ kr.transpose(-1, -2), cr)
-    p = torch.softmax(s, -1)
+    g = q.shape[-3] // k.shape[-3] if q.dim() > 2 else 1
+    kx, vx = (kr.repeat_interleave(g, -3), vr.repeat_interleave(g, -3)) if g > 1 else (kr, vr)
+    s = chain(qr @ kx.transpose(-1, -2), cr)
+    if safe:
+        gone = torch.isneginf(s).all(-1, keepdim=True)
+        p = torch.softmax(s.masked_fill(gone, 0.0), -1).masked_fill(gone, 0.0)
+    else:
+        p = torch.softmax(s, -1)
     if dropout is not None:
         p = dropped(p, *dropout)
-    out = p @ vr
+    out = p @ vx
     grads = torch.autograd.grad(out, [qr, kr, vr] + [c for c in cr if c.requires_grad], go.to(dtype))
     return (out.detach(), s.detach()) + tuple(grads[:3]) + (list(grads[3:]),)
 
@@ -299,10 +485,10 @@ def _check(name, got, eager, ref, dtype, grad=False):
         f"{name}: kernel error {e_got:.3g} > 2 x eager {dtype} error {e_eager:.3g} + {floor:.3g}"
 
 
-def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None):
+def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None, safe=False):
     out, lse, *grads = got
-    ref = _eager(q, k, v, captured, needs_grad, chain, go, torch.float64, dropout)
-    low = _eager(q, k, v, captured, needs_grad, chain, go, dtype, dropout)
+    ref = _eager(q, k, v, captured, needs_grad, chain, go, torch.float64, dropout, safe)
+    low = _eager(q, k, v, captured, needs_grad, chain, go, dtype, dropout, safe)
     assert out.dtype == dtype
     _check("out", out, low[0], ref[0], dtype)
     for name, g, e, r in zip(("dq", "dk", "dv"), grads[:3], low[2:5], ref[2:5]):
@@ -313,8 +499,12 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None)
         _check(f"dcaptured[{t}]", g, e.to(g.dtype), r, dtype, grad=True)
     # lse: the log-sum-exp of the final scores, float32 (NaN on a row whose scores are all -inf)
     lse_ref = torch.logsumexp(ref[1], -1)
-    lse_ref[torch.isneginf(lse_ref)] = math.nan
+    gone = torch.isneginf(lse_ref)
+    lse_ref[gone] = math.nan
     assert lse.dtype == torch.float32 and lse.shape == lse_ref.shape
+    if safe:  # safe softmax: a row keeping no key has output 0 exactly; its lse is not eager's
+        assert (out[gone] == 0).all()
+        lse = lse.masked_fill(gone, math.nan)
     scale = (1e-4 if dtype == torch.float32 else ATOL[dtype]) * (1 + lse_ref.nan_to_num(0).abs().max().item())
     assert _err(lse, lse_ref) <= 2 * _err(torch.logsumexp(low[1].float(), -1), lse_ref, strict=False) + scale
 
@@ -328,11 +518,17 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None)
 TRITON_DEFAULT = {"scale", "scalar_scale_learnable", "bias_learnable", "mask_inf", "mask_finfo_min",
                   "softcap", "mixed"}
 TRITON_DEFAULT_SHAPES = {"odd", "value_head_dim", "projected", "rank3", "rank2"}
+# mask predicates: one per spelling (fill with rows keeping no key, fill_not, additive finfo.min with
+# a learnable scale, SDPA's additive -inf with safe softmax) and grouped-query heads
+TRITON_DEFAULT_PREDICATES = {("pred_padding_fill", "odd"), ("pred_window", "odd"),
+                             ("pred_causal_additive", "odd"), ("pred_sdpa_window", "odd"),
+                             ("pred_head_window", "gqa")}
 
 
 def _triton_takes(shape: Shape, spec: AttentionSpec, dtype) -> bool:
-    q, k, v = (torch.empty(shape.lead + (n, d), dtype=dtype)
-               for n, d in ((shape.nq, shape.d), (shape.nk, shape.d), (shape.nk, shape.dv or shape.d)))
+    kv_lead = shape.lead[:-1] + (shape.kv_heads,) if shape.kv_heads else shape.lead
+    q, k, v = (torch.empty(lead + (n, d), dtype=dtype) for lead, n, d in (
+        (shape.lead, shape.nq, shape.d), (kv_lead, shape.nk, shape.d), (kv_lead, shape.nk, shape.dv or shape.d)))
     return ta.supports(q, k, v, spec)
 
 
@@ -342,7 +538,8 @@ def _cases():
         for name in shape.patterns or PATTERNS:
             for dtype in DTYPES:
                 ops, kinds, *_ = PATTERNS[name](shape.score, dtype)
-                spec = _spec(ops, kinds, dtype)
+                spec = _spec(ops, kinds, dtype, extra=PATTERNS[name](shape.score, dtype)[5]
+                             if name in PREDICATES else None)
                 paths = ["tiled"]
                 if "aten_flash" in select.route(spec).cpu and not shape.dv:
                     paths.append("aten_flash")
@@ -351,9 +548,14 @@ def _cases():
                 for path in paths:
                     # Triton under the interpreter: seconds a case; the default run checks the
                     # patterns of TRITON_DEFAULT on the odd shape and the layouts, in float32
-                    slow = path == "triton" and (dtype != torch.float32 or name not in TRITON_DEFAULT
-                                                 or shape_name not in TRITON_DEFAULT_SHAPES)
+                    if name in PREDICATES:
+                        default = (name, shape_name) in TRITON_DEFAULT_PREDICATES
+                    else:
+                        default = name in TRITON_DEFAULT and shape_name in TRITON_DEFAULT_SHAPES
+                    slow = path == "triton" and (dtype != torch.float32 or not default)
                     marks = slow_here if slow else []
+                    if name in PREDICATES and dtype != torch.float32 and shape_name != "odd":
+                        marks = [pytest.mark.slow]  # the other dtypes on the odd shape only
                     yield pytest.param(name, shape_name, dtype, path, marks=marks,
                                        id=f"{name}-{shape_name}-{dtype_name(dtype)}-{path}")
 
@@ -362,8 +564,9 @@ def _cases():
 def test_kernel_path_matches_float64(pattern, shape_name, dtype, path, force):
     torch.manual_seed(0)
     shape = SHAPES[shape_name]
-    ops, kinds, captured, needs_grad, chain = PATTERNS[pattern](shape.score, dtype)
-    spec = _spec(ops, kinds, dtype)
+    ops, kinds, captured, needs_grad, chain, *extra = PATTERNS[pattern](shape.score, dtype)
+    extra = extra[0] if extra else {}
+    spec = _spec(ops, kinds, dtype, extra=extra)
     q, k, v = _qkv(shape, dtype)
     go = torch.randn(shape.lead + (shape.nq, shape.dv or shape.d), device=DEVICE, dtype=dtype)
     if path == "triton":
@@ -373,13 +576,14 @@ def test_kernel_path_matches_float64(pattern, shape_name, dtype, path, force):
         got = _through_op(q, k, v, captured, needs_grad, spec, go, 0)
         if path == "tiled":
             assert "aten_flash" not in ran.values(), ran
-        elif pattern in FLASH_REFUSES:
-            assert ran["fwd"] == "tiled", f"ATen's kernel took a call it cannot compute: {FLASH_REFUSES[pattern]}"
+        elif pattern in FLASH_REFUSES or extra.get("empty_rows") and not spec.safe_softmax:
+            # a row keeping no key: eager gives NaN (-inf) or uniform (finite fill), ATen 0
+            assert ran["fwd"] == "tiled", f"ATen's kernel took a call it cannot compute: {pattern}"
         else:
             assert ran["fwd"] == "aten_flash", ran
             # ATen's backward has no gradient for captured operands: the tiled backward then
             assert ran.get("bwd", "tiled") == ("tiled" if any(needs_grad) else "aten_flash"), ran
-    _compare(got, q, k, v, captured, needs_grad, chain, go, dtype)
+    _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, safe=spec.safe_softmax)
 
 
 def test_every_path_is_covered():
@@ -390,7 +594,24 @@ def test_every_path_is_covered():
         got = {i.rsplit("-", 1)[1] for i in ids if i.startswith(name + "-")}
         assert got >= {"tiled", "triton"}, (name, got)
     on_flash = {i.split("-")[0] for i in ids if i.endswith("-aten_flash")}
-    assert on_flash == set(PATTERNS) - {"softcap", "mixed"}, on_flash
+    # ATen's kernel takes is_causal and masks of one index (padding) only: not a band, an offset,
+    # a prefix, chunks or a head-dependent window (the tiled path skips their empty tiles instead)
+    assert on_flash == set(PATTERNS) - {"softcap", "mixed", "pred_causal_offset", "pred_window",
+                                        "pred_window_two_sided", "pred_prefix_lm", "pred_chunked",
+                                        "pred_sdpa_window", "pred_head_window"}, on_flash
+    # every predicate spelling (fill, fill_not, additive -inf and finfo.min) in the default run of
+    # each path, the interpreter's few included
+    def spellings(name, shape_name, path):
+        ops, *_, extra = PATTERNS[name](SHAPES[shape_name].score, torch.float32)
+        if path == "aten_flash" and extra["empty_rows"] and not extra["safe_softmax"]:
+            return set()  # ATen's kernel refuses the call (checked): not computed there
+        return {f"add {extra['masks'][op.index].masked}" if op.kind == "add" else op.kind
+                for op in ops if op.operand == "predicate"}
+    want = {"fill", "fill_not", "add -inf", f"add {torch.finfo(torch.float32).min}"}
+    for path in ("tiled", "aten_flash", "triton"):
+        got = set().union(*(spellings(*p.values[:2], path) for p in _cases() if not p.marks
+                            and p.values[3] == path and p.values[0] in PREDICATES))
+        assert got >= (want - {"fill_not"} if path == "aten_flash" else want), (path, got)
 
 
 # ---------------------------------------------------------------------------------------------
