@@ -518,9 +518,11 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None,
 TRITON_DEFAULT = {"scale", "scalar_scale_learnable", "bias_learnable", "mask_inf", "mask_finfo_min",
                   "softcap", "mixed"}
 TRITON_DEFAULT_SHAPES = {"odd", "value_head_dim", "projected", "rank3", "rank2"}
-# mask predicates: one per spelling (fill with rows keeping no key, fill_not, additive finfo.min with
-# a learnable scale, SDPA's additive -inf with safe softmax) and grouped-query heads
-TRITON_DEFAULT_PREDICATES = {("pred_padding_fill", "odd"), ("pred_window", "odd"),
+# mask predicates: one per spelling (fill and additive finfo.min with rows keeping no key, fill_not,
+# additive finfo.min with a learnable scale, SDPA's additive -inf with safe softmax) and
+# grouped-query heads
+TRITON_DEFAULT_PREDICATES = {("pred_padding_fill", "odd"), ("pred_padding_additive", "odd"),
+                             ("pred_window", "odd"),
                              ("pred_causal_additive", "odd"), ("pred_sdpa_window", "odd"),
                              ("pred_head_window", "gqa")}
 
