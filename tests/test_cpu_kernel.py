@@ -26,6 +26,15 @@ def cpu_path(request, monkeypatch):
     return request.param
 
 
+@pytest.fixture
+def tiled_small_spans(monkeypatch):
+    """The tiled path only (ATen's kernel refused), with 32-row query blocks and 32 x 40 span
+    tiles, so a mask's key spans cross tile boundaries."""
+    monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
+    monkeypatch.setattr(cpu, "Q_BLOCK", 32)
+    monkeypatch.setattr(cpu, "SPAN_TILE_ELEMENTS", 32 * 40)
+
+
 def _spec(ops, captured, dtype, **kw):
     n = str(dtype).replace("torch.", "")
     ops = tuple(ScoreOp(**{**o, "dtype": n}) for o in ops)
@@ -255,15 +264,13 @@ def test_repository_kernels_folder_imported_top_level_is_inert(monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("poison", ["finite", "nan_inf"])
-def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkeypatch, fresh_dynamo):
+def test_predicate_fill_by_bits_is_masked_fill_bit_for_bit(dtype, poison, monkeypatch, fresh_dynamo,
+                                                          tiled_small_spans):
     """A window + left-padding mask written ``where(keep, s, -inf)`` (a predicate fill) is applied
     on the tiled path by bitwise ops on the scores' bits (``_Operands.fill_bits``): the same bits
     as the boolean masked_fill_ it replaces, NaN/+-inf scores and rows keeping no key included,
     and the forward equals eager's (NaN rows where eager has them). (SDPA's own boolean mask is
     additive: ``test_sdpa_bool_mask_over_nonfinite_scores_matches_eager``.)"""
-    monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
-    monkeypatch.setattr(cpu, "Q_BLOCK", 32)
-    monkeypatch.setattr(cpu, "SPAN_TILE_ELEMENTS", 32 * 40)
     B, H, N, D = 2, 3, 150, 8
 
     def f(q, k, v, am):
@@ -383,15 +390,13 @@ def test_sdpa_bool_mask_over_nonfinite_scores_matches_eager(monkeypatch, poison,
 
 @pytest.mark.parametrize("site", ["sdpa", "eager_where"])
 @pytest.mark.parametrize("poison", ["finite", "nan_inf"])
-def test_rows_keeping_no_key_are_not_recomputed_and_keep_their_bits(site, poison, monkeypatch):
+def test_rows_keeping_no_key_are_not_recomputed_and_keep_their_bits(site, poison, monkeypatch,
+                                                                     tiled_small_spans):
     """Left padding longer than the window: rows that keep no key. Under a -inf fill their scores
     over every key are -inf whatever q and k hold, so ``_tile_parts`` builds that tile instead of
     recomputing it; forward and gradients bit for bit those of the recomputation (SDPA's safe
     softmax: zeros; eager softmax: NaN rows, NaN gradients), and equal to eager."""
     import torch.nn.functional as F
-    monkeypatch.setattr(cpu_flash, "usable", lambda *a, **k: None)
-    monkeypatch.setattr(cpu, "Q_BLOCK", 32)
-    monkeypatch.setattr(cpu, "SPAN_TILE_ELEMENTS", 32 * 40)
     B, H, N, D = 2, 3, 130, 8
 
     def f(q, k, v, am):
