@@ -190,7 +190,9 @@ def test_probabilities_returned_are_not_fused():
 def test_scores_reused_are_not_fused():
     def f(q, k, v):
         s = q @ k.transpose(-1, -2)
-        return torch.softmax(s, -1) @ v, s.sum()
+        # a max, not a sum: a sum of ~3000 scores of either sign cancels, and Inductor's
+        # summation order then differs from eager's by more than any fixed tolerance
+        return torch.softmax(s, -1) @ v, s.amax(-1)
     expl = _missed(f, *_qkv())
     assert "also used outside the region" in expl.missed[0].reason
 
