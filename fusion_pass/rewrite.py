@@ -15,6 +15,7 @@ Hands on: the rewritten ``GraphModule`` (in place) to the backend, which compile
 """
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Optional
 
@@ -143,7 +144,10 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
                     node = graph.call_method("detach", (node,))
                     _meta(node, fake_mode)
             captured.append(node)
-        args = (q, k, v, captured, a.spec.to_key())
+        spec = a.spec
+        if _no_gradient(a):
+            spec = dataclasses.replace(spec, inference=True)
+        args = (q, k, v, captured, spec.to_key())
         if a.spec.dropout_p:
             args += (_dropout_seed(graph, r, fake_mode),)
         call = graph.call_function(ATTENTION_OP, args)
@@ -170,6 +174,26 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     for rep in r.repeats:  # the K/V head copies, when nothing else reads them
         _erase_unused_chain(graph, rep)
     return out
+
+
+def _no_gradient(a: Analysis) -> bool:
+    """No input of the site requires a gradient, as Dynamo recorded the values while tracing (so
+    under the grad mode each node really ran in, ``no_grad`` regions included; the compiled graph
+    is guarded on the inputs' ``requires_grad`` and the grad mode): then no backward of the op
+    exists and the spec may say ``inference``. An operand read through ``.item()`` (detached) or a
+    number never carries one. Any value not recorded: not proven, False."""
+    r = a.region
+    nodes = [r.q, r.k if r.k is not None else r.kt, r.v]
+    nodes += [n for n, prep in zip(a.captured, a.captured_preps)
+              if not any(step[0] == "detach" for step in prep)]
+    for n in nodes:
+        ev = value(n)
+        if isinstance(ev, torch.Tensor):
+            if ev.requires_grad:
+                return False
+        elif isinstance(n, fx.Node) and ev is None:
+            return False
+    return True
 
 
 def _dropout_seed(graph: fx.Graph, r, fake_mode) -> fx.Node:

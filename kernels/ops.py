@@ -34,7 +34,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, cpu_flash, predicate, select
+from . import cpu, cpu_flash, cpu_flex, predicate, select
 from .dropout import new_seed
 from .spec import AttentionSpec, to_dtype
 
@@ -192,10 +192,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
         from . import triton_attention
         out, lse = triton_attention.forward(q, k, v, tcaptured, ts, int(seed.item()))
     else:
-        cands = {}
-        if "aten_flash" in select.route(s).cpu and q.device.type == "cpu":
-            cands["aten_flash"] = lambda a: _flash_forward(s, *a)
-        cands["tiled"] = lambda a: cpu.attention_forward(*a, s, int(seed.item()))
+        every = {"aten_flash": lambda a: _flash_forward(s, *a),
+                 "flex": select.warm_first(lambda a: cpu_flex.forward(s, *a)),
+                 "tiled": lambda a: cpu.attention_forward(*a, s, int(seed.item()))}
+        # the route's static order; ATen's and FlexAttention's kernels run on CPU tensors only
+        cands = {name: every[name] for name in select.route(s).cpu
+                 if name == "tiled" or q.device.type == "cpu"}
         _, (out, lse) = select.pick(_choice_key("fwd", spec, q, k, cands), cands, (q, k, v, captured),
                                     lambda a: select.head_slice(*a, s.captured))
     return _in_out_layout(out, q), lse.contiguous(), seed

@@ -7,7 +7,10 @@ dispatch through ``route(spec)`` and ``pick``, and the report prints ``route(spe
 * ``triton``: the generated Triton kernels (CUDA; ``triton_attention.supports`` decides per call);
 * ``aten_flash``: ATen's CPU flash kernel, for specs whose normalised form is its function
   (``cpu_flash.plan``), per call only where ``cpu_flash.usable`` / ``rows_ok`` prove it exact;
-* ``tiled``: the tiled implementation (``cpu.py``), every spec on every device.
+* ``tiled``: the tiled implementation (``cpu.py``), every spec on every device;
+* ``flex``: FlexAttention's compiled CPU kernel (``cpu_flex.py``), forward only, for specs the
+  rewrite proved ``inference``; last in the static order (it compiles for seconds on a spec's first
+  call), so it runs only where a measurement chose it.
 
 **Measured choice.** Where more than one kernel is exact for a call, the first call of a
 (spec, shape bucket, dtype, device, direction) runs each candidate once on the call's own inputs,
@@ -34,7 +37,7 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
-from . import cpu_flash, removal
+from . import cpu_flash, cpu_flex, removal
 from .spec import AttentionSpec
 
 # below this many score elements per (batch, head) (Nq * Nk) a choice is not worth a measurement
@@ -45,7 +48,7 @@ MEASURE_MIN_ELEMENTS = 1 << 20
 MARGIN = 0.85
 
 NAMES = {"triton": "generated Triton kernels", "aten_flash": "ATen flash kernel",
-         "tiled": "tiled implementation"}
+         "tiled": "tiled implementation", "flex": "FlexAttention (compiled, CPU, inference)"}
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,10 @@ class Route:
             if len(self.cpu) > 1:
                 cpu += ("; where both are exact the faster is measured once per shape bucket "
                         "and cached")
+        if "flex" in self.cpu:
+            cpu += ("; FlexAttention's compiled CPU kernel (inference: no input requires a "
+                    "gradient) where measured faster and exact for the call (inputs and scores "
+                    "finite, every row keeping a key; a BlockMask where the removal rule holds)")
         if self.span_skip:
             cpu += "; the tiled implementation skips the keys no row of a query block keeps"
         rule = f"; {self.rule}" if self.rule else ""
@@ -97,6 +104,8 @@ def route(spec: AttentionSpec) -> Route:
     if form is None:
         p = None
     cpu = ("aten_flash", "tiled") if p is not None else ("tiled",)
+    if cpu_flex.plan(spec) is not None:
+        cpu += ("flex",)
     cuda = ("tiled",) if spec.biases else ("triton", "tiled")
     return Route(cpu, cuda, p, removal.causal_removal(spec) is not None,
                  removal.skip_removal(spec) is not None, removal.describe(spec), bool(spec.biases),
@@ -130,7 +139,7 @@ def sources_hash() -> str:
     """The kernels' sources and the torch version: a choice measured for other code is void."""
     h = hashlib.sha256(torch.__version__.encode())
     here = Path(__file__).resolve().parent
-    for name in ("cpu.py", "cpu_flash.py", "removal.py", "select.py"):
+    for name in ("cpu.py", "cpu_flash.py", "cpu_flex.py", "removal.py", "select.py"):
         h.update((here / name).read_bytes())
     h.update(str(torch.get_num_threads()).encode())
     return h.hexdigest()[:16]
@@ -226,8 +235,9 @@ def _measure(key, candidates, args, shrink):
     """The first candidate runs the call itself, timed (its result is the call's); each other one
     runs once on a slice of the heads (``shrink``: at most 1/8 of them, one batch element) and its
     time is scaled by the work ratio, so a slow candidate costs the first call a fraction of its
-    full time (the tiled path under load: 7 s at N = 2048, 30x ATen's). The faster (by ``MARGIN``
-    against the first) is cached; this call keeps the first's result (exact either way)."""
+    full time (the tiled path under load: 7 s at N = 2048, 30x ATen's); a compiled candidate
+    (``warm_first``) runs the whole call, once untimed first. The faster (by ``MARGIN`` against
+    the first) is cached; this call keeps the first's result (exact either way)."""
     names = list(candidates)
     t = time.perf_counter()
     got = candidates[names[0]](args)
@@ -239,14 +249,18 @@ def _measure(key, candidates, args, shrink):
                 return name, res
         raise RuntimeError("no kernel computed this call")
     small = shrink(args)
-    if small is None:
-        return names[0], got
-    sub, factor = small
+    sub, factor = small if small is not None else (None, 1.0)
     for name in names[1:]:
         try:
+            compiled = getattr(candidates[name], "warm_first", False)
+            if not compiled and small is None:
+                return names[0], got  # too few heads to slice: no measurement
+            call, scale = (args, 1.0) if compiled else (sub, factor)
+            if compiled and candidates[name](call) is None:
+                return names[0], got  # compiled (untimed), and not exact for this call
             t = time.perf_counter()
-            res = candidates[name](sub)
-            ms = (time.perf_counter() - t) * 1e3 * factor
+            res = candidates[name](call)
+            ms = (time.perf_counter() - t) * 1e3 * scale
         except Exception:  # noqa: BLE001 - a slice the kernel cannot take: no measurement
             return names[0], got
         if res is None:
@@ -257,6 +271,15 @@ def _measure(key, candidates, args, shrink):
         best = names[0]
     CHOICES.put(key, {"kernel": best, "ms": {n: round(t, 3) for n, t in times.items()}})
     return names[0], got
+
+
+def warm_first(fn):
+    """Mark a candidate that compiles on its first run: ``_measure`` runs it once untimed before
+    timing it (else the compile would be measured as its speed), both on the whole call: it is a
+    fast kernel wherever it is a candidate, and a slice of the heads would starve its parallel
+    loop (FlexAttention's CPU kernel: 1 of 12 heads ran 2-3x slower per head)."""
+    fn.warm_first = True
+    return fn
 
 
 def head_slice(q, k, v, captured, kinds, like_q=(), like_lse=()):

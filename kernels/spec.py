@@ -302,6 +302,11 @@ class AttentionSpec:
     # SDPA's softmax: a row whose every final score is -inf gives probabilities 0 (output 0, no
     # gradient) instead of eager softmax's NaN row. Set for sites that were SDPA calls.
     safe_softmax: bool = False
+    # proven by the rewrite from the graph: no input of the site requires a gradient (an
+    # inference graph, ``torch.no_grad``, frozen weights), so no backward of this call exists and
+    # the forward's lse is never read. Kernels that cannot return an lse may then compute the
+    # forward (``cpu_flex.py``: FlexAttention's CPU kernel, which is inference-only).
+    inference: bool = False
 
     def __post_init__(self):
         for kind in self.captured:
@@ -347,6 +352,8 @@ class AttentionSpec:
             parts.append("causal (proven from the mask)")
         if self.safe_softmax:
             parts.append("safe softmax (SDPA's: a row of only -inf scores gives zeros)")
+        if self.inference:
+            parts.append("inference (no input requires a gradient)")
         for k, m in enumerate(self.masks):
             parts.append(f"m{k}[b, h, i, j] = {m}")
         for k, bi in enumerate(self.biases):

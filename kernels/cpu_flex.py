@@ -1,0 +1,434 @@
+"""FlexAttention's CPU kernel as a forward candidate for inference sites.
+
+torch's FlexAttention compiles ``softmax(score_mod(q @ k^T))`` with a BlockMask into a vectorised
+C++ kernel on CPU (Inductor's CPU flex template) that skips the key blocks no row keeps. On window,
+soft-cap and ALiBi sites it is 1.4-1.9x faster than the tiled implementation (RESULTS.md, issue 11),
+but it is inference-only on CPU: no backward and no log-sum-exp. So it is a candidate only for
+specs the rewrite proved ``inference`` (no input requires a gradient: no backward exists, and the
+lse this path returns, NaN, is never read; a backward that did read it would fail
+``cpu_flash.rows_ok`` and recompute on the tiled path).
+
+**What it computes.** ``score_mod`` here is the spec's chain itself, step by step in the model's
+order (``_chain``): every step float32, as eager computes it, the masking step included (the
+masked elements get the graph's own value: -inf, finfo.min, s + M). So without a BlockMask the
+kernel computes eager's function with its own summation order, as ATen's flash kernel does.
+
+**Exactness, per call** (``prepare``): eager and this kernel differ only where a row is non-finite
+or where blocks are skipped, so the call is taken only when
+
+1. q, k, v and every float captured tensor are finite, and the chain's score entering its masking
+   step (or leaving the chain, when nothing masks) has a finite bound (``removal.score_bound``):
+   then every score is finite except masked elements that are -inf, no NaN arises;
+2. when the masked value can be -inf (a -inf fill, s + (-inf)), or a BlockMask is used, every row
+   keeps a key (``_rows_keep``, evaluated once per spec and sizes): eager's all -inf row is NaN,
+   FlexAttention's is 0;
+3. a BlockMask (skip blocks no row keeps) only for the chain's last step being a predicate mask
+   without data tensors, and only where skipping is exact by the removal rule (``removal.py``):
+   a row's max is at least the least kept element (>= -bound + kept value, by 1. and 2.), which
+   must exceed every masked element by ``MARGIN`` (always for -inf; for finfo.min whenever the
+   bound is not astronomically large). Inside partial blocks FlexAttention sets masked elements to
+   -inf instead of the fill, which is the same skipping, under the same proof.
+
+Anything else returns None and the next candidate computes the call. float32 only: with 16-bit
+inputs eager rounds each step to 16 bits, and FlexAttention does not.
+
+**Compilation.** One ``torch.compile(..., dynamic=True)`` per spec (a fresh code object, so
+Dynamo's recompile limit counts per spec, and every sequence length shares one kernel), compiled
+on the spec's first call (seconds: it is measured against the other candidates only when it is
+warm, ``select._measure``). BlockMasks are cached per spec and sizes.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import threading
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from . import pointwise, predicate, removal
+from .spec import AttentionSpec, to_dtype
+
+log = logging.getLogger("fusion_pass.kernels")
+
+_OPS = ("mul", "div", "add", "sub", "rsub", "tanh", "cast", "fill", "fill_not", "fn")
+# a BlockMask is built (materialising the mask once per spec and sizes) up to this many elements
+BLOCK_MASK_MAX_ELEMENTS = 1 << 26
+
+
+@dataclass(frozen=True)
+class FlexPlan:
+    step: Optional[int]                     # the masking step (last step), or None
+    removal: Optional[removal.Removal]      # its removal (None: it masks nothing skippable)
+    block_mask: bool                        # its predicate may become a BlockMask
+    neg_inf: bool                           # its masked value may be -inf (rows must keep a key)
+
+
+def _is_mask_step(spec: AttentionSpec, op) -> bool:
+    return op.kind in ("fill", "fill_not") or (op.kind == "add" and op.operand == "predicate")
+
+
+@functools.lru_cache(maxsize=None)
+def plan(spec: AttentionSpec) -> Optional[FlexPlan]:
+    """The static half: an inference float32 spec without dropout whose chain FlexAttention can
+    evaluate, with at most one masking step and that one last; None otherwise."""
+    if not spec.inference or spec.dropout_p:
+        return None
+    dts = {spec.qk_dtype, spec.softmax_dtype, spec.prob_dtype, spec.out_dtype}
+    dts |= {op.dtype for op in spec.score_ops}
+    if dts != {"float32"}:
+        return None
+    if any(bi.y_data for bi in spec.biases):
+        return None
+    for n, op in enumerate(spec.score_ops):
+        if op.kind not in _OPS:
+            return None
+        if _is_mask_step(spec, op) and n != len(spec.score_ops) - 1:
+            return None  # a later step moves the masked values: no bound of them is proven here
+        if op.kind in ("fill", "fill_not"):
+            if op.operand != "predicate" or op.value is None or math.isnan(op.value) \
+                    or op.value == math.inf:
+                return None  # a mask tensor's rows cannot be checked once per shape
+        if op.operand == "predicate" and spec.masks[op.index].data:
+            return None  # a data mask (padding) changes per call: no cached rows or BlockMask
+        if op.operand == "predicate" and op.kind == "add":
+            m = spec.masks[op.index]
+            if m.kind != "additive" or not all(map(math.isfinite, (m.kept,))) or \
+                    math.isnan(m.masked) or m.masked == math.inf:
+                return None
+        elif op.operand == "predicate" and spec.masks[op.index].kind != "bool":
+            return None
+    if not spec.score_ops or not _is_mask_step(spec, spec.score_ops[-1]):
+        return FlexPlan(None, None, False, False)
+    step = len(spec.score_ops) - 1
+    op = spec.score_ops[step]
+    r = removal.step_removal(spec, op)
+    masked = op.value if op.kind != "add" else spec.masks[op.index].masked
+    return FlexPlan(step, r, r is not None and r.operand == "predicate", masked == -math.inf)
+
+
+# ---------------------------------------------------------------------------------------------
+# The chain as a score_mod
+# ---------------------------------------------------------------------------------------------
+
+def _batch_index(b, h, batch_shape):
+    """The score's batch indices (all dims but the last two) from FlexAttention's (b, h), for
+    the 4-D view ``_as_4d`` makes: (b, h) itself for 4-D scores; h for 3-D; none for 2-D; for
+    more dims b is their row-major flat index over all but the last."""
+    n = len(batch_shape)
+    if n == 2:
+        return [b, h]
+    if n == 1:
+        return [h]
+    if n == 0:
+        return []
+    out = []
+    for size in reversed(batch_shape[:-1]):
+        out.append(b % size)
+        b = b // size
+    return list(reversed(out)) + [h]
+
+
+def _steps(spec: AttentionSpec):
+    """The chain as plain tuples, resolved once outside the compiled function (Dynamo then traces
+    only arithmetic): (kind, operand, value, index, keep function, its axes count, dtypes...)."""
+    out = []
+    for op in spec.score_ops:
+        keep = R = kept = masked = mdt = ydt = bdt = None
+        index = op.index
+        if op.operand == "predicate":
+            m = spec.masks[op.index]
+            keep, R = predicate.keep_function(m), len(m.axes)
+            kept, masked = m.kept, m.masked
+            mdt = to_dtype(m.dtype) if m.kind == "additive" else None
+        elif op.operand == "bias":
+            bi = spec.biases[op.index]
+            keep, R = predicate.keep_function(bi.index_spec()), len(bi.axes)
+            ydt, bdt, index = to_dtype(bi.y_dtype), to_dtype(bi.dtype), bi.x
+        out.append((op.kind, op.operand, op.value, index, keep, R, kept, masked, mdt, ydt, bdt,
+                    to_dtype(op.dtype), op.fn, tuple(op.args)))
+    return tuple(out)
+
+
+def _chain(steps, s, idx, sizes, caps):
+    """The score chain on one element: ``idx`` its full index (batch indices, i, j), ``sizes``
+    the score's sizes, ``caps`` the captured operands (tensors expanded to the score's shape,
+    scalars as 0-dim float32 tensors)."""
+    for kind, operand, value, index, keep, R, kept, masked, mdt, ydt, bdt, dt, fn, args in steps:
+        x = None
+        if operand == "const":
+            x = value
+        elif operand == "scalar":
+            x = caps[index]
+        elif operand == "tensor":
+            x = caps[index][tuple(idx)]
+        elif operand == "predicate":
+            k = keep(*idx[len(idx) - R:], *sizes[len(sizes) - R:])
+            if kind == "add":
+                x = torch.where(k, torch.tensor(kept, dtype=mdt), torch.tensor(masked, dtype=mdt))
+            else:
+                x = k
+        elif operand == "bias":
+            y = torch.as_tensor(keep(*idx[len(idx) - R:], *sizes[len(sizes) - R:])).to(ydt)
+            x = torch.mul(caps[index][tuple(idx)], y)
+            if x.dtype != bdt:
+                x = x.to(bdt)
+        if kind == "mul":
+            s = s * x
+        elif kind == "div":
+            s = s / x
+        elif kind == "add":
+            s = s + x
+        elif kind == "sub":
+            s = s - x
+        elif kind == "rsub":
+            s = x - s
+        elif kind == "tanh":
+            s = torch.tanh(s)
+        elif kind == "cast":
+            s = s.to(dt)
+        elif kind == "fill":  # x is the mask (True: masked)
+            s = torch.where(x, torch.tensor(value, dtype=s.dtype), s)
+        elif kind == "fill_not":
+            s = torch.where(x, s, torch.tensor(value, dtype=s.dtype))
+        elif kind == "fn":
+            s = pointwise.FUNCTIONS[fn].torch(s, *args)
+    return s
+
+
+def _kept_fn(spec: AttentionSpec, p: FlexPlan):
+    """The masking step's kept elements as a function of the full index (the BlockMask's
+    mask_mod)."""
+    op = spec.score_ops[p.step]
+    m = spec.masks[op.index]
+    keep, R, invert = predicate.keep_function(m), len(m.axes), op.kind == "fill"
+
+    def kept(idx, sizes):
+        k = torch.as_tensor(keep(*idx[len(idx) - R:], *sizes[len(sizes) - R:]))
+        return ~k if invert else k
+    return kept
+
+
+# ---------------------------------------------------------------------------------------------
+# Per spec: the compiled kernel; per spec and sizes: the BlockMask and the rows check
+# ---------------------------------------------------------------------------------------------
+
+_LOCK = threading.Lock()
+_BROKEN = set()          # spec keys whose kernel failed to compile: never tried again
+
+
+@functools.lru_cache(maxsize=64)
+def _kernel(spec: AttentionSpec):
+    from torch.nn.attention.flex_attention import flex_attention
+
+    steps = _steps(spec)
+
+    kinds = spec.captured
+
+    def run(q, k, v, block_mask, gqa, raw, batch_shape):
+        nq, nk = q.shape[-2], k.shape[-2]
+        sizes = tuple(batch_shape) + (nq, nk)
+        caps = [c.expand(sizes) if kind == "tensor" else c for c, kind in zip(raw, kinds)]
+
+        def score_mod(s, b, h, i, j):
+            idx = _batch_index(b, h, batch_shape) + [i, j]
+            return _chain(steps, s, idx, sizes, caps)
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0,
+                              enable_gqa=gqa)
+    # a fresh code object per spec: Dynamo's cache (and its recompile limit) is per code object
+    code = run.__code__.replace(co_name=f"fusion_pass_flex_{abs(hash(spec.to_key())) % 10**8}")
+    fresh = type(run)(code, run.__globals__, code.co_name, run.__defaults__, run.__closure__)
+    # automatic dynamic shapes: the constants of the chain stay constants (``dynamic=True`` would
+    # make its floats symbolic, which FlexAttention's lowering refuses); the sequence lengths are
+    # marked dynamic per call, the BlockMask's block counts become dynamic on their first change
+    return torch.compile(fresh, dynamic=None)
+
+
+def _as_4d(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4:
+        return t
+    if t.dim() < 4:
+        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    return t.reshape((-1,) + tuple(t.shape[-3:]))
+
+
+@functools.lru_cache(maxsize=32)
+def _rows_keep(spec: AttentionSpec, sizes: tuple) -> bool:
+    """Every row of the masking step keeps at least one key, over the score sizes ``sizes``
+    (evaluated in blocks of rows over the axes the predicate reads, once per spec and sizes)."""
+    p = plan(spec)
+    op = spec.score_ops[p.step]
+    m = spec.masks[op.index]
+    R = len(m.axes)
+    ax_sizes = sizes[len(sizes) - R:]
+    nq, nk = ax_sizes[-2], ax_sizes[-1]
+    if nk == 0:
+        return nq == 0
+    grids_lead = []
+    for d in range(R - 2):
+        used = m.uses_axis(m.axes[d])
+        n = ax_sizes[d] if used else 1
+        grids_lead.append(torch.arange(n).reshape([-1 if e == d else 1 for e in range(R)]))
+    step = max(1, (1 << 22) // max(nk, 1))
+    j = torch.arange(nk).reshape([1] * (R - 1) + [-1])
+    for r0 in range(0, nq, step):
+        i = torch.arange(r0, min(nq, r0 + step)).reshape([1] * (R - 2) + [-1, 1])
+        keep = torch.as_tensor(predicate.evaluate_keep(m, grids_lead + [i, j], ax_sizes, []))
+        kept = ~keep if op.kind == "fill" else keep
+        kept = kept.expand(torch.broadcast_shapes(kept.shape, i.shape, j.shape))
+        if not bool(kept.any(-1).all()):
+            return False
+    return True
+
+
+_BLOCK_MASKS = {}
+
+
+def _block_mask(spec: AttentionSpec, p: FlexPlan, batch_shape: tuple, nq: int, nk: int, hq: int):
+    """The BlockMask of the masking step's kept elements for these sizes (cached); None when the
+    mask would be too large to build once."""
+    key = (spec, batch_shape, nq, nk)
+    with _LOCK:
+        hit = _BLOCK_MASKS.get(key)
+    if hit is not None:
+        return hit
+    if nq * nk * max(1, math.prod(batch_shape)) > BLOCK_MASK_MAX_ELEMENTS:
+        return None
+    from torch.nn.attention.flex_attention import create_block_mask
+    kept = _kept_fn(spec, p)
+    sizes = tuple(batch_shape) + (nq, nk)
+    m = spec.masks[spec.score_ops[p.step].index]
+    R = len(m.axes)
+    reads_batch = any(m.uses_axis(a) for a in m.axes[:R - 2])
+
+    def mask_mod(b, h, i, j):
+        return kept(_batch_index(b, h, batch_shape) + [i, j], sizes)
+    if reads_batch:
+        B = max(1, math.prod(batch_shape[:-1])) if len(batch_shape) >= 2 else 1
+        H = batch_shape[-1] if batch_shape else 1
+        bm = create_block_mask(mask_mod, B, H, nq, nk, device="cpu")
+    else:
+        bm = create_block_mask(mask_mod, None, None, nq, nk, device="cpu")
+    with _LOCK:
+        if len(_BLOCK_MASKS) > 64:
+            _BLOCK_MASKS.clear()
+        _BLOCK_MASKS[key] = bm
+    return bm
+
+
+# ---------------------------------------------------------------------------------------------
+# The call
+# ---------------------------------------------------------------------------------------------
+
+def _least_kept(spec: AttentionSpec, p: FlexPlan, bound: float) -> float:
+    """A lower bound of every kept element leaving the chain, from ``bound`` >= |s| entering the
+    masking step: s itself (a fill), or s + kept (an additive predicate, one rounding)."""
+    op = spec.score_ops[p.step]
+    if op.kind == "add":
+        kept = spec.masks[op.index].kept
+        return (-bound + kept) - (bound + abs(kept)) * 2.0 ** -20
+    return -bound
+
+
+# The dispatch keys a plain eager call excludes (autocast's), read at import. A custom op's
+# implementation runs with every key above the backend excluded (vmap, functionalisation, Python
+# modes...), where FlexAttention's own tracing of the score_mod and create_block_mask's vmap fail
+# ("querying is_contiguous inside of vmap"). ``_eager_dispatch`` restores an eager call's set for
+# the Flex call (what stays excluded: the intersection, so autocast stays off as the op wants).
+_EAGER_EXCLUDE = torch._C._dispatch_tls_local_exclude_set()
+
+
+def _eager_dispatch():
+    return torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                           torch._C._dispatch_tls_local_exclude_set() & _EAGER_EXCLUDE)
+
+
+def forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
+    """``_forward`` under an eager call's dispatch keys (``_eager_dispatch``)."""
+    with _eager_dispatch():
+        return _forward(spec, q, k, v, captured)
+
+
+def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
+    """(out, lse) computed by FlexAttention when it computes this call exactly (lse NaN: an
+    inference spec's lse is never read), else None.
+
+    The per-call facts (inputs finite, the score bound, the skipping margin) come from one
+    aminmax pass over each input, before the kernel runs. A call whose inputs are not finite or
+    astronomically large returns None (the next candidate computes it); one whose skipping margin
+    fails runs without the BlockMask."""
+    p = plan(spec)
+    key = spec.to_key()
+    if p is None or key in _BROKEN or q.device.type != "cpu":
+        return None
+    if any(t.dtype != torch.float32 for t in (q, k, v)) or q.dim() < 2:
+        return None
+    nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    if nq == 0 or nk == 0 or d == 0 or v.shape[-1] == 0:
+        return None
+    batch_shape = tuple(q.shape[:-2])
+    sizes = batch_shape + (nq, nk)
+    rows = _rows_keep(spec, sizes) if p.step is not None else True
+    if p.neg_inf and not rows:
+        return None  # eager's row of only -inf is NaN; FlexAttention's is 0
+    bm = None
+    if p.block_mask and rows:  # used only if the margin below holds for this call
+        bm = _block_mask(spec, p, batch_shape, nq, nk, q.shape[-3] if q.dim() >= 3 else 1)
+    # scalars as float32 0-dim tensors (eager converts a Python number to the scores' float32)
+    caps = [torch.tensor(c.item(), dtype=torch.float32) if kind == "scalar" else c
+            for c, kind in zip(captured, spec.captured)]
+    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+    gqa = q4.shape[1] != k4.shape[1]
+    for t in (q4, k4, v4):
+        if t.shape[-2] > 1:  # 0/1-sized dims are specialised by Dynamo anyway
+            torch._dynamo.maybe_mark_dynamic(t, 2)
+    # the call's facts: max |x| and finiteness of q, k, v and the float operands, one pass each
+    # (``removal._stats``); checked before the kernel runs
+    stats = [removal._stats(t) for t in (q, k, v)]
+    stats += [removal._stats(c) for c, kind in zip(captured, spec.captured)
+              if kind in ("tensor", "scalar") and c.is_floating_point()]
+    if not all(bool(fin) for _, fin in stats):
+        return None
+    if not _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, bm is not None):
+        if bm is None:
+            return None
+        bm = None  # skipping is not proven for this call: compute every block
+        if not _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, False):
+            return None
+    try:
+        out = _kernel(spec)(q4, k4, v4, bm, gqa, caps, batch_shape)
+    except Exception as e:  # noqa: BLE001 - a chain Inductor's flex template cannot compile
+        log.warning("fusion_pass: FlexAttention could not compile %s (%s: %s); the other "
+                    "kernels compute it", spec, type(e).__name__, str(e)[:3000])
+        _BROKEN.add(key)
+        return None
+    out = out.reshape(tuple(q.shape[:-1]) + (v.shape[-1],))
+    lse = torch.full(tuple(q.shape[:-1]), math.nan, dtype=torch.float32)
+    return out, lse
+
+
+def _exact(spec, p: FlexPlan, qmax, kmax, q, k, v, captured, rows: bool, skipped: bool) -> bool:
+    """The call's result equals eager's function (see the module's docstring), given that every
+    input is finite and max |q|, max |k| (0-dim float64)."""
+    upto = p.step if p.step is not None else len(spec.score_ops)
+    fin = torch.tensor(True)  # checked by the caller
+    bound = float(removal.score_bound(spec, q, k, captured, upto=upto, tight=False, stats=(qmax, kmax)))
+    if not math.isfinite(bound):
+        return False
+    if p.step is None:
+        return True
+    op = spec.score_ops[p.step]
+    masked = op.value if op.kind != "add" else spec.masks[op.index].masked
+    # s + M with a finite M rounds to -inf (as in eager) only beyond float32's largest value plus
+    # half its last unit (2^103); a fill's masked elements are its constant exactly
+    if not rows and op.kind == "add" and \
+            (bound + abs(masked)) * (1 + 2.0 ** -20) >= float(torch.finfo(torch.float32).max) + 2.0 ** 103:
+        return False
+    if not skipped:
+        return True
+    w = removal.worst_masked(spec, p.removal, q, k, v, captured, step=p.step,
+                             stats=(qmax, fin, kmax, fin, fin))
+    least = torch.tensor(_least_kept(spec, p, bound), dtype=torch.float64)
+    return bool(removal.rows_ok(least, w, p.removal))

@@ -1,0 +1,222 @@
+"""FlexAttention's CPU kernel as the forward of inference sites (``kernels/cpu_flex.py``).
+
+* the kernel against float64 by the 2x-eager rule, on the patterns of test_kernel_paths.py it
+  takes (float32, inference), each compiled once (seconds: a few in the default run, the rest
+  under ``-m slow``);
+* the per-call refusals: inputs not finite, scores without a finite bound, rows keeping no key
+  under a -inf mask (eager: NaN, FlexAttention: 0);
+* the rewrite proves ``inference`` only where no input of the site requires a gradient;
+* end to end: a compiled model under ``no_grad`` runs the forward on FlexAttention when routed
+  there, and gives eager's answer.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fusion_pass.kernels import cpu_flex, ops as kops, select
+from fusion_pass.kernels.spec import AttentionSpec
+
+from test_kernel_paths import PATTERNS, SHAPES, _check, _eager, _qkv, _spec
+
+# (pattern, shape) in the default run: a window after a learnable bias (fill_not -inf), HF's
+# additive finfo.min causal with a scalar scale, soft-capping, a head-dependent finfo.min window
+# on grouped heads, a bias on rank-3 scores, the KV cache's causal offset (rows without a key
+# where Nq > Nk: refused)
+DEFAULT = {("pred_window", "odd"), ("pred_causal_additive", "odd"), ("softcap", "odd"),
+           ("pred_head_window", "gqa"), ("bias_learnable", "rank3"),
+           ("pred_causal_offset", "short_keys")}
+
+
+def _inference_spec(pattern, shape):
+    ops, kinds, captured, needs_grad, chain, *extra = PATTERNS[pattern](shape.score, torch.float32)
+    spec = dataclasses.replace(_spec(ops, kinds, torch.float32, extra=extra[0] if extra else None),
+                               inference=True)
+    return spec, captured, chain, extra[0] if extra else {}
+
+
+def _cases():
+    for shape_name, shape in SHAPES.items():
+        for name in shape.patterns or PATTERNS:
+            spec, *_ = _inference_spec(name, shape)
+            if cpu_flex.plan(spec) is None:
+                continue
+            marks = [] if (name, shape_name) in DEFAULT else [pytest.mark.slow]
+            yield pytest.param(name, shape_name, marks=marks, id=f"{name}-{shape_name}")
+
+
+def test_plan_takes_the_patterns_it_should():
+    """Which patterns the Flex path takes: float32 inference chains whose masking step is the last
+    and reads no data tensor; never a mask tensor's fill (its rows change per call), a data
+    predicate (padding) or a 16-bit chain, and never without ``inference``."""
+    shape = SHAPES["odd"]
+    taken = {n for n in PATTERNS if cpu_flex.plan(_inference_spec(n, shape)[0]) is not None}
+    assert {"scale", "scalar_div", "softcap", "bias_learnable", "padding_mask", "pred_window",
+            "pred_causal_fill", "pred_causal_additive", "pred_prefix_lm", "pred_chunked",
+            "pred_sdpa_window", "pred_head_window", "pred_window_two_sided"} <= taken, taken
+    assert not taken & {"bool_fill", "where_keep", "mask_inf", "mask_finfo_min", "mixed",
+                        "pred_padding_fill", "pred_padding_additive", "pred_sdpa_padding"}, taken
+    spec = _inference_spec("pred_window", shape)[0]
+    assert cpu_flex.plan(dataclasses.replace(spec, inference=False)) is None
+    ops, kinds, *rest = PATTERNS["pred_window"](shape.score, torch.bfloat16)
+    low = _spec(ops, kinds, torch.bfloat16, extra=rest[-1])
+    assert cpu_flex.plan(dataclasses.replace(low, inference=True)) is None
+    assert cpu_flex.plan(dataclasses.replace(spec, dropout_p=0.1)) is None
+    assert "flex" in select.route(spec).cpu and "flex" not in select.route(
+        dataclasses.replace(spec, inference=False)).cpu
+
+
+@pytest.mark.parametrize("pattern,shape_name", list(_cases()))
+def test_flex_matches_float64(pattern, shape_name):
+    torch.manual_seed(0)
+    shape = SHAPES[shape_name]
+    spec, captured, chain, extra = _inference_spec(pattern, shape)
+    q, k, v = _qkv(shape, torch.float32)
+    got = cpu_flex.forward(spec, q, k, v, captured)
+    if extra.get("empty_rows") and cpu_flex.plan(spec).neg_inf:
+        assert got is None, "a row keeping no key under -inf must be refused (eager: NaN)"
+        return
+    assert got is not None, f"the Flex path refused {pattern} on {shape_name}"
+    out, lse = got
+    go = torch.zeros(shape.lead + (shape.nq, shape.dv or shape.d))
+    needs = [False] * len(captured)
+    ref = _eager(q, k, v, captured, needs, chain, go, torch.float64, safe=spec.safe_softmax)
+    low = _eager(q, k, v, captured, needs, chain, go, torch.float32, safe=spec.safe_softmax)
+    assert out.dtype == torch.float32 and out.shape == ref[0].shape
+    _check("out", out, low[0], ref[0], torch.float32)
+    assert torch.isnan(lse).all()  # never read: an inference spec has no backward
+
+
+def _window_case(n=40, d=16):
+    torch.manual_seed(1)
+    spec, captured, chain, _ = _inference_spec("pred_window", SHAPES["odd"])
+    q, k, v = (torch.randn(2, 3, n, d) for _ in range(3))
+    bias = torch.randn(1, 3, n, n)
+    return spec, q, k, v, [bias]
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v", "bias"])
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_refuses_non_finite_inputs(where, bad):
+    """A NaN or inf anywhere reaches eager's rows through 0 * v or a NaN max; FlexAttention may
+    skip it (a masked block) or turn the row to 0: refused, the next candidate computes it."""
+    spec, q, k, v, caps = _window_case()
+    assert cpu_flex.forward(spec, q, k, v, caps) is not None
+    t = {"q": q, "k": k, "v": v, "bias": caps[0]}[where]
+    t[0, 1, 7, 3 if where != "bias" else 9] = bad
+    assert cpu_flex.forward(spec, q, k, v, caps) is None
+
+
+def test_refuses_scores_without_a_finite_bound():
+    """Finite inputs whose product may overflow (|q| |k| d beyond float32's range): eager's scores
+    can be inf there, so no exactness is proven."""
+    spec, q, k, v, caps = _window_case()
+    q[0, 0, 0, 0] = 3e37
+    k[0, 0, 0, 0] = 3e37
+    assert cpu_flex.forward(spec, q, k, v, caps) is None
+
+
+def test_rows_keeping_no_key_are_refused_only_under_minus_inf():
+    """The KV cache's causal offset with Nq > Nk: the first rows keep no key. With a -inf fill
+    eager gives NaN there: refused. The finfo.min form gives a uniform row in eager, which the
+    kernel computes over every key too (no BlockMask: skipping needs a kept key per row)."""
+    torch.manual_seed(2)
+    shape = SHAPES["short_keys"]
+    spec, captured, chain, extra = _inference_spec("pred_causal_offset", shape)
+    assert extra["empty_rows"]
+    q, k, v = _qkv(shape, torch.float32)
+    assert cpu_flex.forward(spec, q, k, v, captured) is None
+    ops = tuple(dataclasses.replace(o, value=torch.finfo(torch.float32).min) if o.kind == "fill" else o
+                for o in spec.score_ops)
+    fin = dataclasses.replace(spec, score_ops=ops)
+    out, _ = cpu_flex.forward(fin, q, k, v, captured)
+    m = torch.arange(shape.nk)[None, :] > torch.arange(shape.nq)[:, None] + shape.nk - shape.nq
+    s = (q.double() @ k.double().transpose(-1, -2) * 0.125).masked_fill(m, torch.finfo(torch.float32).min)
+    ref = torch.softmax(s, -1) @ v.double()
+    assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# The rewrite's proof, and end to end
+# ---------------------------------------------------------------------------------------------
+
+class Window(torch.nn.Module):
+    def __init__(self, w=5):
+        super().__init__()
+        self.w = w
+        self.proj = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        q = k = v = self.proj(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        n = x.shape[1]
+        i = torch.arange(n)[:, None]
+        j = torch.arange(n)[None, :]
+        keep = (j <= i) & (j > i - self.w)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        s = s.masked_fill(~keep, float("-inf"))
+        return F.softmax(s, -1) @ v
+
+
+@pytest.fixture
+def spy_specs(monkeypatch):
+    """The specs the attention op ran with (forward and backward)."""
+    seen = []
+    orig = kops._choice_key
+
+    def key(direction, spec, *a):
+        seen.append(AttentionSpec.from_key(spec))
+        return orig(direction, spec, *a)
+    monkeypatch.setattr(kops, "_choice_key", key)
+    return seen
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "frozen", "training"])
+def test_rewrite_proves_inference_only_without_gradients(mode, spy_specs, fresh_dynamo):
+    model = Window()
+    x = torch.randn(2, 12, 16)
+    if mode == "frozen":
+        model.requires_grad_(False)
+    compiled = torch.compile(model, backend="fusion_pass")
+    if mode == "no_grad":
+        with torch.no_grad():
+            out = compiled(x)
+    else:
+        out = compiled(x)
+    assert spy_specs, "the attention op did not run"
+    assert {s.inference for s in spy_specs} == {mode != "training"}
+    torch.testing.assert_close(out, model(x))
+
+
+def test_end_to_end_inference_runs_on_flex(monkeypatch, fresh_dynamo):
+    """Routed to FlexAttention first (the static order, as a measured choice would), a compiled
+    model under no_grad gets eager's answer from it; in training the same model never reaches it."""
+    calls = []
+    orig_route, orig_fwd = select.route, cpu_flex.forward
+
+    def route(spec):
+        r = orig_route(spec)
+        return dataclasses.replace(r, cpu=("flex",) + tuple(c for c in r.cpu if c != "flex")) \
+            if "flex" in r.cpu else r
+
+    def fwd(*a):
+        got = orig_fwd(*a)
+        calls.append(got is not None)
+        return got
+    monkeypatch.setattr(select, "route", route)
+    monkeypatch.setattr(cpu_flex, "forward", fwd)
+    monkeypatch.setenv("FUSION_PASS_MEASURE", "0")
+    model = Window(w=7)
+    compiled = torch.compile(model, backend="fusion_pass")
+    for n in (40, 29):  # a second length: the same compiled kernel (dynamic lengths)
+        x = torch.randn(2, n, 16)
+        with torch.no_grad():
+            out = compiled(x)
+            ref = model(x)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert calls == [True, True]
+    x = torch.randn(2, 40, 16)
+    out = compiled(x)
+    out.sum().backward()
+    assert calls == [True, True]  # training: not an inference spec, never offered to Flex
