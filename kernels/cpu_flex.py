@@ -114,21 +114,9 @@ def plan(spec: AttentionSpec) -> Optional[FlexPlan]:
 # ---------------------------------------------------------------------------------------------
 
 def _batch_index(b, h, batch_shape):
-    """The score's batch indices (all dims but the last two) from FlexAttention's (b, h), for
-    the 4-D view ``_as_4d`` makes: (b, h) itself for 4-D scores; h for 3-D; none for 2-D; for
-    more dims b is their row-major flat index over all but the last."""
-    n = len(batch_shape)
-    if n == 2:
-        return [b, h]
-    if n == 1:
-        return [h]
-    if n == 0:
-        return []
-    out = []
-    for size in reversed(batch_shape[:-1]):
-        out.append(b % size)
-        b = b // size
-    return list(reversed(out)) + [h]
+    """The score's batch indices from FlexAttention's (b, h), for the 4-D view ``_as_4d`` makes
+    of scores with at most two batch dims: (b, h) for 4-D scores, h for 3-D, none for 2-D."""
+    return [b, h][2 - len(batch_shape):]
 
 
 def _steps(spec: AttentionSpec):
@@ -152,10 +140,11 @@ def _steps(spec: AttentionSpec):
     return tuple(out)
 
 
-def _chain(steps, s, idx, sizes, caps):
-    """The score chain on one element: ``idx`` its full index (batch indices, i, j), ``sizes``
-    the score's sizes, ``caps`` the captured operands (tensors expanded to the score's shape,
-    scalars as 0-dim float32 tensors)."""
+def _chain(steps, s, idx, cidx, sizes, caps):
+    """The score chain on one element: ``idx`` its full index in the score's own dims (batch
+    indices, i, j) and ``sizes`` those dims' sizes, for the predicates; ``cidx`` (b, h, i, j) its
+    index in ``caps``, the captured operands (tensors as 4-D views expanded to FlexAttention's
+    scores, scalars as 0-dim float32 tensors)."""
     for kind, operand, value, index, keep, R, kept, masked, mdt, ydt, bdt, dt, fn, args in steps:
         x = None
         if operand == "const":
@@ -163,7 +152,7 @@ def _chain(steps, s, idx, sizes, caps):
         elif operand == "scalar":
             x = caps[index]
         elif operand == "tensor":
-            x = caps[index][tuple(idx)]
+            x = caps[index][cidx]
         elif operand == "predicate":
             k = keep(*idx[len(idx) - R:], *sizes[len(sizes) - R:])
             if kind == "add":
@@ -172,7 +161,7 @@ def _chain(steps, s, idx, sizes, caps):
                 x = k
         elif operand == "bias":
             y = torch.as_tensor(keep(*idx[len(idx) - R:], *sizes[len(sizes) - R:])).to(ydt)
-            x = torch.mul(caps[index][tuple(idx)], y)
+            x = torch.mul(caps[index][cidx], y)
             if x.dtype != bdt:
                 x = x.to(bdt)
         if kind == "mul":
@@ -216,7 +205,12 @@ def _kept_fn(spec: AttentionSpec, p: FlexPlan):
 # ---------------------------------------------------------------------------------------------
 
 _LOCK = threading.Lock()
-_BROKEN = set()          # spec keys whose kernel failed to compile: never tried again
+# (spec, rank, head dims, grouped) whose kernel failed to compile: never tried again (the
+# compile is seconds; its failures are the template's, per shape class, e.g. a decode row)
+_BROKEN = set()
+# FlexAttention's CPU template tiles queries and keys; below these lengths (decode rows, a few
+# keys) it is not the fast kernel and its code generation has failed (Nq = 1): not offered
+MIN_LENGTH = 16
 
 
 @functools.lru_cache(maxsize=64)
@@ -227,14 +221,19 @@ def _kernel(spec: AttentionSpec):
 
     kinds = spec.captured
 
-    def run(q, k, v, block_mask, gqa, raw, batch_shape):
-        nq, nk = q.shape[-2], k.shape[-2]
-        sizes = tuple(batch_shape) + (nq, nk)
-        caps = [c.expand(sizes) if kind == "tensor" else c for c, kind in zip(raw, kinds)]
+    def run(q, k, v, block_mask, gqa, raw, nt):
+        # the score's sizes as 0-dim int64 tensors (``nt``) for the predicates: a symbolic int
+        # captured by the score_mod fails FlexAttention's lowering under dynamic lengths; the
+        # captured tensors (4-D views) expanded here, to the (symbolic) shape of the scores
+        # (expanded outside, Inductor's CPU template fails to compile them under dynamic lengths)
+        sizes = [nt[d] for d in range(nt.shape[0])]
+        batch_shape = sizes[:-2]
+        shape = tuple(q.shape[:-1]) + (k.shape[-2],)
+        caps = [c.expand(shape) if kind == "tensor" else c for c, kind in zip(raw, kinds)]
 
         def score_mod(s, b, h, i, j):
             idx = _batch_index(b, h, batch_shape) + [i, j]
-            return _chain(steps, s, idx, sizes, caps)
+            return _chain(steps, s, idx, (b, h, i, j), sizes, caps)
         return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=1.0,
                               enable_gqa=gqa)
     # a fresh code object per spec: Dynamo's cache (and its recompile limit) is per code object
@@ -247,11 +246,7 @@ def _kernel(spec: AttentionSpec):
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() == 4:
-        return t
-    if t.dim() < 4:
-        return t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
-    return t.reshape((-1,) + tuple(t.shape[-3:]))
+    return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 @functools.lru_cache(maxsize=32)
@@ -298,13 +293,13 @@ def _block_mask(spec: AttentionSpec, p: FlexPlan, batch_shape: tuple, nq: int, n
         return None
     from torch.nn.attention.flex_attention import create_block_mask
     kept = _kept_fn(spec, p)
-    sizes = tuple(batch_shape) + (nq, nk)
+    sizes = [torch.tensor(n, dtype=torch.int64) for n in tuple(batch_shape) + (nq, nk)]
     m = spec.masks[spec.score_ops[p.step].index]
     R = len(m.axes)
     reads_batch = any(m.uses_axis(a) for a in m.axes[:R - 2])
 
     def mask_mod(b, h, i, j):
-        return kept(_batch_index(b, h, batch_shape) + [i, j], sizes)
+        return kept(_batch_index(b, h, sizes[:-2]) + [i, j], sizes)
     if reads_batch:
         B = max(1, math.prod(batch_shape[:-1])) if len(batch_shape) >= 2 else 1
         H = batch_shape[-1] if batch_shape else 1
@@ -360,13 +355,15 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
     astronomically large returns None (the next candidate computes it); one whose skipping margin
     fails runs without the BlockMask."""
     p = plan(spec)
-    key = spec.to_key()
-    if p is None or key in _BROKEN or q.device.type != "cpu":
+    if p is None or q.device.type != "cpu":
         return None
-    if any(t.dtype != torch.float32 for t in (q, k, v)) or q.dim() < 2:
-        return None
+    if any(t.dtype != torch.float32 for t in (q, k, v)) or not 2 <= q.dim() <= 4:
+        return None  # more batch dims than (b, h): not flattened here (never a model's)
     nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if nq == 0 or nk == 0 or d == 0 or v.shape[-1] == 0:
+    if min(nq, nk) < MIN_LENGTH or d == 0 or v.shape[-1] == 0:
+        return None
+    key = (spec, q.dim(), d, v.shape[-1], q.dim() > 2 and q.shape[-3] != k.shape[-3])
+    if key in _BROKEN:
         return None
     batch_shape = tuple(q.shape[:-2])
     sizes = batch_shape + (nq, nk)
@@ -376,8 +373,10 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
     bm = None
     if p.block_mask and rows:  # used only if the margin below holds for this call
         bm = _block_mask(spec, p, batch_shape, nq, nk, q.shape[-3] if q.dim() >= 3 else 1)
-    # scalars as float32 0-dim tensors (eager converts a Python number to the scores' float32)
-    caps = [torch.tensor(c.item(), dtype=torch.float32) if kind == "scalar" else c
+    # scalars as float32 0-dim tensors (eager converts a Python number to the scores' float32);
+    # tensors as 4-D views (leading dims of size 1), as q, k, v are viewed
+    caps = [torch.tensor(c.item(), dtype=torch.float32) if kind == "scalar"
+            else c.reshape((1,) * (4 - c.dim()) + tuple(c.shape)) if kind == "tensor" else c
             for c, kind in zip(captured, spec.captured)]
     q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
     gqa = q4.shape[1] != k4.shape[1]
@@ -398,7 +397,7 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
         if not _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, False):
             return None
     try:
-        out = _kernel(spec)(q4, k4, v4, bm, gqa, caps, batch_shape)
+        out = _kernel(spec)(q4, k4, v4, bm, gqa, caps, torch.tensor(sizes, dtype=torch.int64))
     except Exception as e:  # noqa: BLE001 - a chain Inductor's flex template cannot compile
         log.warning("fusion_pass: FlexAttention could not compile %s (%s: %s); the other "
                     "kernels compute it", spec, type(e).__name__, str(e)[:3000])

@@ -75,6 +75,9 @@ def test_flex_matches_float64(pattern, shape_name):
     spec, captured, chain, extra = _inference_spec(pattern, shape)
     q, k, v = _qkv(shape, torch.float32)
     got = cpu_flex.forward(spec, q, k, v, captured)
+    if min(shape.nq, shape.nk) < cpu_flex.MIN_LENGTH:
+        assert got is None, "a decode row is not FlexAttention's to compute"
+        return
     if extra.get("empty_rows") and cpu_flex.plan(spec).neg_inf:
         assert got is None, "a row keeping no key under -inf must be refused (eager: NaN)"
         return
