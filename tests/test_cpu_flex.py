@@ -223,3 +223,39 @@ def test_end_to_end_inference_runs_on_flex(monkeypatch, fresh_dynamo):
     out = compiled(x)
     out.sum().backward()
     assert calls == [True, True]  # training: not an inference spec, never offered to Flex
+
+
+# ---------------------------------------------------------------------------------------------
+# Differential: magnitudes and non-finite values against the per-call proof
+# ---------------------------------------------------------------------------------------------
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=30, deadline=None, derandomize=True, database=None)
+@given(pattern=st.sampled_from(["pred_window", "pred_causal_additive", "pred_head_window"]),
+       exponent=st.integers(-3, 20), seed=st.integers(0, 2 ** 16),
+       poison=st.sampled_from([None, "q", "k", "v"]), value=st.sampled_from([math.nan, math.inf, -math.inf]))
+def test_flex_is_eager_or_refuses(pattern, exponent, seed, poison, value):
+    """Whatever the magnitudes (up to 1e20 per element, so scores beyond float32's range) and
+    wherever a NaN or inf sits, the Flex path either refuses the call or gives eager's answer:
+    the same NaN pattern as eager in float64 and finite entries within the 2x-eager rule."""
+    shape = SHAPES["gqa" if pattern == "pred_head_window" else "odd"]
+    spec, captured, chain, _ = _inference_spec(pattern, shape)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (t * 10.0 ** (exponent / 2) for t in (
+        torch.randn(t.shape, generator=g) for t in _qkv(shape, torch.float32)))
+    if poison is not None:
+        t = {"q": q, "k": k, "v": v}[poison]
+        t.view(-1)[int(torch.randint(t.numel(), (1,), generator=g))] = value
+    got = cpu_flex.forward(spec, q, k, v, captured)
+    if got is None:
+        assert poison is not None or exponent > 10, "refused a call with moderate finite inputs"
+        return
+    assert poison is None, "took a call with a non-finite input"
+    go = torch.zeros(shape.lead + (shape.nq, shape.dv or shape.d))
+    needs = [False] * len(captured)
+    ref = _eager(q, k, v, captured, needs, chain, go, torch.float64)
+    low = _eager(q, k, v, captured, needs, chain, go, torch.float32)
+    _check("out", got[0], low[0], ref[0], torch.float32)
