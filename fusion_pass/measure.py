@@ -143,7 +143,8 @@ _FLASH_OPS = {"aten::_scaled_dot_product_flash_attention_for_cpu": (4, 5),  # is
 
 def attention_kernels(roots) -> str:
     """Which kernel each ``fusion_pass::attention`` (``fwd``) and ``attention_backward`` (``bwd``)
-    call of a profiled run ran on, counted: ``ATen flash`` (with ``is_causal`` and/or ``mask``
+    call of a profiled run ran on, counted: ``FlexAttention`` (a compiled region inside the op:
+    ``kernels/cpu_flex.py``), ``ATen flash`` (with ``is_causal`` and/or ``mask``
     where the call passed them, read from the recorded inputs) when ATen's CPU flash kernel ran
     inside it, ``tiled`` when our tiled implementation's products (``aten::matmul``) ran or nothing
     recognisable did (on CUDA, Triton), ``ATen flash then tiled`` when both ran (rows that failed
@@ -156,6 +157,9 @@ def attention_kernels(roots) -> str:
     def inner(e, acc):
         if e.name == "aten::matmul":  # the tiled implementation's products
             acc.append("tiled")
+            return
+        if e.name.startswith("Torch-Compiled Region"):  # cpu_flex's compiled FlexAttention call
+            acc.append("FlexAttention")
             return
         if e.name in _FLASH_OPS:
             causal_at, mask_at = _FLASH_OPS[e.name]
