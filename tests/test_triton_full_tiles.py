@@ -13,6 +13,8 @@ import math
 import pytest
 import sympy
 import torch
+import triton
+import triton.language as tl
 
 from conftest import DEVICE
 from fusion_pass.kernels import predicate
@@ -20,6 +22,7 @@ from fusion_pass.kernels import triton_attention as ta
 from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
 from fusion_pass.kernels.triton_attn import launch
 from fusion_pass.kernels.triton_attn import ranges as tr
+from fusion_pass.kernels.triton_attn.attention import _band_key_blocks, _band_query_blocks
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _i, _j = (sympy.Symbol(n, integer=True, nonnegative=True) for n in "ij")
@@ -169,6 +172,8 @@ def test_a_partial_tile_taken_as_full_is_caught(lie, monkeypatch):
     dkdv: only the transpose. Sliding window (200 keys at 64 x 64 tiles: two full tiles per block): the partial tile
     below the band, or the diagonal one, is the one taken."""
     args = (90, "sliding", 200, 64, 450, 450)
+    # the host's tensor ranges (a band's kernels compute their own: see the lying bands below)
+    monkeypatch.setattr(tr, "linear_band", lambda *a: None)
     if lie == "dq":
         monkeypatch.setattr(launch._rng, "full_ranges", _widened(tr.full_ranges))
     else:
@@ -363,4 +368,268 @@ def test_full_tiles_in_every_mask_spelling(spelling):
     ref = _eager(q, k, v, go, base, torch.float64)
     low = _eager(q, k, v, go, base, dtype)
     errs = _errors(got, low, ref)
+    assert _ok(errs, dtype), errs
+
+
+# ---------------------------------------------------------------------------------------------
+# Bands (causal, windows, KV-cache offsets): block ranges and full tiles computed in the kernels
+# from four integers (ranges.linear_band), no range tensor; the same blocks as the host's tensors
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _probe_key_blocks(OUT, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    lo, hi, flo, fhi = _band_key_blocks(pid, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M, BLOCK_N)
+    tl.store(OUT + pid * 4, lo)
+    tl.store(OUT + pid * 4 + 1, hi)
+    tl.store(OUT + pid * 4 + 2, flo)
+    tl.store(OUT + pid * 4 + 3, fhi)
+
+
+@triton.jit
+def _probe_query_blocks(OUT, F_LO, F_HI, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M: tl.constexpr,
+                        BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    lo, hi, flo, fhi = _band_query_blocks(pid, F_LO, F_HI, B_LO, B_HI, K_LO, K_HI, N_Q, N_K,
+                                          BLOCK_M, BLOCK_N)
+    tl.store(OUT + pid * 4, lo)
+    tl.store(OUT + pid * 4 + 1, hi)
+    tl.store(OUT + pid * 4 + 2, flo)
+    tl.store(OUT + pid * 4 + 3, fhi)
+
+
+def _kernel_blocks(band, nq, nk, bm, bn, fail=None):
+    """(rows (n_mb, 2), full rows (n_mb, 2), cols (n_nb, 2), full cols (n_nb, 2)) as the kernels
+    compute them from ``band``; ``fail``: the query blocks failing the removal rule (their hull
+    widens the columns, as attn_bwd_dq hands it to attn_bwd_dkdv)."""
+    n_mb, n_nb = -(-nq // bm), -(-nk // bn)
+    rows = torch.full((n_mb, 4), -7, dtype=torch.int32)
+    _probe_key_blocks[(n_mb,)](rows, *band, nq, nk, BLOCK_M=bm, BLOCK_N=bn)
+    f = [mb for mb in range(n_mb) if fail is not None and fail[mb]]
+    f_lo, f_hi = (min(f), max(f) + 1) if f else (n_mb, 0)
+    cols = torch.full((n_nb, 4), -7, dtype=torch.int32)
+    _probe_query_blocks[(n_nb,)](cols, f_lo, f_hi, *band, nq, nk, BLOCK_M=bm, BLOCK_N=bn)
+    return rows[:, :2], rows[:, 2:], cols[:, :2], cols[:, 2:]
+
+
+def _host_blocks(spec, nq, nk, bm, bn, fail=None):
+    """The same from the host's tensors (ranges._block_ranges, full_ranges, launch.full_columns,
+    and backward_ranges' widening by the failing blocks)."""
+    rows, cols = tr._block_ranges(spec, [], (1, 1, nq, nk), bm, bn)
+    if fail is not None:
+        n_nb = -(-nk // bn)
+        cols = tr._ranges(rows[..., 0], rows[..., 1], fail.reshape(1, 1, -1), rows.shape[2],
+                          n_nb, None)[1]
+    fq = tr.full_ranges(spec, (1, 1, nq, nk), bm, bn)
+    fk = launch.full_columns(fq, nq, nk, bm, bn)
+    return rows[0, 0], fq[0, 0], cols[0, 0], fk[0, 0]
+
+
+def _band_spec(masked, polarity="fill"):
+    """A mask step removing ``masked`` (fill) or keeping it (fill_not), -inf."""
+    m = predicate.MaskSpec(keep=sympy.srepr(masked), axes=AXES, data=(), text=str(masked))
+    return AttentionSpec(score_ops=(ScoreOp(polarity, "predicate", value=-math.inf, index=0),),
+                         captured=(), masks=(m,), qk_dtype="float32", softmax_dtype="float32",
+                         prob_dtype="float32", out_dtype="float32")
+
+
+_d = _j - _i
+# masked sets (fill): the cases of _masked plus two-sided bands, key bounds, empty and full masks
+BAND_MASKS = {
+    "causal": _masked("causal"),
+    "sliding": _masked("sliding", 200),
+    "cache": _masked("cache"),
+    "cache_window": _masked("cache_window", 250),
+    "two_sided": sympy.Not(sympy.And(sympy.Ge(_d, -37), sympy.Le(_d, 70))),
+    "ahead": sympy.Not(sympy.And(sympy.Gt(_d, 5), sympy.Lt(_d, 140))),  # keys after the query only
+    "key_bound": sympy.Or(sympy.Gt(_j, _i), sympy.Ge(_j, _n3 - 45)),     # causal, last keys masked
+    "key_floor": sympy.Or(sympy.Gt(_j, _i + 3), sympy.Lt(_j, 100)),
+    "empty_band": sympy.Or(sympy.Gt(_j, _i), sympy.Lt(_j, _i)),          # j == i only
+    "nothing_kept": sympy.Or(sympy.Gt(_j, _i - 1000), sympy.Lt(_j, _i + 2000)),
+    "cache_eq": sympy.Or(sympy.Gt(_j, _i + _n3 - _n2), sympy.Lt(_j, _i + _n3 - _n2)),
+}
+SHAPES = [(300, 300, 64, 64), (333, 333, 64, 32), (200, 517, 64, 64), (517, 200, 32, 64),
+          (128, 128, 128, 128), (97, 1025, 16, 16), (1, 300, 16, 32), (300, 7, 32, 16),
+          (450, 450, 128, 128)]
+
+
+@pytest.mark.parametrize("name", sorted(BAND_MASKS))
+def test_kernel_band_blocks_equal_the_host_tensors(name):
+    """The kernels' ranges from the band are the host's block ranges, full tiles and their
+    transposes, block for block (so the same blocks are skipped and the same tiles taken as full),
+    on both polarities, ragged and tiny shapes, Nq != Nk, and with failing query blocks widening
+    the columns (one block off anywhere is seen: the next test)."""
+    for polarity in ("fill", "fill_not"):
+        masked = BAND_MASKS[name]
+        if polarity == "fill_not":
+            masked = sympy.Not(masked).to_nnf()
+        spec = _band_spec(masked, polarity)
+        for nq, nk, bm, bn in SHAPES:
+            band = tr.linear_band(spec, (1, 1, nq, nk))
+            assert band is not None, (name, polarity)
+            n_mb = -(-nq // bm)
+            g = torch.Generator().manual_seed(nq * 7 + nk)
+            for fail in (None, torch.rand(n_mb, generator=g) < 0.15,
+                         torch.arange(n_mb) == n_mb // 2):
+                want = _host_blocks(spec, nq, nk, bm, bn, fail)
+                got = _kernel_blocks(band, nq, nk, bm, bn, fail)
+                for what, w, k in zip(("rows", "full rows", "cols", "full cols"), want, got):
+                    w = w.to(torch.int32)
+                    if what == "full rows":  # an empty range is empty wherever it starts
+                        w, k = _empty_at_0(w), _empty_at_0(k)
+                    assert torch.equal(k, w), (name, polarity, nq, nk, bm, bn, what, k.tolist(),
+                                               w.tolist())
+
+
+def _empty_at_0(r):
+    return torch.where((r[:, 1] > r[:, 0])[:, None], r, 0)
+
+
+def test_a_kernel_bound_one_block_off_is_seen():
+    # the comparison above fails for any single bound moved by one block (where it matters: a
+    # bound moved inside an empty range changes nothing and is allowed to pass)
+    spec = _band_spec(_masked("sliding", 200))
+    nq = nk = 450
+    band = tr.linear_band(spec, (1, 1, nq, nk))
+    want = [w.to(torch.int32) for w in _host_blocks(spec, nq, nk, 64, 64)]
+    got = _kernel_blocks(band, nq, nk, 64, 64)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    n = 0
+    for g, w in zip(got, want):
+        for i in range(g.numel()):
+            bad = g.clone().reshape(-1)
+            bad[i] += 1
+            assert not torch.equal(bad.reshape(g.shape), w)
+            n += 1
+    assert n == sum(g.numel() for g in got)
+
+
+@pytest.mark.parametrize("masked", [
+    sympy.Gt(2 * _j, _i),                                        # another slope
+    sympy.Or(sympy.Gt(_j, _i), sympy.Ge(_i, 100)),               # a bound on i alone
+    sympy.Gt(sympy.Abs(_j - _i), 50),                            # |j - i|: evaluated per tile
+    sympy.Ne(sympy.floor(_j / 64), sympy.floor(_i / 64)),        # chunks
+    sympy.And(sympy.Gt(_j, _i), sympy.Ge(_j, 60)),               # prefix-LM
+])
+def test_other_masks_keep_the_tensor_ranges(masked):
+    assert tr.linear_band(_band_spec(masked), (1, 1, 300, 300)) is None
+
+
+def test_a_query_only_conjunct_gives_no_full_tiles():
+    """(i < 100) & (j <= i) plans as j <= i (the conjunct on i alone is left out: a superset of
+    the keys, sound for skipping); rows i >= 100 keep nothing, so a tile taken as full there
+    would count masked keys. No band and no full tiles: forward and backward match float64."""
+    masked = sympy.Or(sympy.Gt(_j, _i), sympy.Ge(_i, 100))
+    spec = AttentionSpec(score_ops=(ScoreOp("fill", "predicate", value=-1e4, index=0),),
+                         captured=(), masks=_band_spec(masked).masks, qk_dtype="float32",
+                         softmax_dtype="float32", prob_dtype="float32", out_dtype="float32")
+    assert tr.linear_band(spec, (1, 2, 300, 300)) is None
+    assert tr.full_ranges(spec, (1, 2, 300, 300), 64, 64) is None
+    q, k, v, go = _inputs(1, 2, 2, 300, 300, 64, torch.float32, seed=2)
+    with ta.target_arch(90):
+        out, lse = ta.forward(q, k, v, [], spec)
+        got = (out,) + tuple(ta.backward(go, q, k, v, [], out, lse, spec, 0, [])[:3])
+    keep = predicate.materialize(spec.masks[0], (1, 2, 300, 300), [])
+
+    def eager(t):
+        qr, kr, vr = (x.detach().to(t).requires_grad_() for x in (q, k, v))
+        o = torch.softmax((qr @ kr.transpose(-1, -2)).masked_fill(keep, -1e4), -1) @ vr
+        o.backward(go.to(t))
+        return o.detach(), qr.grad, kr.grad, vr.grad
+    errs = _errors(got, eager(torch.float32), eager(torch.float64))
+    assert _ok(errs, torch.float32), errs
+
+
+def _no_tensor_ranges(monkeypatch):
+    def refuse(*a, **k):
+        raise AssertionError("a range tensor was built for a band")
+    for name in ("block_ranges", "_block_ranges", "_linear_block_ranges", "full_ranges",
+                 "_linear_rows", "backward_ranges", "_ranges"):
+        monkeypatch.setattr(tr, name, refuse)
+    monkeypatch.setattr(launch, "full_columns", refuse)
+
+
+# forward and backward vs float64 at the real tiles with no range tensor built: causal, windows,
+# KV-cache offsets (Nq != Nk), grouped-query heads and a batch
+BAND_CASES = [
+    (90, "causal", 0, 128, 300, 300, 1, 2, 2),
+    (80, "causal", 0, 128, 333, 333, 1, 2, 2),
+    (90, "sliding", 200, 128, 450, 450, 2, 4, 2),
+    (80, "sliding", 100, 128, 300, 300, 1, 2, 1),
+    (90, "cache", 0, 128, 130, 517, 1, 2, 2),
+    (80, "cache_window", 250, 64, 200, 517, 1, 2, 2),
+]
+
+
+@pytest.mark.parametrize("arch,kind,window,d,nq,nk,B,H,HK", BAND_CASES,
+                         ids=[f"sm{c[0]}-{c[1]}-d{c[3]}-{c[4]}x{c[5]}" for c in BAND_CASES])
+def test_bands_without_range_tensors_against_float64(arch, kind, window, d, nq, nk, B, H, HK,
+                                                     monkeypatch):
+    assert tr.linear_band(_spec(kind, d, torch.bfloat16, window), (B, H, nq, nk)) is not None
+    _no_tensor_ranges(monkeypatch)
+    got, low, ref, _ = _fwd_bwd(arch, kind, d, nq, nk, window=window, B=B, H=H, HK=HK)
+    for name, (eg, ee) in zip(("out", "dq", "dk", "dv"), _errors(got, low, ref)):
+        assert eg <= 2 * ee + ATOL[torch.bfloat16], f"{name}: {eg:.3g} vs eager bf16 {ee:.3g}"
+
+
+@pytest.mark.parametrize("lie", ["narrow", "wide"])
+def test_a_lying_band_is_caught(lie, monkeypatch):
+    """The same check fails when the band the kernels read is one block off: narrower, the last
+    kept keys' block is skipped; wider, a partial tile below the window is taken as full."""
+    real = tr.linear_band
+
+    def lying(*a):
+        lo, hi, klo, khi = real(*a)
+        return (lo, hi - 64, klo, khi) if lie == "narrow" else (lo - 64, hi, klo, khi)
+    monkeypatch.setattr(tr, "linear_band", lying)
+    got, low, ref, _ = _fwd_bwd(90, "sliding", 64, 450, 450, window=200)
+    assert not _ok(_errors(got, low, ref), torch.bfloat16)
+
+
+def _finite_fill_spec(d, dtype, fill, kind="causal", window=0):
+    masked = _masked(kind, window)
+    m = predicate.MaskSpec(keep=sympy.srepr(masked), axes=AXES, data=(), text=str(masked))
+    n = dtype_name(dtype)
+    return AttentionSpec(score_ops=(ScoreOp("mul", "const", value=d ** -0.5),
+                                    ScoreOp("fill", "predicate", value=fill, index=0)),
+                         captured=(), masks=(m,), qk_dtype=n, softmax_dtype=n, prob_dtype=n,
+                         out_dtype=n)
+
+
+@pytest.mark.parametrize("arch,kind,rows", [(90, "causal", (70, 90)), (80, "causal", (70, 90)),
+                                            (90, "sliding", (200, 215))])
+def test_band_rows_failing_the_removal_rule(arch, kind, rows, monkeypatch):
+    """A finite fill (-1e4) and query rows whose kept scores all lie far below it: on those rows
+    eager's softmax goes to the masked keys, so their query blocks must visit every key block
+    (forward: THRESH; dQ: the kernel's own check of lse; dK/dV: the hull of those blocks, handed
+    over by the dQ kernel). Rows in the second query block only: the key blocks after it reach
+    them only through the hull; in a window (keys i - 99 .. i), also the key blocks before it."""
+    dtype, d, n = torch.float32, 64, 300
+    spec = _finite_fill_spec(d, dtype, -1e4, kind, 100)
+    assert tr.linear_band(spec, (1, 2, n, n)) is not None
+    _no_tensor_ranges(monkeypatch)
+    q, k, v, go = _inputs(1, 2, 2, n, n, d, dtype, seed=4)
+    k = k.abs() + 1.0
+    r0, r1 = rows
+    q[:, :, r0:r1] = -2000.0  # s ~ -2000 * 64 * 1.8 / 8 ~ -3e4, far below the fill
+    with ta.target_arch(arch):
+        out, lse = ta.forward(q, k, v, [], spec)
+        got = (out,) + tuple(ta.backward(go, q, k, v, [], out, lse, spec, 0, [])[:3])
+
+    def eager(t):
+        qr, kr, vr = (x.detach().to(t).requires_grad_() for x in (q, k, v))
+        s = (qr @ kr.transpose(-1, -2)) * d ** -0.5
+        masked = predicate.materialize(spec.masks[0], (1, 2, n, n), [])
+        o = torch.softmax(s.masked_fill(masked, -1e4), -1) @ vr
+        o.backward(go.to(t))
+        return o.detach(), qr.grad, kr.grad, vr.grad
+    ref = eager(torch.float64)
+    # those rows average V over their masked keys (j > i), in eager as here
+    r = r1 - 1
+    out_masked = v.double()[0, 0, r + 1:] if kind == "causal" else \
+        torch.cat([v.double()[0, 0, :r - 99], v.double()[0, 0, r + 1:]])
+    assert torch.allclose(ref[0][0, 0, r], out_masked.mean(0), atol=1e-6)
+    errs = _errors(got, eager(dtype), ref)
     assert _ok(errs, dtype), errs

@@ -20,6 +20,12 @@ namespace). Launchers: ``launch.py``; host-side block ranges: ``ranges.py``.
 * ``SKIP``: the key blocks of each query block (and the transpose for dK/dV) come from the host
   (``ranges.block_ranges``); the forward checks each row's max against THRESH (the removal rule,
   ``kernels/removal.py``) and recomputes its query block over every key block when a row fails.
+* ``BAND`` (with SKIP): for a mask whose rows keep one interval of keys that moves with i
+  (causal, windows, bands, KV-cache offsets: ``ranges.linear_band``), the kernels compute those
+  ranges and the full tiles themselves from four integers (``_band_key_blocks``, the transpose
+  ``_band_query_blocks``), the same blocks as the host's tensors; no range tensor is built. The
+  backward's removal check per query block runs in the dQ kernel (``_rows_fail``), which hands
+  the hull of the failing blocks per head to the dK/dV kernel (FAILS).
 * ``FULL_TILES``: key blocks every row of the query block keeps whole (``ranges.full_ranges``)
   take ``_fwd_tile`` with FULL: no bounds checks, the skipped mask step left out. The backward
   likewise (``_bwd_tile`` with FULL): dQ over the same per-query-block ranges, dK/dV over their
@@ -143,6 +149,104 @@ def _full_range(FULL, off, pid, lo, hi, n_full, FULL_TILES: tl.constexpr, HOST: 
         flo = lo
         fhi = lo
     return flo, fhi
+
+
+@triton.jit
+def _band_key_blocks(pid, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    # BAND: the key blocks of query block pid computed here from the band (ranges.linear_band:
+    # row i keeps the keys [max(K_LO, i + B_LO), min(K_HI, i + B_HI)], K_LO >= 0, K_HI < N_K),
+    # equal to the host's ranges (ranges._linear_block_ranges, ranges.full_ranges) without a
+    # tensor: both ends of a row's interval grow with i, so the block's first and last rows decide.
+    # (lo, hi): the blocks holding a key some row keeps, every block when a row keeps none;
+    # (flo, fhi): the full tiles, every row keeping every key of the block (empty: flo >= fhi).
+    # Scalars in int64 (i + B_HI may pass 2^31 near the int32 limits); block indices int32
+    r0 = pid.to(tl.int64) * BLOCK_M
+    r1 = tl.minimum(r0 + BLOCK_M, N_Q) - 1
+    n_blocks = tl.cdiv(N_K, BLOCK_N)
+    # a row keeping no key: the first rows (i + B_HI < K_LO) or the last (i + B_LO > K_HI)
+    rowless = (B_LO > B_HI) | (K_LO > K_HI) | (r0 + B_HI < K_LO) | (r1 + B_LO > K_HI)
+    first = tl.maximum(r0 + B_LO, K_LO)  # the least key kept by a row of the block (>= 0)
+    last = tl.minimum(r1 + B_HI, K_HI)   # the greatest
+    lo = tl.where(rowless, 0, first // BLOCK_N).to(tl.int32)
+    hi = tl.where(rowless, n_blocks, last // BLOCK_N + 1).to(tl.int32)
+    # full tiles: from the last row's first kept key to the first row's last kept key
+    f_first = tl.maximum(r1 + B_LO, K_LO)
+    f_last = tl.minimum(tl.minimum(r0 + B_HI, K_HI) + 1, N_K)  # exclusive
+    flo = (f_first + BLOCK_N - 1) // BLOCK_N
+    fhi = tl.maximum(tl.maximum(f_last, 0) // BLOCK_N, flo)
+    return lo, hi, flo.to(tl.int32), fhi.to(tl.int32)
+
+
+@triton.jit
+def _band_query_blocks(pid, f_lo, f_hi, B_LO, B_HI, K_LO, K_HI, N_Q, N_K,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # BAND, the transpose for the dK/dV kernel: (lo, hi) the query blocks whose key blocks
+    # (_band_key_blocks, every block for those in [f_lo, f_hi): the backward's failing blocks)
+    # contain key block pid, as one interval (their hull, as ranges._ranges); (flo, fhi) the query
+    # blocks without padding rows for which it is a full tile (launch.full_columns), (0, 0) none
+    nb = pid.to(tl.int64)
+    n_mb = tl.cdiv(N_Q, BLOCK_M)
+    # query blocks with a row that keeps no key (they visit every key block): a prefix [0, pre)
+    # (rows i < K_LO - B_HI) and a suffix [suf, n_mb) (rows i > K_HI - B_LO); all of them when
+    # the band or the key bounds are empty
+    p = K_LO - B_HI
+    pre = tl.where(p > 0, tl.minimum(tl.cdiv(tl.maximum(p, 0), BLOCK_M), n_mb), 0)
+    pre = tl.where((B_LO > B_HI) | (K_LO > K_HI), n_mb, pre)
+    s = K_HI - B_LO
+    suf = tl.where(N_Q - 1 > s, tl.minimum(tl.maximum(s + 1, 0) // BLOCK_M, n_mb), n_mb)
+    # the other blocks [pre, suf) visit [first // BLOCK_N, last // BLOCK_N + 1), both ends
+    # growing with the block: it contains nb from the first block whose last row's last key
+    # reaches nb * BLOCK_N to the last block whose first row's first key is before the next block
+    t = nb * BLOCK_N - B_HI + 1
+    a = tl.where((K_HI >= nb * BLOCK_N) & (N_Q >= t),
+                 tl.maximum(tl.cdiv(tl.maximum(t, 0), BLOCK_M) - 1, 0), n_mb)
+    u = (nb + 1) * BLOCK_N - 1 - B_LO
+    b = tl.where((K_LO <= (nb + 1) * BLOCK_N - 1) & (u >= 0), u // BLOCK_M, -1)
+    m0 = tl.maximum(pre, a)
+    m1 = tl.minimum(suf, b + 1)
+    # the hull of the four sets
+    lo = tl.minimum(tl.minimum(tl.where(pre > 0, 0, n_mb), tl.where(suf < n_mb, suf, n_mb)),
+                    tl.minimum(tl.where(m1 > m0, m0, n_mb), tl.where(f_hi > f_lo, f_lo, n_mb)))
+    hi = tl.maximum(tl.maximum(pre, tl.where(suf < n_mb, n_mb, 0)),
+                    tl.maximum(tl.where(m1 > m0, m1, 0), tl.where(f_hi > f_lo, f_hi, 0)))
+    hi = tl.maximum(hi, lo)
+    # full tiles: the blocks whose first row's last key reaches the end of nb and whose last
+    # row's first key is at most its start; only blocks without padding rows, nb not ragged
+    v = (nb + 1) * BLOCK_N - 1
+    fa = tl.where((K_HI >= v) & (N_K >= v + 1), tl.cdiv(tl.maximum(v - B_HI, 0), BLOCK_M), n_mb)
+    w = nb * BLOCK_N - B_LO - BLOCK_M + 1
+    fb = tl.where((K_LO <= nb * BLOCK_N) & (w >= 0), w // BLOCK_M, -1)
+    fe = tl.minimum(fb + 1, N_Q // BLOCK_M)
+    some = fe > fa
+    flo = tl.where(some, fa, 0)
+    fhi = tl.where(some, fe, 0)
+    return lo.to(tl.int32), hi.to(tl.int32), flo.to(tl.int32), fhi.to(tl.int32)
+
+
+@triton.jit
+def _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES: tl.constexpr):
+    # full tiles [flo, fhi) brought within [lo, hi) and before n_full (see _full_range)
+    if FULL_TILES:
+        fhi = tl.minimum(fhi, n_full)
+        flo = tl.minimum(tl.maximum(flo, lo), hi)
+        fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    else:
+        flo = lo
+        fhi = lo
+    return flo, fhi
+
+
+@triton.jit
+def _rows_fail(lse, m_valid, THR, LOG_NK):
+    # BAND, the backward: whether a row of the block fails the removal rule, decided from the
+    # forward's lse (natural units) exactly as removal.rows_ok_from_lse does on the host, in
+    # float64 and in the same order of operations (the products are by powers of two: exact);
+    # a NaN lse fails (NaN < inf is false)
+    lse = lse.to(tl.float64)
+    lo = lse - LOG_NK - (tl.abs(lse) * 9.5367431640625e-07 + 1e-3)
+    ok = (tl.abs(lo) < float("inf")) & (lo - tl.load(THR) >= tl.abs(lo) * 9.5367431640625e-07)
+    return tl.sum((m_valid & ~ok).to(tl.int32), 0) > 0
 
 
 @triton.jit
@@ -276,14 +380,15 @@ def _finish(acc, l_b, m, l):
     return out, lse
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "B_LO", "B_HI", "K_LO", "K_HI"])
 def attn_fwd(
-    Q, K, V, Out, LSE, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh, THRESH,
+    Q, K, V, Out, LSE, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh, THRESH, B_LO, B_HI, K_LO, K_HI,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sob, soh, som, sod,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, SKIP: tl.constexpr,
     FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr, TMA: tl.constexpr = False,
+    BAND: tl.constexpr = False,
 ):
     pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
@@ -306,13 +411,23 @@ def attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
-    lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
     n_blocks = tl.cdiv(N_K, BLOCK_N)
-    # full tiles [flo, fhi) within [lo, hi): every row keeps every key and no key is out of
-    # bounds; the tiles before and after take the masked path
-    flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, N_K // BLOCK_N,
-                           FULL_TILES, SKIP)
+    if BAND:
+        # the key blocks and full tiles from the band's four integers (no range tensor); a call
+        # that must not skip (THRESH = +inf) visits every key block, as the host's ranges do
+        lo, hi, flo, fhi = _band_key_blocks(pid_m, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M,
+                                            BLOCK_N)
+        whole = tl.load(THRESH) == float("inf")
+        lo = tl.where(whole, 0, lo)
+        hi = tl.where(whole, n_blocks, hi)
+        flo, fhi = _clip_full(flo, fhi, lo, hi, N_K // BLOCK_N, FULL_TILES)
+    else:
+        # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
+        lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
+        # full tiles [flo, fhi) within [lo, hi): every row keeps every key and no key is out of
+        # bounds; the tiles before and after take the masked path
+        flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, N_K // BLOCK_N,
+                               FULL_TILES, SKIP)
     # with SKIP, a last pass over every key block for a block with a row on which skipping is
     # not exact (kernels/removal.py: its max not finite, or less than THRESH): no host round trip
     for phase in tl.static_range(4 if SKIP else 3):
@@ -439,15 +554,32 @@ def _phase_range(lo, flo, fhi, hi, phase: tl.constexpr, FULL_TILES: tl.constexpr
         return fhi, hi
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
+def _dq_phase_range(lo, flo, fhi, hi, pre, post, phase: tl.constexpr, FULL_TILES: tl.constexpr,
+                    BAND: tl.constexpr):
+    # the dQ kernel's phases: with BAND first [0, pre) and last [hi, post) (a block failing the
+    # removal rule: every key block, in order), the phases of _phase_range between them
+    if not BAND:
+        return _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
+    elif phase == 0:
+        return 0, pre
+    elif phase == (4 if FULL_TILES else 2):
+        return hi, post
+    else:
+        return _phase_range(lo, flo, fhi, hi, phase - 1, FULL_TILES)
+
+
+@triton.jit(do_not_specialize=["seed", "B_LO", "B_HI", "K_LO", "K_HI"])
 def attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh,
+    FAILS, B_LO, B_HI, K_LO, K_HI,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdkb, sdkh, sdkn, sdkd, sdvb, sdvh, sdvn, sdvd,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
     SKIP: tl.constexpr, FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
+    BAND: tl.constexpr = False,
 ):
     pid_n, off_bk = _program_ids(N_K, BLOCK_N, False)
     off_b = off_bk // (H // G)
@@ -471,9 +603,19 @@ def attn_bwd_dkdv(
         DO_bh = DO + off_b * sdob + off_h * sdoh
         # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here; the
         # full tiles [flo, fhi) among them (the transpose of the forward's) skip the mask step
-        lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_n, SKIP, N_Q, BLOCK_M)
-        flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_n, lo, hi, n_full,
-                               FULL_TILES, SKIP)
+        if BAND:
+            # from the band, and the hull [f_lo, f_hi) of the query blocks of this head that
+            # failed the removal rule (written by attn_bwd_dq, which ran first)
+            n_mb = tl.cdiv(N_Q, BLOCK_M)
+            f_lo = n_mb - tl.load(FAILS + off_bh * 2)
+            f_hi = tl.load(FAILS + off_bh * 2 + 1)
+            lo, hi, flo, fhi = _band_query_blocks(pid_n, f_lo, f_hi, B_LO, B_HI, K_LO, K_HI,
+                                                  N_Q, N_K, BLOCK_M, BLOCK_N)
+            flo, fhi = _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
+        else:
+            lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_n, SKIP, N_Q, BLOCK_M)
+            flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_n, lo, hi, n_full,
+                                   FULL_TILES, SKIP)
         for phase in tl.static_range(3 if FULL_TILES else 1):
             b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
             for blk_m in range(b0, b1):
@@ -518,15 +660,17 @@ def attn_bwd_dkdv(
              dv.to(DV_.dtype.element_ty), mask=n_valid[:, None] & (offs_dv[None, :] < DV))
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit(do_not_specialize=["seed", "B_LO", "B_HI", "K_LO", "K_HI"])
 def attn_bwd_dq(
     Q, K, V, DO, LSE, DELTA, INV_R, DQ, OPS, DC, RANGES, r_sb, r_sh, FULL, f_sb, f_sh,
+    THR, LOG_NK: tl.float64, FAILS, B_LO, B_HI, K_LO, K_HI,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sdob, sdoh, sdom, sdod,
     sdqb, sdqh, sdqm, sdqd,
     H, G, N_Q, N_K, D, DV, seed,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
     SKIP: tl.constexpr, GRAD: tl.constexpr, FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
+    BAND: tl.constexpr = False,
 ):
     pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
@@ -542,14 +686,34 @@ def attn_bwd_dq(
     V_bh = V + off_b * svb + off_hk * svh
     # in the units of the exponential (base 2 when log2(e) is folded into the chain)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
-    if LOG2_UNITS:
-        lse = lse * LOG2E
     # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0), and
     # the full tiles among them (none when this query block has padding rows)
-    lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
     n_full = tl.where((pid_m + 1) * BLOCK_M <= N_Q, N_K // BLOCK_N, 0)
-    flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, n_full,
-                           FULL_TILES, SKIP)
+    if BAND:
+        # from the band; a block with a row on which the removal rule fails (decided here from
+        # lse, as ranges.backward_ranges does) visits every key block, and says so to the dK/dV
+        # kernel through the hull of such blocks per head (FAILS, zeroed by the launcher)
+        lo, hi, flo, fhi = _band_key_blocks(pid_m, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M,
+                                            BLOCK_N)
+        flo, fhi = _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
+        # the widening takes two loops of its own, before and after the band's ([0, pre) and
+        # [hi, post), the blocks still in order): bounds read from the row reduction made the
+        # compiler keep the loops' indices per thread (sm_90a: 38 more instructions per
+        # iteration when the band's loops took them)
+        fail = _rows_fail(lse, m_valid, THR, LOG_NK)
+        pre = tl.where(fail, lo, 0)
+        post = tl.where(fail, tl.cdiv(N_K, BLOCK_N), hi)
+        if fail:
+            tl.atomic_max(FAILS + off_bh * 2, tl.cdiv(N_Q, BLOCK_M) - pid_m)
+            tl.atomic_max(FAILS + off_bh * 2 + 1, pid_m + 1)
+    else:
+        lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
+        flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, n_full,
+                               FULL_TILES, SKIP)
+        pre = 0
+        post = hi
+    if LOG2_UNITS:
+        lse = lse * LOG2E
     if ROW_STATS:
         # One extra pass over the keys for two per-row statistics:
         # * r = sum_j exp(s - lse), normally 1: when the row max is huge (a fully masked row
@@ -560,13 +724,14 @@ def attn_bwd_dq(
         #   scalar's gradient (2% off in bf16) where eager's errors cancel.
         r = tl.zeros([BLOCK_M], tl.float32)
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for phase in tl.static_range(3 if FULL_TILES else 1):
-            b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
+        for phase in tl.static_range((3 if FULL_TILES else 1) + (2 if BAND else 0)):
+            b0, b1 = _dq_phase_range(lo, flo, fhi, hi, pre, post, phase, FULL_TILES, BAND)
             for blk_n in range(b0, b1):
                 k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                     q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
                     offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
-                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D,
+                    FULL_TILES and phase == 1 + BAND)
                 pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
                 r += tl.sum(p, 1)
                 delta += tl.sum(p * dp, 1)
@@ -581,13 +746,14 @@ def attn_bwd_dq(
         delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
-    for phase in tl.static_range(3 if FULL_TILES else 1):
-        b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
+    for phase in tl.static_range((3 if FULL_TILES else 1) + (2 if BAND else 0)):
+        b0, b1 = _dq_phase_range(lo, flo, fhi, hi, pre, post, phase, FULL_TILES, BAND)
         for blk_n in range(b0, b1):
             k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                 q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
                 offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
-                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D,
+                FULL_TILES and phase == 1 + BAND)
             if ROW_STATS:
                 p = p * inv_r[:, None]
             pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
@@ -595,7 +761,7 @@ def attn_bwd_dq(
             # the captured operands' gradients are stored per tile inside (GRAD: which ones)
             ds = score_mod_backward_store(ds, s0, T, DC, GRAD, off_bh, pid_m, blk_n, offs_m,
                                           offs_n, valid, N_Q, N_K, BLOCK_M, num_n_blocks)
-            if phase != 1:
+            if not (FULL_TILES and phase == 1 + BAND):
                 ds = tl.where(valid, ds, 0.0)
             dq += _dot(ds.to(k.dtype), k, UPCAST_DOT, ALLOW_TF32)
     tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,

@@ -13,7 +13,10 @@ fp32 buffer of the full scores' shape (B, H, Nq, Nk) and summed over the operand
 with torch; that N x N buffer exists only while such an operand requires grad. Gradients of scalar
 operands are reduced per tile in the kernel (one fp32 partial per tile pair). Block skipping's
 ranges (``ranges.py``) cost one evaluation of keep per score element (Bm * Hm * Nq * Nk) with torch
-ops, in chunks, per forward and per backward, except for linear masks (causal, windows: O(Nq)).
+ops, in chunks, per forward and per backward, except for bands (causal, windows, KV-cache offsets:
+``ranges.linear_band``), whose kernels compute their ranges themselves from four integers (no
+range tensor; the backward zeroes a (B * H, 2) int32 hull of the query blocks failing the removal
+rule, which its dQ kernel fills for the dK/dV kernel).
 """
 from __future__ import annotations
 
@@ -418,26 +421,34 @@ def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
         return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
     bm, bn, warps, stages = _blocks(d, dv, backward=False, dtype=q.dtype, device=q.device)
     grid = (triton.cdiv(nq, bm) * B * H,)
-    ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+    # a band (causal, windows): the kernel computes its key blocks and full tiles itself
+    band = _rng.linear_band(spec, (B, H, nq, nk))
+    ranges = None if band is not None else \
+        _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
     thresh = torch.zeros(1, dtype=torch.float32, device=q.device)
     full = None
-    if ranges is not None:
+    if band is not None:
+        thresh = _threshold32(spec, q4, k4, v4, captured)
+    elif ranges is not None:
         # the removal rule (removal.py) per call, on the device: a call that must not skip visits
         # every key block; the kernel checks each row's margin against THRESH itself
         thresh = _threshold32(spec, q4, k4, v4, captured)
         whole = torch.tensor([0, triton.cdiv(nk, bn)], dtype=torch.int32, device=q.device)
         ranges = (torch.where(torch.isposinf(thresh), whole, ranges[0]).contiguous(), ranges[1])
         full = _rng.full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
-    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (ranges is None or full is not None)
+    skip = band is not None or ranges is not None
+    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (
+        not skip or band is not None or full is not None)
     mod.attn_fwd[grid](
         q4, k4, v4, out, lse, _operands(spec, captured, (B, H, nq, nk)),
         *_rng._range_args(ranges[0] if ranges else None, B, H, q.device),
-        *_rng._range_args(full, B, H, q.device), thresh,
+        *_rng._range_args(full, B, H, q.device), thresh, *(band or (0, 0, 0, 0)),
         *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
         H, G, nq, nk, d, dv, _seed32(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=_pow2(dv),
-        num_warps=warps, num_stages=stages, SKIP=ranges is not None, FULL_TILES=full_tiles,
-        EVEN_D=(d == _pow2(d) and dv == _pow2(dv)), **_flags(), **_tma(k4, v4, q.device))
+        num_warps=warps, num_stages=stages, SKIP=skip, FULL_TILES=full_tiles,
+        EVEN_D=(d == _pow2(d) and dv == _pow2(dv)), BAND=band is not None, **_flags(),
+        **_tma(k4, v4, q.device))
     return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
 
 
@@ -474,10 +485,23 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
                   num_warps=warps, num_stages=stages, **_flags())
     grads = _grad_indices(spec)
     n_mb, n_nb = triton.cdiv(nq, bm), triton.cdiv(nk, bn)
-    ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
-    if ranges is not None:
-        ranges = _rng.backward_ranges(spec, ranges, q4, k4, v4, do4, captured, lse3, bm, n_mb, n_nb)
-    skip = ranges is not None
+    # a band (causal, windows): the kernels compute their ranges and full tiles themselves, the
+    # dQ kernel also the removal check per query block (the threshold as removal.rows_ok_from_lse
+    # takes it) and the hull of the failing blocks per head that the dK/dV kernel widens to
+    band = _rng.linear_band(spec, (B, H, nq, nk))
+    thr = fails = _rng.dummy(q.device)
+    ranges = None
+    if band is not None:
+        r = removal.skip_removal(spec)
+        worst = removal.worst_masked(spec, r, q4, k4, v4, captured, do4, finite_scores=True)
+        thr = removal.threshold(worst, r).to(torch.float64).reshape(())
+        fails = torch.zeros((B * H, 2), dtype=torch.int32, device=q.device)
+    else:
+        ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
+        if ranges is not None:
+            ranges = _rng.backward_ranges(spec, ranges, q4, k4, v4, do4, captured, lse3, bm,
+                                          n_mb, n_nb)
+    skip = band is not None or ranges is not None
     # skipped tiles write no operand gradient: their buffers start at zero (the exact gradient of
     # a tile whose probabilities are all 0)
     new = torch.zeros if skip else torch.empty
@@ -495,23 +519,26 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
     # full tiles (every row keeps every key; see attention._full_range): per query block for dQ,
     # the transpose per key block for dK/dV; without skipping the kernels take every in-bounds tile
     full_q = full_k = None
-    if skip:
+    if ranges is not None:
         full_q = _rng.full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
         full_k = None if full_q is None else full_columns(full_q, nq, nk, bm, bn)
-    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (not skip or full_q is not None)
-    common.update(FULL_TILES=full_tiles, EVEN_D=(d == _pow2(d) and dv == _pow2(dv)))
+    full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (
+        not skip or band is not None or full_q is not None)
+    common.update(FULL_TILES=full_tiles, EVEN_D=(d == _pow2(d) and dv == _pow2(dv)),
+                  BAND=band is not None)
+    band_args = band or (0, 0, 0, 0)
     mod.attn_bwd_dq[(n_mb * B * H,)](
         q4, k4, v4, do4, lse3, delta, inv_r, dq, ops, tuple(bufs[i] for i in grads),
-        *_rng._range_args(ranges[0] if skip else None, B, H, q.device),
-        *_rng._range_args(full_q, B, H, q.device),
+        *_rng._range_args(ranges[0] if ranges else None, B, H, q.device),
+        *_rng._range_args(full_q, B, H, q.device), thr, math.log(max(nk, 1)), fails, *band_args,
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
         H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, GRAD=grad_bits,
         **common)
     # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
     mod.attn_bwd_dkdv[(triton.cdiv(nk, bn) * B * (H // G),)](
         q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, ops,
-        *_rng._range_args(ranges[1] if skip else None, B, H, q.device),
-        *_rng._range_args(full_k, B, H, q.device),
+        *_rng._range_args(ranges[1] if ranges else None, B, H, q.device),
+        *_rng._range_args(full_k, B, H, q.device), fails, *band_args,
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
         H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common)
 

@@ -2,15 +2,21 @@
 dK/dV kernel), which of them are full tiles, and the backward's widening of those ranges where the
 removal rule fails on a row. Torch ops on the data's device; no kernel code.
 
+For masks whose rows keep one interval of keys moving with i (causal, windows, bands, KV-cache
+offsets) none of these tensors is built: ``linear_band`` hands four integers to the kernels,
+which compute the same ranges themselves (``attention._band_key_blocks``).
+
 ``block_ranges`` shares its result across calls through an explicit cache (``RangeCache``, one per
 process: ``RANGES``) when the predicate reads data tensors (a padding mask): the layers of a model
 evaluate the mask once per forward instead of once each.
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Optional, Sequence
 
+import sympy
 import torch
 import triton
 
@@ -195,6 +201,8 @@ def full_ranges(spec: AttentionSpec, score_shape4, block_m: int, block_n: int, d
     m = spec.masks[op.index]
     R = len(m.axes)
     B, H, nq, nk = (int(x) for x in score_shape4)
+    if not _plan_is_whole(m, op.kind == "fill"):
+        return None
     rows = _linear_rows(m, op.kind == "fill", tuple(int(x) for x in score_shape4[4 - R:]), nq, nk,
                         device)
     if rows is None:
@@ -236,6 +244,79 @@ def _linear_rows(m, invert: bool, sizes, nq: int, nk: int, dev):
 
 
 
+def linear_band(spec: AttentionSpec, score_shape4):
+    """(B_LO, B_HI, K_LO, K_HI), Python ints, when every row i of the skipping step's mask keeps
+    exactly the keys [max(K_LO, i + B_LO), min(K_HI, i + B_HI)] (empty when that is): a
+    conjunction of linear conditions (``predicate.span_plan``) each on j - i (causal, windows,
+    bands, KV-cache offsets) or on j alone, with no data, batch or head. The kernels then compute
+    their block ranges and full tiles from these (``attention._band_key_blocks``) and no range
+    tensor is built; they are exactly ``_linear_rows``' intervals. None for every other mask
+    (the tensor ranges: ``block_ranges``, ``full_ranges``). Bounds that no row reaches are
+    clipped to [-Nq, Nk] (B_LO, B_HI), [0, Nk] and [-1, Nk - 1] (K_LO, K_HI), which keeps the
+    kernels' arithmetic far from overflow and changes no row's interval (nor which rows are
+    empty); memoised per (mask, polarity, sizes): no tensor, a dict look-up per call."""
+    op = skip_op(spec)
+    if op is None:
+        return None
+    m = spec.masks[op.index]
+    if m.data:
+        return None
+    R = len(m.axes)
+    return _band(m, op.kind == "fill", tuple(int(x) for x in score_shape4[4 - R:]),
+                 int(score_shape4[2]), int(score_shape4[3]))
+
+
+@functools.cache
+def _plan_is_whole(m, invert: bool) -> bool:
+    """Whether ``predicate.span_plan``'s conjuncts state the kept set exactly: it leaves out a
+    conjunct that reads the query index but not the key (``(i < 100) & (j <= i)`` plans as
+    ``j <= i``), which is sound for the key blocks a query block visits (a superset) but not for
+    full tiles, where every element taken must be kept."""
+    e = predicate.kept_expr(m, invert)
+    j = m.axes[-1]
+    return all(any(s.name == j for s in c.free_symbols)
+               for c in (e.args if isinstance(e, sympy.And) else (e,)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _band(m, invert: bool, sizes, nq: int, nk: int):
+    if not _plan_is_whole(m, invert):
+        return None  # the tensor ranges, and no full tiles
+    plan = predicate.span_plan(m, invert)
+    parts = plan[1] if isinstance(plan, tuple) and plan[0] == "and" else [plan]
+    if plan is None or not all(isinstance(p, predicate._Lin) for p in parts):
+        return None
+    b_lo, b_hi, k_lo, k_hi = -nq, nk, 0, nk - 1
+    for p in parts:  # a*j + b*i + c <= 0, as _linear_rows reads them
+        c0 = p.c(*sizes)
+        try:
+            c = int(c0)
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if c != c0:
+            return None  # a bound that is not an integer: the tensor ranges, as before
+        if p.a != 0 and p.b == -p.a:  # a (j - i) <= -c
+            if p.a > 0:
+                b_hi = min(b_hi, (-c) // p.a)
+            else:
+                b_lo = max(b_lo, -(c // p.a))
+        elif p.a != 0 and p.b == 0:  # a j <= -c
+            if p.a > 0:
+                k_hi = min(k_hi, (-c) // p.a)
+            else:
+                k_lo = max(k_lo, -(c // p.a))
+        elif p.a == 0 and p.b == 0:  # a constant: every row keeps every key or none
+            if c > 0:
+                k_hi = -1
+        else:
+            return None  # a bound on i alone, or another slope: the tensor ranges
+    return _clip(b_lo, -nq, nk), _clip(b_hi, -nq, nk), _clip(k_lo, 0, nk), _clip(k_hi, -1, nk - 1)
+
+
+def _clip(x: int, lo: int, hi: int) -> int:
+    return min(max(x, lo), hi)
+
+
 def backward_ranges(spec: AttentionSpec, ranges, q, k, v, do, captured, lse, bm: int, n_mb: int,
                      n_nb: int):
     """The backward's block ranges: the forward's, except that every query block with a row on
@@ -253,11 +334,24 @@ def backward_ranges(spec: AttentionSpec, ranges, q, k, v, do, captured, lse, bm:
     return _ranges(lo, hi, fail, n_mb, n_nb, lse.device)
 
 
+_DUMMIES: dict = {}
+
+
+def dummy(device) -> torch.Tensor:
+    """A 2-element int32 tensor on ``device``, made once: the pointer a kernel gets for ranges it
+    does not read (no allocation per call)."""
+    key = str(torch.device(device))
+    t = _DUMMIES.get(key)
+    if t is None:
+        t = _DUMMIES[key] = torch.zeros(2, dtype=torch.int32, device=device)
+    return t
+
+
 def _range_args(ranges: Optional[torch.Tensor], B: int, H: int, device):
     """(RANGES, r_sb, r_sh) for a kernel: the per-(b, h) block ranges with stride 0 where the
-    predicate broadcasts; a dummy when nothing is skipped."""
+    predicate broadcasts; a dummy when nothing is skipped or the kernel computes them (BAND)."""
     if ranges is None:
-        return [torch.zeros(2, dtype=torch.int32, device=device), 0, 0]
+        return [dummy(device), 0, 0]
     sb = ranges.stride(0) if ranges.shape[0] == B and B > 1 else 0
     sh = ranges.stride(1) if ranges.shape[1] == H and H > 1 else 0
     return [ranges, sb, sh]
