@@ -554,21 +554,6 @@ def _phase_range(lo, flo, fhi, hi, phase: tl.constexpr, FULL_TILES: tl.constexpr
         return fhi, hi
 
 
-@triton.jit
-def _dq_phase_range(lo, flo, fhi, hi, pre, post, phase: tl.constexpr, FULL_TILES: tl.constexpr,
-                    BAND: tl.constexpr):
-    # the dQ kernel's phases: with BAND first [0, pre) and last [hi, post) (a block failing the
-    # removal rule: every key block, in order), the phases of _phase_range between them
-    if not BAND:
-        return _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
-    elif phase == 0:
-        return 0, pre
-    elif phase == (4 if FULL_TILES else 2):
-        return hi, post
-    else:
-        return _phase_range(lo, flo, fhi, hi, phase - 1, FULL_TILES)
-
-
 @triton.jit(do_not_specialize=["seed", "B_LO", "B_HI", "K_LO", "K_HI"])
 def attn_bwd_dkdv(
     Q, K, V, DO, LSE, DELTA, INV_R, DK, DV_, OPS, RANGES, r_sb, r_sh, FULL, f_sb, f_sh,
@@ -695,14 +680,13 @@ def attn_bwd_dq(
         # kernel through the hull of such blocks per head (FAILS, zeroed by the launcher)
         lo, hi, flo, fhi = _band_key_blocks(pid_m, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M,
                                             BLOCK_N)
+        # the full tiles lie inside the band's blocks, so clipping them before the widening
+        # below changes nothing but keeps the row reduction out of the full-tile loop's bounds
+        # (clipped after it: 38 more instructions per iteration on sm_90a)
         flo, fhi = _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
-        # the widening takes two loops of its own, before and after the band's ([0, pre) and
-        # [hi, post), the blocks still in order): bounds read from the row reduction made the
-        # compiler keep the loops' indices per thread (sm_90a: 38 more instructions per
-        # iteration when the band's loops took them)
         fail = _rows_fail(lse, m_valid, THR, LOG_NK)
-        pre = tl.where(fail, lo, 0)
-        post = tl.where(fail, tl.cdiv(N_K, BLOCK_N), hi)
+        lo = tl.where(fail, 0, lo)
+        hi = tl.where(fail, tl.cdiv(N_K, BLOCK_N), hi)
         if fail:
             tl.atomic_max(FAILS + off_bh * 2, tl.cdiv(N_Q, BLOCK_M) - pid_m)
             tl.atomic_max(FAILS + off_bh * 2 + 1, pid_m + 1)
@@ -710,8 +694,6 @@ def attn_bwd_dq(
         lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
         flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, n_full,
                                FULL_TILES, SKIP)
-        pre = 0
-        post = hi
     if LOG2_UNITS:
         lse = lse * LOG2E
     if ROW_STATS:
@@ -724,14 +706,13 @@ def attn_bwd_dq(
         #   scalar's gradient (2% off in bf16) where eager's errors cancel.
         r = tl.zeros([BLOCK_M], tl.float32)
         delta = tl.zeros([BLOCK_M], tl.float32)
-        for phase in tl.static_range((3 if FULL_TILES else 1) + (2 if BAND else 0)):
-            b0, b1 = _dq_phase_range(lo, flo, fhi, hi, pre, post, phase, FULL_TILES, BAND)
+        for phase in tl.static_range(3 if FULL_TILES else 1):
+            b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
             for blk_n in range(b0, b1):
                 k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                     q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
                     offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
-                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D,
-                    FULL_TILES and phase == 1 + BAND)
+                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
                 pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
                 r += tl.sum(p, 1)
                 delta += tl.sum(p * dp, 1)
@@ -746,14 +727,13 @@ def attn_bwd_dq(
         delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     num_n_blocks = tl.cdiv(N_K, BLOCK_N)
-    for phase in tl.static_range((3 if FULL_TILES else 1) + (2 if BAND else 0)):
-        b0, b1 = _dq_phase_range(lo, flo, fhi, hi, pre, post, phase, FULL_TILES, BAND)
+    for phase in tl.static_range(3 if FULL_TILES else 1):
+        b0, b1 = _phase_range(lo, flo, fhi, hi, phase, FULL_TILES)
         for blk_n in range(b0, b1):
             k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                 q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
                 offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
-                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D,
-                FULL_TILES and phase == 1 + BAND)
+                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
             if ROW_STATS:
                 p = p * inv_r[:, None]
             pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
@@ -761,7 +741,7 @@ def attn_bwd_dq(
             # the captured operands' gradients are stored per tile inside (GRAD: which ones)
             ds = score_mod_backward_store(ds, s0, T, DC, GRAD, off_bh, pid_m, blk_n, offs_m,
                                           offs_n, valid, N_Q, N_K, BLOCK_M, num_n_blocks)
-            if not (FULL_TILES and phase == 1 + BAND):
+            if phase != 1:
                 ds = tl.where(valid, ds, 0.0)
             dq += _dot(ds.to(k.dtype), k, UPCAST_DOT, ALLOW_TF32)
     tl.store(DQ + off_b * sdqb + off_h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
