@@ -144,10 +144,9 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
                     node = graph.call_method("detach", (node,))
                     _meta(node, fake_mode)
             captured.append(node)
-        spec = a.spec
-        if _no_gradient(a):
-            spec = dataclasses.replace(spec, inference=True)
-        args = (q, k, v, captured, spec.to_key())
+        if _no_gradient(a):  # the report then shows the spec the op carries
+            a.spec = dataclasses.replace(a.spec, inference=True)
+        args = (q, k, v, captured, a.spec.to_key())
         if a.spec.dropout_p:
             args += (_dropout_seed(graph, r, fake_mode),)
         call = graph.call_function(ATTENTION_OP, args)
