@@ -592,8 +592,8 @@ def attn_bwd_dkdv(
             # from the band, and the hull [f_lo, f_hi) of the query blocks of this head that
             # failed the removal rule (written by attn_bwd_dq, which ran first)
             n_mb = tl.cdiv(N_Q, BLOCK_M)
-            f_lo = n_mb - tl.load(FAILS + off_bh * 2)
-            f_hi = tl.load(FAILS + off_bh * 2 + 1)
+            f_lo = n_mb - tl.load(FAILS + off_bh * (n_mb + 2))
+            f_hi = tl.load(FAILS + off_bh * (n_mb + 2) + 1)
             lo, hi, flo, fhi = _band_query_blocks(pid_n, f_lo, f_hi, B_LO, B_HI, K_LO, K_HI,
                                                   N_Q, N_K, BLOCK_M, BLOCK_N)
             flo, fhi = _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
@@ -677,19 +677,26 @@ def attn_bwd_dq(
     if BAND:
         # from the band; a block with a row on which the removal rule fails (decided here from
         # lse, as ranges.backward_ranges does) visits every key block, and says so to the dK/dV
-        # kernel through the hull of such blocks per head (FAILS, zeroed by the launcher)
+        # kernel through the hull of such blocks per head (FAILS[bh, 0:2], zeroed by the
+        # launcher)
         lo, hi, flo, fhi = _band_key_blocks(pid_m, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M,
                                             BLOCK_N)
-        # the full tiles lie inside the band's blocks, so clipping them before the widening
-        # below changes nothing but keeps the row reduction out of the full-tile loop's bounds
-        # (clipped after it: 38 more instructions per iteration on sm_90a)
-        flo, fhi = _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
+        n_mb = tl.cdiv(N_Q, BLOCK_M)
+        FAILS_bh = FAILS + off_bh * (n_mb + 2)
         fail = _rows_fail(lse, m_valid, THR, LOG_NK)
+        if fail:
+            tl.atomic_max(FAILS_bh, n_mb - pid_m)
+            tl.atomic_max(FAILS_bh + 1, pid_m + 1)
+        # the flag makes a round trip through this block's own slot (FAILS[bh, 2 + pid_m]): the
+        # loops' bounds then come from a load, as the host's ranges did, instead of from the
+        # row reduction, around which ptxas scheduled every loop of the kernel worse (non-MMA
+        # per iteration of the full-tile loop: sm_80 +4, sm_90a +38, sm_100a +39)
+        tl.store(FAILS_bh + 2 + pid_m, fail.to(tl.int32))
+        tl.debug_barrier()
+        fail = tl.load(FAILS_bh + 2 + pid_m) != 0
         lo = tl.where(fail, 0, lo)
         hi = tl.where(fail, tl.cdiv(N_K, BLOCK_N), hi)
-        if fail:
-            tl.atomic_max(FAILS + off_bh * 2, tl.cdiv(N_Q, BLOCK_M) - pid_m)
-            tl.atomic_max(FAILS + off_bh * 2 + 1, pid_m + 1)
+        flo, fhi = _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
     else:
         lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
         flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, n_full,

@@ -15,8 +15,9 @@ operands are reduced per tile in the kernel (one fp32 partial per tile pair). Bl
 ranges (``ranges.py``) cost one evaluation of keep per score element (Bm * Hm * Nq * Nk) with torch
 ops, in chunks, per forward and per backward, except for bands (causal, windows, KV-cache offsets:
 ``ranges.linear_band``), whose kernels compute their ranges themselves from four integers (no
-range tensor; the backward zeroes a (B * H, 2) int32 hull of the query blocks failing the removal
-rule, which its dQ kernel fills for the dK/dV kernel).
+range tensor; the backward zeroes a (B * H, 2 + cdiv(Nq, BLOCK_M)) int32 buffer: the hull of the
+query blocks failing the removal rule, which its dQ kernel fills for the dK/dV kernel, and a flag
+per query block).
 """
 from __future__ import annotations
 
@@ -495,7 +496,8 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
         r = removal.skip_removal(spec)
         worst = removal.worst_masked(spec, r, q4, k4, v4, captured, do4, finite_scores=True)
         thr = removal.threshold(worst, r).to(torch.float64).reshape(())
-        fails = torch.zeros((B * H, 2), dtype=torch.int32, device=q.device)
+        # per (b, h): the hull of the failing query blocks, then one flag per query block
+        fails = torch.zeros((B * H, n_mb + 2), dtype=torch.int32, device=q.device)
     else:
         ranges = _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
         if ranges is not None:
