@@ -49,7 +49,9 @@ def _model(pattern, w):
 
 @pytest.mark.parametrize("pattern", PATTERNS)
 def test_spec_is_the_one_the_pass_builds(pattern, fresh_dynamo):
-    q, k, v = (torch.randn(2, 2, 32, 16, dtype=torch.bfloat16) for _ in range(3))
+    # inputs that require a gradient: the benchmark times forward and backward, so its spec is
+    # a training site's (``inference`` False)
+    q, k, v = (torch.randn(2, 2, 32, 16, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
     am = gb.attention_mask(2, 32)
     ex = fusion_pass.explain(_model(pattern, 256), q, k, v, am)
     specs = [s.spec for g in ex.graphs for s in g.sites if s.fused]
