@@ -27,7 +27,9 @@ or where blocks are skipped, so the call is taken only when
    a row's max is at least the least kept element (>= -bound + kept value, by 1. and 2.), which
    must exceed every masked element by ``MARGIN`` (always for -inf; for finfo.min whenever the
    bound is not astronomically large). Inside partial blocks FlexAttention sets masked elements to
-   -inf instead of the fill, which is the same skipping, under the same proof.
+   -inf instead of the fill, which is the same skipping, under the same proof; so with the
+   BlockMask the score_mod leaves the masking step out (``_kernel``), and the predicate is
+   evaluated on partial blocks only, as a hand-written mask_mod is.
 
 Anything else returns None and the next candidate computes the call. float32 only: with 16-bit
 inputs eager rounds each step to 16 bits, and FlexAttention does not.
@@ -39,6 +41,7 @@ warm, ``select._measure``). BlockMasks are cached per spec and sizes.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import math
@@ -214,11 +217,22 @@ MIN_LENGTH = 16
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(spec: AttentionSpec):
+def _kernel(spec: AttentionSpec, masked_by_block_mask: bool):
+    """The compiled call of ``spec``. ``masked_by_block_mask``: the call passes the BlockMask of
+    the last step, under the proof that skipping is exact (``_exact``); FlexAttention then sets
+    every masked element of a partial block to -inf itself and skips the empty blocks, so the
+    score_mod leaves the masking step out (a kept element is s itself, or s + the additive mask's
+    kept value): the predicate is evaluated on partial blocks only, as a hand-written mask_mod."""
     from torch.nn.attention.flex_attention import flex_attention
 
     steps = _steps(spec)
-
+    if masked_by_block_mask:
+        last = spec.score_ops[-1]
+        steps = steps[:-1]
+        kept = spec.masks[last.index].kept if last.kind == "add" else 0.0
+        if kept != 0.0:  # s + kept on the kept elements, in the step's dtype
+            steps += _steps(dataclasses.replace(spec, score_ops=(
+                dataclasses.replace(last, operand="const", value=kept, index=None),)))
     kinds = spec.captured
 
     def run(q, k, v, block_mask, gqa, raw, nt):
@@ -289,14 +303,14 @@ def _block_mask(spec: AttentionSpec, p: FlexPlan, batch_shape: tuple, nq: int, n
         hit = _BLOCK_MASKS.get(key)
     if hit is not None:
         return hit
-    if nq * nk * max(1, math.prod(batch_shape)) > BLOCK_MASK_MAX_ELEMENTS:
+    m = spec.masks[spec.score_ops[p.step].index]
+    R = len(m.axes)
+    reads_batch = any(m.uses_axis(a) for a in m.axes[:R - 2])
+    if nq * nk * (max(1, math.prod(batch_shape)) if reads_batch else 1) > BLOCK_MASK_MAX_ELEMENTS:
         return None
     from torch.nn.attention.flex_attention import create_block_mask
     kept = _kept_fn(spec, p)
     sizes = [torch.tensor(n, dtype=torch.int64) for n in tuple(batch_shape) + (nq, nk)]
-    m = spec.masks[spec.score_ops[p.step].index]
-    R = len(m.axes)
-    reads_batch = any(m.uses_axis(a) for a in m.axes[:R - 2])
 
     def mask_mod(b, h, i, j):
         return kept(_batch_index(b, h, sizes[:-2]) + [i, j], sizes)
@@ -397,7 +411,8 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
         if not _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, False):
             return None
     try:
-        out = _kernel(spec)(q4, k4, v4, bm, gqa, caps, torch.tensor(sizes, dtype=torch.int64))
+        out = _kernel(spec, bm is not None)(q4, k4, v4, bm, gqa, caps,
+                                            torch.tensor(sizes, dtype=torch.int64))
     except Exception as e:  # noqa: BLE001 - a chain Inductor's flex template cannot compile
         log.warning("fusion_pass: FlexAttention could not compile %s (%s: %s); the other "
                     "kernels compute it", spec, type(e).__name__, str(e)[:3000])

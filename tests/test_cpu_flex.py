@@ -259,3 +259,27 @@ def test_flex_is_eager_or_refuses(pattern, exponent, seed, poison, value):
     ref = _eager(q, k, v, captured, needs, chain, go, torch.float64)
     low = _eager(q, k, v, captured, needs, chain, go, torch.float32)
     _check("out", got[0], low[0], ref[0], torch.float32)
+
+
+def test_block_mask_keeps_an_additive_masks_kept_value(monkeypatch):
+    """With the BlockMask the score_mod leaves the masking step out; an additive mask whose kept
+    value is not 0 (where(keep, 0.5, finfo.min)) still adds it to the kept elements, rounded as
+    eager rounds it. (Adding it shifts every kept element of a row alike, so the softmax moves only
+    by that rounding: this checks the path runs with the BlockMask and stays eager's function.)"""
+    used = []
+    real = cpu_flex._kernel
+    monkeypatch.setattr(cpu_flex, "_kernel", lambda s, by_mask: used.append(by_mask) or real(s, by_mask))
+    torch.manual_seed(3)
+    shape = SHAPES["odd"]
+    spec, captured, chain, _ = _inference_spec("pred_causal_additive", shape)
+    m = dataclasses.replace(spec.masks[0], kept=0.5)
+    spec = dataclasses.replace(spec, masks=(m,))
+    q, k, v = _qkv(shape, torch.float32)
+    out, _ = cpu_flex.forward(spec, q, k, v, captured)
+    assert used == [True]  # the BlockMask carried the mask
+    i = torch.arange(shape.nq)[:, None]
+    j = torch.arange(shape.nk)[None, :]
+    add = torch.where(j <= i, 0.5, float(torch.finfo(torch.float32).min)).double()
+    s = q.double() @ k.double().transpose(-1, -2) * float(captured[0]) + add
+    ref = torch.softmax(s, -1) @ v.double()
+    assert (out.double() - ref).abs().max().item() < 1e-5
