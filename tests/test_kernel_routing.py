@@ -421,3 +421,49 @@ def test_route_is_the_one_routing():
     wspec = dataclasses.replace(spec, masks=(win,))
     assert select.route(wspec).cpu == ("tiled",)
     assert "CPU: tiled implementation" in select.route(wspec).describe()
+
+
+def test_a_compiled_candidate_is_warmed_then_timed_on_the_whole_call(choices, monkeypatch):
+    """``select._measure`` with a fake clock: the first candidate runs the call (its result is the
+    call's); an ordinary other one runs once on the slice, its time scaled and held to MARGIN; a
+    ``warm_first`` one runs the whole call once untimed (its compile) and then twice, the faster
+    counting, and needs only to beat the first."""
+    clock = [0.0]
+    monkeypatch.setattr(choices.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def cand(name, ms, first_ms=None):
+        def run(args):
+            calls.append((name, args))
+            n = sum(1 for c, _ in calls if c == name)
+            clock[0] += ((first_ms if n == 1 and first_ms else ms) / 1e3)
+            return name
+        return run
+    full, sub = ("full",), ("sub",)
+    shrink = lambda a: (sub, 8.0)  # noqa: E731
+    cands = {"tiled": cand("tiled", 30.0), "other": cand("other", 3.5),
+             "flex": choices.warm_first(cand("flex", 27.0, first_ms=5000.0))}
+    name, got = choices._measure("k1", cands, full, shrink)
+    assert (name, got) == ("tiled", "tiled")  # the call's own result: the first candidate's
+    assert [c for c in calls if c[0] == "other"] == [("other", sub)]
+    assert [c for c in calls if c[0] == "flex"] == [("flex", full)] * 3
+    entry = choices.CHOICES.get("k1")
+    # other: 3.5 ms x 8 = 28 > 0.85 x 30; flex: 27 < 30, timed after its 5 s compile
+    assert entry == {"kernel": "flex", "ms": {"tiled": 30.0, "other": 28.0, "flex": 27.0}}, entry
+
+
+def test_an_inference_spec_measures_flex_too(choices):
+    """An inference spec offers FlexAttention as the third candidate; its first call measures all
+    three and the report names them (whichever wins here, all three computed the call exactly)."""
+    import dataclasses
+    from fusion_pass.kernels import fused_attention
+    spec = dataclasses.replace(_causal_spec(), inference=True)
+    assert choices.route(spec).cpu == ("aten_flash", "tiled", "flex")
+    q, k, v = _qkv(nq=64, nk=64, H=8)
+    ref = fused_attention(q, k, v, [], dataclasses.replace(spec, inference=False))
+    out = fused_attention(q, k, v, [], spec)
+    torch.testing.assert_close(out, ref)
+    entry = choices.CHOICES.get(choices.shape_key("fwd", spec.to_key(), q, k))
+    assert entry is not None and set(entry["ms"]) == {"aten_flash", "tiled", "flex"}, entry
+    from fusion_pass.kernels.ops import kernel_summary
+    assert "FlexAttention" in kernel_summary(spec) and "flex " in kernel_summary(spec)
