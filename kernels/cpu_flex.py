@@ -260,7 +260,10 @@ def _kernel(spec: AttentionSpec, masked_by_block_mask: bool):
 
 
 def _as_4d(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dim() == 4 else t.reshape((1,) * (4 - t.dim()) + tuple(t.shape))
+    """A new view, 4-D (leading dims of size 1): never the caller's tensor object, since the call
+    marks its lengths dynamic for Dynamo, which would make the caller's own compiled graph
+    recompile for dynamic shapes (its guards read those marks)."""
+    return t.view((1,) * (4 - t.dim()) + tuple(t.shape))
 
 
 @functools.lru_cache(maxsize=32)

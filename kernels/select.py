@@ -253,23 +253,25 @@ def _measure(key, candidates, args, shrink):
     small = shrink(args)
     sub, factor = small if small is not None else (None, 1.0)
     for name in names[1:]:
+        # a candidate that cannot be measured here (no slice of the heads, not exact for this
+        # call, an error) is left out of the comparison; the others are still compared and cached
+        # (re-measuring on every call would run them all each time)
+        compiled = getattr(candidates[name], "warm_first", False)
+        if not compiled and small is None:
+            continue
+        call, scale = (args, 1.0) if compiled else (sub, factor)
         try:
-            compiled = getattr(candidates[name], "warm_first", False)
-            if not compiled and small is None:
-                return names[0], got  # too few heads to slice: no measurement
-            call, scale = (args, 1.0) if compiled else (sub, factor)
             if compiled and candidates[name](call) is None:
-                return names[0], got  # compiled (untimed), and not exact for this call
-            ms = math.inf
+                continue  # compiled (untimed), and not exact for this call
+            ms, res = math.inf, None
             for _ in range(2 if compiled else 1):  # a compiled kernel is cheap: the faster of two
                 t = time.perf_counter()
                 res = candidates[name](call)
                 ms = min(ms, (time.perf_counter() - t) * 1e3 * scale)
         except Exception:  # noqa: BLE001 - a slice the kernel cannot take: no measurement
-            return names[0], got
-        if res is None:
-            return names[0], got
-        times[name] = ms
+            continue
+        if res is not None:
+            times[name] = ms
     # a slice's time scaled up is an estimate: it must beat the first by MARGIN; a compiled
     # candidate timed on the whole call (the faster of two runs) need only beat it
     whole = {n for n in names[1:] if getattr(candidates[n], "warm_first", False)}

@@ -283,3 +283,29 @@ def test_block_mask_keeps_an_additive_masks_kept_value(monkeypatch):
     s = q.double() @ k.double().transpose(-1, -2) * float(captured[0]) + add
     ref = torch.softmax(s, -1) @ v.double()
     assert (out.double() - ref).abs().max().item() < 1e-5
+
+
+def test_measuring_flex_does_not_recompile_the_callers_graph(tmp_path, monkeypatch, fresh_dynamo):
+    """The Flex call marks its lengths dynamic on views of its own, never on the caller's tensors:
+    marking the model's q (passed straight through) made the model's compiled graph recompile on
+    its next call."""
+    monkeypatch.setenv("FUSION_PASS_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(select, "MEASURE_MIN_ELEMENTS", 0)
+    select.CHOICES.clear()
+
+    def f(q, k, v):
+        n = q.shape[-2]
+        keep = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        s = (q @ k.transpose(-1, -2) * 0.125).masked_fill(~keep, float("-inf"))
+        return s.softmax(-1) @ v
+    q, k, v = (torch.randn(1, 8, 64, 16) for _ in range(3))
+    compiles = []
+    backend = torch._dynamo.lookup_backend("fusion_pass")
+    compiled = torch.compile(f, backend=lambda gm, ex: compiles.append(1) or backend(gm, ex))
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+    assert len(compiles) == 1, "the model's graph was compiled again"
+    measured = [v for v in select.CHOICES.mem.values()]
+    assert measured and "flex" in measured[0]["ms"], measured
+    select.CHOICES.clear()
