@@ -455,7 +455,13 @@ SHAPES = [(300, 300, 64, 64), (333, 333, 64, 32), (200, 517, 64, 64), (517, 200,
           (450, 450, 128, 128)]
 
 
-@pytest.mark.parametrize("name", sorted(BAND_MASKS))
+# the default run probes one mask per kind of bound (causal, window, KV-cache window, a single
+# diagonal, nothing kept); the others under -m slow (each probe is seconds under the interpreter)
+BAND_DEFAULT = {"causal", "sliding", "cache_window", "empty_band", "nothing_kept"}
+
+
+@pytest.mark.parametrize("name", [n if n in BAND_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(BAND_MASKS)])
 def test_kernel_band_blocks_equal_the_host_tensors(name):
     """The kernels' ranges from the band are the host's block ranges, full tiles and their
     transposes, block for block (so the same blocks are skipped and the same tiles taken as full),
@@ -561,10 +567,14 @@ BAND_CASES = [
     (90, "cache", 0, 128, 130, 517, 1, 2, 2),
     (80, "cache_window", 250, 64, 200, 517, 1, 2, 2),
 ]
+# default run: one case per kind of band and both architectures; the rest under -m slow
+BAND_CASES_DEFAULT = {0, 3, 5}
 
 
-@pytest.mark.parametrize("arch,kind,window,d,nq,nk,B,H,HK", BAND_CASES,
-                         ids=[f"sm{c[0]}-{c[1]}-d{c[3]}-{c[4]}x{c[5]}" for c in BAND_CASES])
+@pytest.mark.parametrize("arch,kind,window,d,nq,nk,B,H,HK", [
+    pytest.param(*c, id=f"sm{c[0]}-{c[1]}-d{c[3]}-{c[4]}x{c[5]}",
+                 marks=[] if n in BAND_CASES_DEFAULT else [pytest.mark.slow])
+    for n, c in enumerate(BAND_CASES)])
 def test_bands_without_range_tensors_against_float64(arch, kind, window, d, nq, nk, B, H, HK,
                                                      monkeypatch):
     assert tr.linear_band(_spec(kind, d, torch.bfloat16, window), (B, H, nq, nk)) is not None
