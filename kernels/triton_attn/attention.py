@@ -135,20 +135,13 @@ def _full_range(FULL, off, pid, lo, hi, n_full, FULL_TILES: tl.constexpr, HOST: 
     # tile and nothing is out of bounds. HOST: the host's ranges (ranges.full_ranges, or its
     # transpose for dK/dV); else every block before n_full (no mask to skip). n_full: the blocks
     # lying wholly inside the loop's dimension (0 when this program's own block is ragged)
-    if FULL_TILES:
-        if HOST:
-            flo = tl.load(FULL + off + pid * 2)
-            fhi = tl.load(FULL + off + pid * 2 + 1)
-        else:
-            flo = lo
-            fhi = n_full
-        fhi = tl.minimum(fhi, n_full)
-        flo = tl.minimum(tl.maximum(flo, lo), hi)
-        fhi = tl.minimum(tl.maximum(fhi, flo), hi)
+    if FULL_TILES and HOST:
+        flo = tl.load(FULL + off + pid * 2)
+        fhi = tl.load(FULL + off + pid * 2 + 1)
     else:
         flo = lo
-        fhi = lo
-    return flo, fhi
+        fhi = n_full
+    return _clip_full(flo, fhi, lo, hi, n_full, FULL_TILES)
 
 
 @triton.jit
