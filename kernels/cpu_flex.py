@@ -51,7 +51,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import pointwise, predicate, removal
+from . import cpu, predicate, removal
 from .spec import AttentionSpec, to_dtype
 
 log = logging.getLogger("fusion_pass.kernels")
@@ -124,7 +124,8 @@ def _batch_index(b, h, batch_shape):
 
 def _steps(spec: AttentionSpec):
     """The chain as plain tuples, resolved once outside the compiled function (Dynamo then traces
-    only arithmetic): (kind, operand, value, index, keep function, its axes count, dtypes...)."""
+    only arithmetic): (the step, its kind, operand, value, index, keep function, its axes count,
+    the additive mask's values and dtypes)."""
     out = []
     for op in spec.score_ops:
         keep = R = kept = masked = mdt = ydt = bdt = None
@@ -138,8 +139,7 @@ def _steps(spec: AttentionSpec):
             bi = spec.biases[op.index]
             keep, R = predicate.keep_function(bi.index_spec()), len(bi.axes)
             ydt, bdt, index = to_dtype(bi.y_dtype), to_dtype(bi.dtype), bi.x
-        out.append((op.kind, op.operand, op.value, index, keep, R, kept, masked, mdt, ydt, bdt,
-                    to_dtype(op.dtype), op.fn, tuple(op.args)))
+        out.append((op, op.kind, op.operand, op.value, index, keep, R, kept, masked, mdt, ydt, bdt))
     return tuple(out)
 
 
@@ -148,7 +148,7 @@ def _chain(steps, s, idx, cidx, sizes, caps):
     indices, i, j) and ``sizes`` those dims' sizes, for the predicates; ``cidx`` (b, h, i, j) its
     index in ``caps``, the captured operands (tensors as 4-D views expanded to FlexAttention's
     scores, scalars as 0-dim float32 tensors)."""
-    for kind, operand, value, index, keep, R, kept, masked, mdt, ydt, bdt, dt, fn, args in steps:
+    for op, kind, operand, value, index, keep, R, kept, masked, mdt, ydt, bdt in steps:
         x = None
         if operand == "const":
             x = value
@@ -167,26 +167,9 @@ def _chain(steps, s, idx, cidx, sizes, caps):
             x = torch.mul(caps[index][cidx], y)
             if x.dtype != bdt:
                 x = x.to(bdt)
-        if kind == "mul":
-            s = s * x
-        elif kind == "div":
-            s = s / x
-        elif kind == "add":
-            s = s + x
-        elif kind == "sub":
-            s = s - x
-        elif kind == "rsub":
-            s = x - s
-        elif kind == "tanh":
-            s = torch.tanh(s)
-        elif kind == "cast":
-            s = s.to(dt)
-        elif kind == "fill":  # x is the mask (True: masked)
-            s = torch.where(x, torch.tensor(value, dtype=s.dtype), s)
-        elif kind == "fill_not":
-            s = torch.where(x, s, torch.tensor(value, dtype=s.dtype))
-        elif kind == "fn":
-            s = pointwise.FUNCTIONS[fn].torch(s, *args)
+        # the step itself: the tiled path's own (a fill's x is its mask, its value the constant)
+        fill = kind in ("fill", "fill_not")
+        s = cpu._apply(op, s, value if fill else x, mask=x if fill else None)
     return s
 
 
