@@ -281,7 +281,7 @@ def _rows_keep(spec: AttentionSpec, sizes: tuple) -> bool:
 _BLOCK_MASKS = {}
 
 
-def _block_mask(spec: AttentionSpec, p: FlexPlan, batch_shape: tuple, nq: int, nk: int, hq: int):
+def _block_mask(spec: AttentionSpec, p: FlexPlan, batch_shape: tuple, nq: int, nk: int):
     """The BlockMask of the masking step's kept elements for these sizes (cached); None when the
     mask would be too large to build once."""
     key = (spec, batch_shape, nq, nk)
@@ -372,7 +372,7 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
         return None  # eager's row of only -inf is NaN; FlexAttention's is 0
     bm = None
     if p.block_mask and rows:  # used only if the margin below holds for this call
-        bm = _block_mask(spec, p, batch_shape, nq, nk, q.shape[-3] if q.dim() >= 3 else 1)
+        bm = _block_mask(spec, p, batch_shape, nq, nk)
     # scalars as float32 0-dim tensors (eager converts a Python number to the scores' float32);
     # tensors as 4-D views (leading dims of size 1), as q, k, v are viewed
     caps = [torch.tensor(c.item(), dtype=torch.float32) if kind == "scalar"
