@@ -308,3 +308,26 @@ def test_measuring_flex_does_not_recompile_the_callers_graph(tmp_path, monkeypat
     measured = [v for v in select.CHOICES.mem.values()]
     assert measured and "flex" in measured[0]["ms"], measured
     select.CHOICES.clear()
+
+
+def test_a_finite_fill_that_outweighs_the_kept_scores_is_not_skipped():
+    """where(keep, s, -1e4) with every kept score near -1e5: eager's softmax puts the weight on the
+    masked keys (-1e4 > -1e5), so skipping them (a BlockMask) would be wrong; the margin check
+    drops the BlockMask and the kernel computes every key, as eager."""
+    shape = SHAPES["odd"]
+    spec, captured, chain, _ = _inference_spec("pred_window", shape)
+    ops = tuple(dataclasses.replace(o, value=-1e4) if o.kind == "fill_not" else o for o in spec.score_ops)
+    spec = dataclasses.replace(spec, score_ops=ops)
+    torch.manual_seed(4)
+    u = torch.randn(shape.lead + (1, shape.d))
+    u = u / u.norm(dim=-1, keepdim=True)
+    q = (u * 700.0).expand(shape.lead + (shape.nq, shape.d)).contiguous()
+    k = (-u * 700.0).expand(shape.lead + (shape.nk, shape.d)).contiguous()
+    v = torch.randn(shape.lead + (shape.nk, shape.d))
+    bias = torch.zeros_like(captured[0])
+    out, _ = cpu_flex.forward(spec, q, k, v, [bias])
+    keep = (torch.arange(shape.nk)[None, :] <= torch.arange(shape.nq)[:, None]) & \
+        (torch.arange(shape.nq)[:, None] - torch.arange(shape.nk)[None, :] < 5)
+    s = torch.where(keep, (q.double() @ k.double().transpose(-1, -2)) * 0.25, -1e4)
+    ref = torch.softmax(s, -1) @ v.double()
+    assert (out.double() - ref).abs().max().item() < 1e-4
