@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import pointwise, predicate, removal
+from . import layout, pointwise, predicate, removal
 from .dropout import keep_mask
 from .spec import AttentionSpec, ScoreOp, to_dtype
 
@@ -632,12 +632,13 @@ _threads_for_share = one_thread(when=lambda: _SHARE.others_busy())
 def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out, lse): lse is the row log-sum-exp of the final scores, in float32."""
     squeeze = q.dim() == 2
+    # the output in the layout the op returns (q's: ``layout.out_empty``), written tile by tile
+    out = _as_3d(layout.out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(spec.out_dtype)))
     q, k, v = _as_3d(q), _as_3d(k), _as_3d(v)
     batch = tuple(q.shape[:-2])
     nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     score_shape = batch + (nq, nk)
     ops = _Operands(spec, captured, score_shape)
-    out = torch.empty(batch + (nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
     lse = torch.empty(batch + (nq,), dtype=torch.float32, device=q.device)
     group = _group(q, k)
     sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
@@ -745,6 +746,12 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                        seed: int = 0, needs_grad: Optional[Sequence[bool]] = None):
     """Returns (dq, dk, dv, [d captured_i or None])."""
     squeeze = q.dim() == 2
+    # gradients in the layout the op returns (``layout.grad_empty``): written there, not copied.
+    # dK, dV accumulate over query tiles in at least fp32 (16-bit: converted once at the end)
+    dq = _as_3d(layout.grad_empty(q).zero_())
+    dk, dv = (_as_3d(layout.grad_empty(t).zero_()) if _acc(t.dtype) == t.dtype
+              else torch.zeros(_as_3d(t).shape, dtype=_acc(t.dtype), device=t.device) for t in (k, v))
+    k_like, v_like = k, v
     q, k, v, grad_out = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(grad_out)
     batch = tuple(q.shape[:-2])
     nq, nk = q.shape[-2], k.shape[-2]
@@ -755,10 +762,6 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
     sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
     p_drop = spec.dropout_p
 
-    dq = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    # accumulate dK, dV over query tiles in at least fp32
-    dk = torch.zeros(k.shape, dtype=_acc(k.dtype), device=k.device)
-    dv = torch.zeros(v.shape, dtype=_acc(v.dtype), device=v.device)
     # gradient buffers in fp32, shaped like the operand padded to the scores' rank
     dcap = []
     for kind, c, ng in zip(spec.captured, captured, needs_grad):
@@ -811,7 +814,10 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         dk[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qr),
                                                                 group).to(dk.dtype)
 
-    dk, dv = dk.to(k.dtype), dv.to(v.dtype)
+    if dk.dtype != k.dtype:
+        dk = _as_3d(layout.grad_empty(k_like).copy_(dk.reshape(k_like.shape)))
+    if dv.dtype != v.dtype:
+        dv = _as_3d(layout.grad_empty(v_like).copy_(dv.reshape(v_like.shape)))
     grads = []
     for c, g in zip(captured, dcap):
         grads.append(None if g is None else g.reshape(c.shape).to(c.dtype))

@@ -20,7 +20,8 @@ the generated Triton kernels (``triton_attention.py``); on CPU, ATen's fused fla
 normalised spec is exactly its function in this call (``cpu_flash.py`` says when); everywhere else
 the tiled implementation of ``cpu.py`` (device-agnostic torch ops, never an N x N buffer), which
 covers every spec. Where more than one is exact, ``select.pick`` runs the faster, measured once per
-shape bucket and cached. The output keeps q's layout (``_out_empty``): no output-sized copy. Forward and backward decide independently and consistently:
+shape bucket and cached. The output keeps q's layout (``layout.out_empty``): no output-sized copy.
+Forward and backward decide independently and consistently:
 both compute the same function, and the tiled backward does not read the forward's lse. Every
 path skips a masked key only under the one rule of ``removal.py`` (exact zero probability, NaN and
 inf propagating as in eager), checked per call and per row.
@@ -34,7 +35,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import cpu, cpu_flash, cpu_flex, predicate, select
+from . import cpu, cpu_flash, cpu_flex, layout, predicate, select
 from .dropout import new_seed
 from .spec import AttentionSpec, to_dtype
 
@@ -200,7 +201,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
                  if name == "tiled" or q.device.type == "cpu"}
         _, (out, lse) = select.pick(_choice_key("fwd", spec, q, k, cands), cands, (q, k, v, captured),
                                     lambda a: select.head_slice(*a, s.captured))
-    return _in_out_layout(out, q), lse.contiguous(), seed
+    return layout.in_out_layout(out, q), lse.contiguous(), seed
 
 
 def _choice_key(direction: str, spec: str, q, k, cands) -> str:
@@ -220,7 +221,7 @@ def _flash_forward(s: AttentionSpec, q, k, v, captured):
 @attention.register_fake
 def _attention_fake(q, k, v, captured, spec, seed=None):
     s = AttentionSpec.from_key(spec)
-    out = _out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(s.out_dtype))
+    out = layout.out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(s.out_dtype))
     lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float32)
     seed = torch.empty(1, dtype=torch.int64, device="cpu")
     return out, lse, seed
@@ -251,7 +252,7 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
         _, (dq, dk, dv, dcap) = select.pick(_choice_key("bwd", spec, q, k, cands), cands,
                                             (grad_out, q, k, v, captured, out, lse), shrink, q, k)
     # the fake promises a layout; keep that promise whatever the path returned
-    return (_in_grad_layout(dq), _in_grad_layout(dk), _in_grad_layout(dv),
+    return (layout.in_grad_layout(dq), layout.in_grad_layout(dk), layout.in_grad_layout(dv),
             [g.contiguous() for g in dcap if g is not None])
 
 
@@ -268,64 +269,7 @@ def _flash_backward(s: AttentionSpec, grad_out, q, k, v, captured, out, lse):
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, captured, out, lse, seed, spec, needs_grad):
     dcap = [c.new_empty(c.shape) for c, ng in zip(captured, needs_grad) if ng]
-    return _grad_empty(q), _grad_empty(k), _grad_empty(v), dcap
-
-
-def _grad_strides(shape) -> tuple:
-    """Strides of a dense (..., N, H, D)-layout tensor viewed as (..., H, N, D)."""
-    if len(shape) < 3:
-        return _dense(shape)
-    *batch, h, n, d = shape
-    inner = _dense(tuple(batch) + (n, h, d))
-    return inner[:-3] + (inner[-2], inner[-3], inner[-1])
-
-
-def _dense(shape) -> tuple:
-    strides, acc = [], 1
-    for size in reversed(shape):
-        strides.append(acc)
-        acc *= max(size, 1)
-    return tuple(reversed(strides))
-
-
-def _grad_empty(t: Tensor) -> Tensor:
-    """Gradients of q, k, v come in the (..., N, H, D) memory layout (viewed as (..., H, N, D)):
-    the layout ATen's CPU flash backward produces and models' own q/k/v usually have (heads split
-    off a (B, N, H*D) projection), so the common path returns its result without a copy."""
-    if t.dim() < 3:
-        return t.new_empty(t.shape)
-    shape = tuple(t.shape)
-    return t.new_empty(shape[:-3] + (shape[-2], shape[-3], shape[-1])).transpose(-3, -2)
-
-
-def _in_grad_layout(g: Tensor) -> Tensor:
-    """g itself when it already has the promised layout (strides of size-1 dims do not matter:
-    they address nothing), else a copy in it."""
-    want = _grad_strides(tuple(g.shape))
-    if g.numel() == 0 or all(a == b for a, b, n in zip(g.stride(), want, g.shape) if n > 1):
-        return g
-    return _grad_empty(g).copy_(g)
-
-
-def _heads_major(q: Tensor) -> bool:
-    """q in the (..., N, H, D) memory layout viewed as (..., H, N, D): heads split off a
-    (B, N, H*D) projection, as most models' q is before any elementwise step (GPT-2, BERT, ...)."""
-    return q.dim() >= 4 and q.stride(-3) < q.stride(-2)
-
-
-def _out_empty(q: Tensor, shape: tuple, dtype) -> Tensor:
-    """The forward's output layout follows q's, as ATen's CPU flash kernel's does: heads-major
-    ((..., N, H, Dv) memory viewed as (..., H, N, Dv)) for a heads-major q, so that the model's
-    ``out.transpose(1, 2).reshape(B, N, H * Dv)`` is a view (a contiguous promise cost two
-    output-sized copies there: ours, then the model's), else contiguous (a q made by RoPE)."""
-    if not _heads_major(q):
-        return q.new_empty(shape, dtype=dtype)
-    return q.new_empty(shape[:-3] + (shape[-2], shape[-3], shape[-1]), dtype=dtype).transpose(-3, -2)
-
-
-def _in_out_layout(out: Tensor, q: Tensor) -> Tensor:
-    """out itself when it has the layout the fake promises (``_out_empty``), else a copy in it."""
-    return _in_grad_layout(out) if _heads_major(q) else out.contiguous()
+    return layout.grad_empty(q), layout.grad_empty(k), layout.grad_empty(v), dcap
 
 
 def _setup_context(ctx, inputs, output):
