@@ -22,7 +22,8 @@ from fusion_pass.kernels import triton_attention as ta
 from fusion_pass.kernels.spec import AttentionSpec, ScoreOp, dtype_name
 from fusion_pass.kernels.triton_attn import launch
 from fusion_pass.kernels.triton_attn import ranges as tr
-from fusion_pass.kernels.triton_attn.attention import _band_key_blocks, _band_query_blocks
+from fusion_pass.kernels.triton_attn.attention import (_band_key_blocks, _band_query_blocks,
+                                                       _decode_key_blocks)
 
 ATOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 _i, _j = (sympy.Symbol(n, integer=True, nonnegative=True) for n in "ij")
@@ -219,7 +220,7 @@ def _decode_case(arch, kind, window, nq=3, nk=1100, d=64, H=4, HK=2, dtype=torch
         k[0, 0, 20, :] = math.nan
     with ta.target_arch(arch) if arch else _nullcontext():
         plan = ta.decode_plan(1, H, H // HK, nq, nk, d, d, spec)
-        band = launch._decode_band(spec, (1, H, nq, nk), plan[1])
+        band = launch._decode_host_blocks(spec, (1, H, nq, nk), plan[1])  # what the kernel skips
         out, lse = ta.forward(q, k, v, [], spec)
     ref = _eager(q, k, v, go, spec, torch.float64, backward=False)[0]
     low = _eager(q, k, v, go, spec, dtype, backward=False)[0]
@@ -260,9 +261,13 @@ def test_decode_band_keeps_eager_nan_semantics(poison):
 
 
 def test_decode_a_band_too_narrow_is_caught(monkeypatch):
-    # the same check fails when the band leaves out a block a query keeps
-    real = launch._band_blocks
-    monkeypatch.setattr(launch, "_band_blocks", lambda *a: (real(*a)[0] + 1, real(*a)[1]))
+    # the same check fails when the band the kernel reads leaves out a block a query keeps
+    real = tr.linear_band
+
+    def narrow(*a):
+        b_lo, b_hi, k_lo, k_hi = real(*a)
+        return b_lo + 64, b_hi, k_lo, k_hi
+    monkeypatch.setattr(tr, "linear_band", narrow)
     plan, band, out, lse, low, ref = _decode_case(90, "cache_window", 300)
     (eg, ee), = _errors([out], [low], [ref])
     assert eg > 2 * ee + ATOL[torch.bfloat16]
@@ -596,6 +601,135 @@ def test_a_lying_band_is_caught(lie, monkeypatch):
     monkeypatch.setattr(tr, "linear_band", lying)
     got, low, ref, _ = _fwd_bwd(90, "sliding", 64, 450, 450, window=200)
     assert not _ok(_errors(got, low, ref), torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode: the split-KV kernel's key blocks computed in the kernel from the band's four integers
+# (attention._decode_key_blocks), the host's (launch._band_blocks) block for block, no host
+# torch work per call (the cache grows every generation step: a memo per shape never hits)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _probe_decode_blocks(OUT, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_N: tl.constexpr):
+    lo, hi = _decode_key_blocks(B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_N)
+    tl.store(OUT, lo)
+    tl.store(OUT + 1, hi)
+
+
+def _kernel_decode_blocks(band, nq, nk, bn):
+    out = torch.full((2,), -7, dtype=torch.int32)
+    _probe_decode_blocks[(1,)](out, *band, nq, nk, BLOCK_N=bn)
+    return tuple(out.tolist())
+
+
+# (Nq, Nk, BLOCK_N): one query and a few (<= 16: decode_plan's bound), caches longer than the
+# queries (KV-cache offsets), ragged and whole last blocks, a cache of one block, Nq > Nk
+DECODE_SHAPES = [(1, 300, 16), (3, 1100, 64), (16, 1025, 32), (7, 256, 64), (1, 4096, 64),
+                 (16, 17, 16), (2, 64, 64), (5, 3, 16), (12, 700, 64)]
+
+
+def test_decode_kernel_blocks_equal_the_host_blocks():
+    """Every band mask (both polarities) at decode shapes: the key blocks the decode kernel
+    computes are the host's, including the all-blocks answer where a query keeps no key (the
+    empty bands: nothing kept, the key floor above the first queries' keys)."""
+    n_all = n = 0
+    for name, masked in sorted(BAND_MASKS.items()):
+        for polarity in ("fill", "fill_not"):
+            m = masked if polarity == "fill" else sympy.Not(masked).to_nnf()
+            spec = _band_spec(m, polarity)
+            for nq, nk, bn in DECODE_SHAPES:
+                shape = (1, 1, nq, nk)
+                band = tr.linear_band(spec, shape)
+                assert band is not None and launch._decode_band(spec, shape, bn) == band
+                want = launch._decode_host_blocks(spec, shape, bn)
+                got = _kernel_decode_blocks(band, nq, nk, bn)
+                assert got == want, (name, polarity, nq, nk, bn, got, want)
+                n += 1
+                n_all += want == (0, -(-nk // bn))
+    assert n_all < n // 2 and n_all > 5  # both kinds of answer are exercised
+
+
+@pytest.mark.parametrize("masked", [
+    sympy.Gt(2 * _j, _i + 2 * (_n3 - _n2)),                     # another slope
+    sympy.Or(sympy.Gt(_j, _i + _n3 - _n2), sympy.Ge(_i, 2)),      # a bound on i alone
+])
+def test_decode_masks_without_a_band_keep_the_host_blocks(masked):
+    """Conjunctions of linear conditions that are not bands: the host's blocks reach the kernel
+    as key bounds, from which it computes the same blocks again."""
+    spec = _band_spec(masked)
+    for nq, nk, bn in DECODE_SHAPES:
+        shape = (1, 1, nq, nk)
+        assert tr.linear_band(spec, shape) is None
+        want = launch._decode_host_blocks(spec, shape, bn)
+        assert want is not None
+        assert _kernel_decode_blocks(launch._decode_band(spec, shape, bn), nq, nk, bn) == want
+
+
+def test_decode_band_only_for_a_replacing_minus_inf_step():
+    # the soundness condition of the skipping: a fill of -inf by a predicate without data
+    masked = _masked("cache_window", 100)
+    assert launch._decode_band(_band_spec(masked), (1, 1, 3, 1100), 64) is not None
+    finite = AttentionSpec(score_ops=(ScoreOp("fill", "predicate", value=-1e4, index=0),),
+                           captured=(), masks=_band_spec(masked).masks, qk_dtype="float32",
+                           softmax_dtype="float32", prob_dtype="float32", out_dtype="float32")
+    assert launch._decode_band(finite, (1, 1, 3, 1100), 64) is None
+
+
+# (arch, mask, window, Nq, Nk, H, HK): the decode kernel against float64 with no host range
+# computation at all; grouped-query (G = 2, 4, 8), one query and a few, windows narrower than a
+# block and wider than the cache
+DECODE_CASES = [
+    (90, "cache_window", 300, 3, 1100, 4, 2),
+    (None, "cache", 0, 1, 517, 8, 1),
+    (80, "cache_window", 40, 5, 700, 8, 2),
+    (90, "cache_window", 2000, 16, 300, 4, 1),
+]
+
+
+@pytest.mark.parametrize("arch,kind,window,nq,nk,H,HK", DECODE_CASES)
+def test_decode_band_without_host_work_against_float64(arch, kind, window, nq, nk, H, HK,
+                                                       monkeypatch):
+    spec = _spec(kind, 64, torch.bfloat16, window)
+    with ta.target_arch(arch) if arch else _nullcontext():
+        plan = ta.decode_plan(1, H, H // HK, nq, nk, 64, 64, spec)
+        assert plan is not None
+        want = launch._decode_host_blocks(spec, (1, H, nq, nk), plan[1])
+        # a window skips blocks; a KV cache's causal mask keeps every key of the last queries
+        assert (want != (0, -(-nk // plan[1]))) == (kind == "cache_window" and window < nk)
+        assert launch._decode_band(spec, (1, H, nq, nk), plan[1]) == \
+            tr.linear_band(spec, (1, H, nq, nk))
+        _no_tensor_ranges(monkeypatch)
+        monkeypatch.setattr(launch, "_band_blocks", lambda *a: pytest.fail("host blocks"))
+        q, k, v, go = _inputs(1, H, HK, nq, nk, 64, torch.bfloat16, seed=nq + nk)
+        out, lse = ta.forward(q, k, v, [], spec)
+    ref = _eager(q, k, v, go, spec, torch.float64, backward=False)[0]
+    low = _eager(q, k, v, go, spec, torch.bfloat16, backward=False)[0]
+    (eg, ee), = _errors([out], [low], [ref])
+    assert eg <= 2 * ee + ATOL[torch.bfloat16], (eg, ee)
+
+
+def test_decode_mask_without_a_band_against_float64():
+    # the host's blocks as key bounds, through the decode kernel, vs float64: another slope, and
+    # a conjunct on i alone (true on these queries: the band's key blocks are skipped)
+    for masked in (sympy.Gt(2 * _j, _i + 2 * (_n3 - _n2) - 150),
+                   sympy.Or(sympy.Gt(_j, _i + _n3 - _n2 - 500), sympy.Gt(_i, 10))):
+        spec = _band_spec(masked)
+        assert tr.linear_band(spec, (1, 4, 3, 1100)) is None
+        blocks = launch._decode_host_blocks(spec, (1, 4, 3, 1100), 64)
+        assert 0 < blocks[1] < -(-1100 // 64)  # the last key blocks are skipped
+        q, k, v, go = (t.float() for t in _inputs(1, 4, 2, 3, 1100, 64, torch.bfloat16, seed=3))
+        with ta.target_arch(90):
+            plan = ta.decode_plan(1, 4, 2, 3, 1100, 64, 64, spec)
+            assert plan is not None
+            out, lse = ta.forward(q, k, v, [], spec)
+        masked_t = predicate.materialize(spec.masks[0], (1, 4, 3, 1100), [])
+        def eager(t):
+            kx, vx = (x.to(t).repeat_interleave(2, 1) for x in (k, v))
+            s = (q.to(t) @ kx.transpose(-1, -2)).masked_fill(masked_t, -math.inf)
+            return torch.softmax(s, -1) @ vx
+        errs = _errors([out], [eager(torch.float32)], [eager(torch.float64)])
+        assert _ok(errs, torch.float32), errs
 
 
 def _finite_fill_spec(d, dtype, fill, kind="causal", window=0):

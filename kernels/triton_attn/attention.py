@@ -156,6 +156,12 @@ def _band_key_blocks(pid, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M: tl.constexp
     # Scalars in int64 (i + B_HI may pass 2^31 near the int32 limits); block indices int32
     r0 = pid.to(tl.int64) * BLOCK_M
     r1 = tl.minimum(r0 + BLOCK_M, N_Q) - 1
+    return _band_rows_blocks(r0, r1, B_LO, B_HI, K_LO, K_HI, N_K, BLOCK_N)
+
+
+@triton.jit
+def _band_rows_blocks(r0, r1, B_LO, B_HI, K_LO, K_HI, N_K, BLOCK_N: tl.constexpr):
+    # _band_key_blocks for the rows [r0, r1] (int64, r0 <= r1): (lo, hi, flo, fhi)
     n_blocks = tl.cdiv(N_K, BLOCK_N)
     # a row keeping no key: the first rows (i + B_HI < K_LO) or the last (i + B_LO > K_HI)
     rowless = (B_LO > B_HI) | (K_LO > K_HI) | (r0 + B_HI < K_LO) | (r1 + B_LO > K_HI)
@@ -169,6 +175,16 @@ def _band_key_blocks(pid, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M: tl.constexp
     flo = (f_first + BLOCK_N - 1) // BLOCK_N
     fhi = tl.maximum(tl.maximum(f_last, 0) // BLOCK_N, flo)
     return lo, hi, flo.to(tl.int32), fhi.to(tl.int32)
+
+
+@triton.jit
+def _decode_key_blocks(B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_N: tl.constexpr):
+    # BAND in the decode kernel: [lo, hi) of the key blocks holding a key some query keeps, every
+    # query of the call taken as one block (_band_key_blocks' rows [0, N_Q - 1]; every block when
+    # a query keeps none), as launch._band_blocks computes it on the host
+    r0 = tl.full([], 0, tl.int64)
+    lo, hi, flo, fhi = _band_rows_blocks(r0, r0 + N_Q - 1, B_LO, B_HI, K_LO, K_HI, N_K, BLOCK_N)
+    return lo, hi
 
 
 @triton.jit
@@ -758,17 +774,19 @@ def attn_bwd_dq(
 # G query heads of one K/V head together as its rows (row r = query head g * Nq + query i), so K
 # and V are read once per split. Each writes its unnormalised partial output, row max and sum; a
 # second kernel combines the splits by their log-sum-exp. The key blocks of the split are visited
-# through the forward's partial-tile step, except, with BAND, those outside [B_LO, B_HI): the
-# blocks holding a key some query keeps under a mask that replaces the scores it removes by -inf
-# (``launch._decode_band``; all blocks when some query keeps none). Those add exp(-inf) = 0 to every
-# row; what eager still takes from them is 0 * v, NaN in a column where one of their v is not
-# finite, so their V alone is read for that (no K, no dot, no exponential): exact for any input.
+# through the forward's partial-tile step, except, with BAND, those outside the blocks holding a
+# key some query keeps under a mask that replaces the scores it removes by -inf, computed here
+# from the band's four integers (``_decode_key_blocks``, ``launch._decode_band``; all blocks when
+# some query keeps none): no host work per call, though the cache grows every generation step.
+# Those add exp(-inf) = 0 to every row; what eager still takes from them is 0 * v, NaN in a column
+# where one of their v is not finite, so their V alone is read for that (no K, no dot, no
+# exponential): exact for any input.
 
-@triton.jit
+@triton.jit(do_not_specialize=["B_LO", "B_HI", "K_LO", "K_HI"])
 def attn_decode(
     Q, K, V, PO, PM, PL, OPS,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
-    H, G, N_Q, N_K, D, DV, BLOCKS_PER_SPLIT, N_SPLITS, B_LO, B_HI,
+    H, G, N_Q, N_K, D, DV, BLOCKS_PER_SPLIT, N_SPLITS, B_LO, B_HI, K_LO, K_HI,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, BAND: tl.constexpr,
 ):
@@ -796,8 +814,9 @@ def attn_decode(
     b1 = tl.minimum(b0 + BLOCKS_PER_SPLIT, tl.cdiv(N_K, BLOCK_N))
     # the blocks of the split some query keeps: [c0, c1)
     if BAND:
-        c0 = tl.minimum(tl.maximum(B_LO, b0), b1)
-        c1 = tl.minimum(tl.maximum(B_HI, c0), b1)
+        lo, hi = _decode_key_blocks(B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_N)
+        c0 = tl.minimum(tl.maximum(lo, b0), b1)
+        c1 = tl.minimum(tl.maximum(hi, c0), b1)
     else:
         c0 = b0
         c1 = b1

@@ -352,17 +352,41 @@ def decode_plan(B: int, H: int, G: int, nq: int, nk: int, d: int, dv: int, spec:
 
 
 def _decode_band(spec: AttentionSpec, score_shape4, bn: int):
-    """[lo, hi) of the key blocks the decode kernel computes (``_band_blocks``), when the
-    chain's last step replaces the masked scores by -inf (then a skipped block adds exactly 0 to
-    every row, and 0 * v, which the kernel checks on V alone); None: every block is computed.
-    Not for an additive -inf mask (s + -inf is NaN for a NaN score: its K would be needed too)."""
+    """attn_decode's BAND arguments (B_LO, B_HI, K_LO, K_HI), from which the kernel computes the
+    key blocks holding a key some query keeps (all blocks when one keeps none): when the chain's
+    last step replaces the masked scores by -inf (then a skipped block adds exactly 0 to every
+    row, and 0 * v, which the kernel checks on V alone); None: every block is computed. Not for
+    an additive -inf mask (s + -inf is NaN for a NaN score: its K would be needed too).
+
+    A band (``ranges.linear_band``: causal, windows, KV-cache offsets) is handed over as it is: a
+    few integer operations here, no tensor, whatever the cache's length (which grows every
+    generation step). Other conjunctions of linear conditions (another slope, a conjunct on i
+    alone) keep the host's blocks (``_band_blocks``, torch ops memoised per shape), passed as the
+    key bounds [lo * bn, min(hi * bn, Nk) - 1] of a band that bounds nothing else, from which the
+    kernel computes exactly [lo, hi) again."""
     op = skip_op(spec)
     if op is None or op.kind not in ("fill", "fill_not") or op.operand != "predicate" \
             or op.value != -math.inf:
         return None
-    m = spec.masks[op.index]
-    if m.data:
+    if spec.masks[op.index].data:
         return None
+    band = _rng.linear_band(spec, score_shape4)
+    if band is not None:
+        return band
+    blocks = _decode_host_blocks(spec, score_shape4, bn)
+    if blocks is None:
+        return None
+    nq, nk = int(score_shape4[2]), int(score_shape4[3])
+    return -nq, nk, blocks[0] * bn, min(blocks[1] * bn, nk) - 1
+
+
+def _decode_host_blocks(spec: AttentionSpec, score_shape4, bn: int):
+    """(lo, hi), the key blocks holding a key some query keeps, as the host computes them
+    (``_band_blocks``) for the skipping step's mask; None for a mask that is not a conjunction of
+    linear conditions. The reference of the decode kernel's own (``attention._decode_key_blocks``)
+    and its source for masks that are not bands."""
+    op = skip_op(spec)
+    m = spec.masks[op.index]
     R = len(m.axes)
     return _band_blocks(m, op.kind == "fill", tuple(int(x) for x in score_shape4[4 - R:]),
                         int(score_shape4[2]), int(score_shape4[3]), int(bn))
@@ -392,7 +416,7 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
     mod.attn_decode[(B * (H // G), splits)](
         q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk)),
         *q4.stride(), *k4.stride(), *v4.stride(),
-        H, G, nq, nk, d, dv, per, splits, *(band or (0, 0)),
+        H, G, nq, nk, d, dv, per, splits, *(band or (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv, num_warps=warps,
         num_stages=stages, BAND=band is not None, **_flags())
     mod.attn_decode_combine[(B * H * nq,)](
