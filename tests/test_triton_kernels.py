@@ -597,6 +597,32 @@ def test_skipped_key_blocks_are_never_read(monkeypatch):
     assert torch.isnan(out_p).all()  # eager: p = 0 times NaN in every row
 
 
+def test_forward_without_skipping_allocates_no_threshold(monkeypatch):
+    """Nothing to skip (no mask): no removal threshold is computed, and the THRESH the kernel
+    gets is the shared dummy (made once per device, never written), so the forward allocates
+    its outputs only."""
+    from fusion_pass.kernels.triton_attn import launch
+    monkeypatch.setattr(launch, "_threshold32", lambda *a, **kw: pytest.fail("threshold computed"))
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=0.25),))
+    q, k, v = (torch.randn(1, 2, 37, 16, device=DEVICE) for _ in range(3))
+    mod = ta.kernels(spec)
+    real, seen = mod.attn_fwd, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                seen.append(args[12])  # THRESH
+                return real[grid](*args, **kwargs)
+            return launch_
+    monkeypatch.setattr(mod, "attn_fwd", Recorder())
+    dummy = tr.dummy(q.device, torch.float32)
+    for _ in range(2):
+        out, lse = ta.forward(q, k, v, [], spec)
+    assert len(seen) == 2 and all(t is dummy for t in seen) and not dummy.any()
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * 0.25, -1) @ v.double()
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
 def test_predicate_support_and_fallback():
     """supports() is accurate: generated predicates run in-kernel; what the printer cannot write
     (a power, a rational factor) or a data tensor of the wrong rank goes back to materialising."""

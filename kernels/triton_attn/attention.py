@@ -422,17 +422,20 @@ def attn_fwd(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     n_blocks = tl.cdiv(N_K, BLOCK_N)
     if BAND:
-        # the key blocks and full tiles from the band's four integers (no range tensor); a call
-        # that must not skip (THRESH = +inf) visits every key block, as the host's ranges do
+        # the key blocks and full tiles from the band's four integers (no range tensor)
         lo, hi, flo, fhi = _band_key_blocks(pid_m, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK_M,
                                             BLOCK_N)
-        whole = tl.load(THRESH) == float("inf")
-        lo = tl.where(whole, 0, lo)
-        hi = tl.where(whole, n_blocks, hi)
-        flo, fhi = _clip_full(flo, fhi, lo, hi, N_K // BLOCK_N, FULL_TILES)
     else:
         # key blocks [lo, hi): all, or with SKIP those holding a key some row of this block keeps
         lo, hi = _block_range(RANGES, off_b * r_sb + off_h * r_sh, pid_m, SKIP, N_K, BLOCK_N)
+    if SKIP:
+        # a call that must not skip (THRESH = +inf: an input not finite) visits every key block
+        whole = tl.load(THRESH) == float("inf")
+        lo = tl.where(whole, 0, lo)
+        hi = tl.where(whole, n_blocks, hi)
+    if BAND:
+        flo, fhi = _clip_full(flo, fhi, lo, hi, N_K // BLOCK_N, FULL_TILES)
+    else:
         # full tiles [flo, fhi) within [lo, hi): every row keeps every key and no key is out of
         # bounds; the tiles before and after take the masked path
         flo, fhi = _full_range(FULL, off_b * f_sb + off_h * f_sh, pid_m, lo, hi, N_K // BLOCK_N,

@@ -14,10 +14,12 @@ with torch; that N x N buffer exists only while such an operand requires grad. G
 operands are reduced per tile in the kernel (one fp32 partial per tile pair). Block skipping's
 ranges (``ranges.py``) cost one evaluation of keep per score element (Bm * Hm * Nq * Nk) with torch
 ops, in chunks, per forward and per backward, except for bands (causal, windows, KV-cache offsets:
-``ranges.linear_band``), whose kernels compute their ranges themselves from four integers (no
-range tensor; the backward zeroes a (B * H, 2 + cdiv(Nq, BLOCK_M)) int32 buffer: the hull of the
-query blocks failing the removal rule, which its dQ kernel fills for the dK/dV kernel, and a flag
-per query block).
+``ranges.linear_band``), whose kernels (decode included) compute their ranges themselves from
+four integers (no range tensor; the backward zeroes a (B * H, 2 + cdiv(Nq, BLOCK_M)) int32
+buffer: the hull of the query blocks failing the removal rule, which its dQ kernel fills for the
+dK/dV kernel, and a flag per query block). The forward allocates its outputs and, in decode,
+one buffer of the splits' partials; nothing else per call (THRESH is a shared dummy when
+nothing is skipped).
 """
 from __future__ import annotations
 
@@ -408,10 +410,14 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
     B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
     bm, bn, splits, per, warps, stages = plan
     bdv = _pow2(dv)
-    # the splits' partials (fp32): unnormalised output, row max and sum, per (b, h, i, split)
-    po = torch.empty((B * H * nq * splits, bdv), dtype=torch.float32, device=q4.device)
-    pm = torch.empty((B * H * nq * splits,), dtype=torch.float32, device=q4.device)
-    pl = torch.empty_like(pm)
+    # the splits' partials (fp32): unnormalised output, row max and sum, per (b, h, i, split), in
+    # one allocation (each part starting 16-byte aligned)
+    n = B * H * nq * splits
+    n4 = triton.cdiv(n, 4) * 4
+    buf = torch.empty((n * bdv + 2 * n4,), dtype=torch.float32, device=q4.device)
+    po = buf[:n * bdv].view(n, bdv)
+    pm = buf[n * bdv:n * bdv + n]
+    pl = buf[n * bdv + n4:n * bdv + n4 + n]
     band = _decode_band(spec, (B, H, nq, nk), bn)
     mod.attn_decode[(B * (H // G), splits)](
         q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk)),
@@ -426,21 +432,22 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
 
 def forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out (..., Nq, Dv) in spec.out_dtype, lse (..., Nq) float32)."""
-    run = lambda: _forward(q, k, v, captured, spec, seed)  # noqa: E731
     q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
-    if decode_plan(*_dims(q4, k4, v4), spec, q.device) is not None:
+    plan = decode_plan(*_dims(q4, k4, v4), spec, q.device)
+    run = lambda: _forward(q, k, v, captured, spec, seed, plan)  # noqa: E731
+    if plan is not None:
         return run()  # the decode kernels' tiles are decode_plan's
     return _autotuned(kernels(spec), False, q4, k4, v4, run)
 
 
-def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
+def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0, plan=None):
+    """``forward``; ``plan``: its decode_plan (None: the forward kernel)."""
     batch = tuple(q.shape[:-2])
     q4, k4, v4 = _to4d(q), _to4d(k), _to4d(v)
     B, H, G, nq, nk, d, dv = _dims(q4, k4, v4)
     out = torch.empty((B, H, nq, dv), dtype=to_dtype(spec.out_dtype), device=q.device)
     lse = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
     mod = kernels(spec)
-    plan = decode_plan(B, H, G, nq, nk, d, dv, spec, q.device)
     if plan is not None:
         _decode(mod, q4, k4, v4, out, lse, captured, spec, plan)
         return out.reshape(batch + (nq, dv)), lse.reshape(batch + (nq,))
@@ -450,18 +457,15 @@ def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     band = _rng.linear_band(spec, (B, H, nq, nk))
     ranges = None if band is not None else \
         _rng.block_ranges(spec, captured, (B, H, nq, nk), bm, bn, q.device)
-    thresh = torch.zeros(1, dtype=torch.float32, device=q.device)
-    full = None
-    if band is not None:
-        thresh = _threshold32(spec, q4, k4, v4, captured)
-    elif ranges is not None:
-        # the removal rule (removal.py) per call, on the device: a call that must not skip visits
-        # every key block; the kernel checks each row's margin against THRESH itself
-        thresh = _threshold32(spec, q4, k4, v4, captured)
-        whole = torch.tensor([0, triton.cdiv(nk, bn)], dtype=torch.int32, device=q.device)
-        ranges = (torch.where(torch.isposinf(thresh), whole, ranges[0]).contiguous(), ranges[1])
-        full = _rng.full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
     skip = band is not None or ranges is not None
+    # the removal rule (removal.py) per call, on the device: a call that must not skip (THRESH =
+    # +inf) visits every key block, the kernel checks each row's margin against THRESH itself;
+    # without skipping THRESH is not read: a shared dummy, nothing allocated
+    thresh = _threshold32(spec, q4, k4, v4, captured) if skip else \
+        _rng.dummy(q.device, torch.float32)
+    full = None
+    if ranges is not None:
+        full = _rng.full_ranges(spec, (B, H, nq, nk), bm, bn, q.device)
     full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (
         not skip or band is not None or full is not None)
     mod.attn_fwd[grid](

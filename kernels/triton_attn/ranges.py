@@ -337,13 +337,14 @@ def backward_ranges(spec: AttentionSpec, ranges, q, k, v, do, captured, lse, bm:
 _DUMMIES: dict = {}
 
 
-def dummy(device) -> torch.Tensor:
-    """A 2-element int32 tensor on ``device``, made once: the pointer a kernel gets for ranges it
-    does not read (no allocation per call)."""
-    key = str(torch.device(device))
+def dummy(device, dtype=torch.int32) -> torch.Tensor:
+    """A 2-element zero tensor of ``dtype`` on ``device``, made once: the pointer a kernel gets
+    for ranges (or a threshold) it does not read (no allocation per call). Shared by every call:
+    a kernel may read it, never write it."""
+    key = (str(torch.device(device)), dtype)
     t = _DUMMIES.get(key)
     if t is None:
-        t = _DUMMIES[key] = torch.zeros(2, dtype=torch.int32, device=device)
+        t = _DUMMIES[key] = torch.zeros(2, dtype=dtype, device=device)
     return t
 
 
