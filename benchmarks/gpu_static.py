@@ -638,7 +638,8 @@ def main(argv=None):
     ap.add_argument("--json", help="write the rows and failed gates here")
     ap.add_argument("--markdown", help="write the table and failed gates here")
     ap.add_argument("--tma", action="store_true",
-                    help="the forward with tensor-descriptor (TMA) loads of K and V ($FUSION_PASS_TMA=1)")
+                    help="tensor-descriptor (TMA) loads: the forward's K and V, the dK/dV kernel's Q "
+                         "and dO ($FUSION_PASS_TMA=1)")
     ap.add_argument("--tune-set", action="store_true",
                     help="also compile and gate every autotune candidate (launch.tune_set)")
     ap.add_argument("--real", action="store_true",

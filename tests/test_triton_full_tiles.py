@@ -313,30 +313,40 @@ def test_tile_tuner_keeps_the_fastest_launchable_candidate(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensor descriptors (TMA) for the forward's K and V loads ($FUSION_PASS_TMA=1, Hopper or newer)
+# Tensor descriptors (TMA): the forward's K and V, the dK/dV kernel's Q and dO ($FUSION_PASS_TMA=1)
 # ---------------------------------------------------------------------------------------------
 
 def test_tma_loads_give_the_pointer_loads_results(monkeypatch):
-    # same values loaded (zero outside the keys and the head dim), so bitwise the same forward;
-    # a ragged last key block and a partial head dim (d = 40) included
-    for kind, w, d, n in (("sliding", 200, 64, 300), ("causal", 0, 40, 201)):
+    # same values loaded (zero outside the keys or queries and the head dim), so bitwise the same
+    # forward (K, V by descriptors) and backward (the dK/dV kernel's Q, dO); a ragged last block,
+    # a partial head dim (d = 40) and grouped-query heads included
+    for kind, w, d, n, H, HK in (("sliding", 200, 64, 300, 2, 2), ("causal", 0, 40, 201, 4, 2)):
         spec = _spec(kind, d, torch.bfloat16, w)
-        q, k, v, _ = _inputs(1, 2, 2, n, n, d, torch.bfloat16, seed=11)
-        with ta.target_arch(90):
-            monkeypatch.delenv(launch.TMA_ENV, raising=False)
-            assert launch._tma(k, v, q.device) == {}
-            ref = ta.forward(q, k, v, [], spec)
-            monkeypatch.setenv(launch.TMA_ENV, "1")
-            if d % 8 == 0:  # 16-byte rows
-                assert launch._tma(k, v, q.device) == {"TMA": True}
-            got = ta.forward(q, k, v, [], spec)
-        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+        q, k, v, go = _inputs(1, H, HK, n, n, d, torch.bfloat16, seed=11)
+        runs = []
+        for tma in (False, True):
+            with ta.target_arch(90):
+                if tma:
+                    monkeypatch.setenv(launch.TMA_ENV, "1")
+                    if d % 8 == 0:  # 16-byte rows
+                        assert launch._tma(k, v, q.device) == {"TMA": True}
+                        assert launch._tma(q, go, q.device) == {"TMA": True}
+                else:
+                    monkeypatch.delenv(launch.TMA_ENV, raising=False)
+                    assert launch._tma(k, v, q.device) == {}
+                out, lse = ta.forward(q, k, v, [], spec)
+                runs.append((out, lse) + tuple(ta.backward(go, q, k, v, [], out, lse, spec, 0,
+                                                           [])[:3]))
+        for name, got, ref in zip(("out", "lse", "dq", "dk", "dv"), runs[1], runs[0]):
+            assert torch.equal(got, ref), name
     # layouts TMA cannot take: plain pointers
     monkeypatch.setenv(launch.TMA_ENV, "1")
     k = torch.randn(1, 2, 300, 64, dtype=torch.bfloat16, device=DEVICE)
     assert launch._tma(k.transpose(-1, -2).contiguous().transpose(-1, -2), k, k.device) == {}
     assert launch._tma(torch.randn(1, 2, 300, 68, dtype=torch.bfloat16, device=DEVICE)[..., :60],
                        k, k.device) == {}  # rows of 136 bytes
+    assert launch._tma(k, torch.randn(1, 2, 1, 64).to(DEVICE, torch.bfloat16).expand(1, 2, 300, 64),
+                       k.device) == {}  # a gradient broadcast over the rows
 
 
 def _spelled(spec: AttentionSpec, spelling: str) -> AttentionSpec:

@@ -576,8 +576,10 @@ def attn_bwd_dkdv(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
     SKIP: tl.constexpr, FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
-    BAND: tl.constexpr = False,
+    BAND: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
+    # TMA: the query blocks' Q and dO tiles are loaded through tensor descriptors of each head
+    # (zero outside [0, N_Q) x [0, D)), as the forward loads K and V (launch._tma)
     pid_n, off_bk = _program_ids(N_K, BLOCK_N, False)
     off_b = off_bk // (H // G)
     off_hk = off_bk % (H // G)
@@ -598,6 +600,11 @@ def attn_bwd_dkdv(
         off_bh = off_b * H + off_h
         Q_bh = Q + off_b * sqb + off_h * sqh
         DO_bh = DO + off_b * sdob + off_h * sdoh
+        if TMA:
+            Q_d = tl.make_tensor_descriptor(Q_bh, shape=[N_Q, D], strides=[sqm, 1],
+                                            block_shape=[BLOCK_M, BLOCK_D])
+            DO_d = tl.make_tensor_descriptor(DO_bh, shape=[N_Q, DV], strides=[sdom, 1],
+                                             block_shape=[BLOCK_M, BLOCK_DV])
         # query blocks [lo, hi): all, or with SKIP those some of whose rows keep a key here; the
         # full tiles [flo, fhi) among them (the transpose of the forward's) skip the mask step
         if BAND:
@@ -620,19 +627,25 @@ def attn_bwd_dkdv(
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 Q_t = Q_bh + tl.cast(start_m, tl.int64) * sqm
                 DO_t = DO_bh + tl.cast(start_m, tl.int64) * sdom
+                if TMA:
+                    q = Q_d.load([start_m, 0])
+                    do = DO_d.load([start_m, 0]).to(v.dtype)
                 if phase == 1:
                     valid = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
-                    q = _load_rows(Q_t, tl.arange(0, BLOCK_M), sqm, offs_d, sqd, D, EVEN_D)
-                    do = _load_rows(DO_t, tl.arange(0, BLOCK_M), sdom, offs_dv, sdod, DV,
-                                    EVEN_D).to(v.dtype)
+                    if not TMA:
+                        q = _load_rows(Q_t, tl.arange(0, BLOCK_M), sqm, offs_d, sqd, D, EVEN_D)
+                        do = _load_rows(DO_t, tl.arange(0, BLOCK_M), sdom, offs_dv, sdod, DV,
+                                        EVEN_D).to(v.dtype)
                     lse = tl.load(LSE + off_bh * N_Q + offs_m)
                     delta = tl.load(DELTA + off_bh * N_Q + offs_m)
                 else:
                     m_valid = offs_m < N_Q
                     valid = m_valid[:, None] & n_valid[None, :]
-                    q = _load_tile(Q_t, tl.arange(0, BLOCK_M), sqm, N_Q - start_m, offs_d, sqd, D)
-                    do = _load_tile(DO_t, tl.arange(0, BLOCK_M), sdom, N_Q - start_m, offs_dv,
-                                    sdod, DV).to(v.dtype)
+                    if not TMA:
+                        q = _load_tile(Q_t, tl.arange(0, BLOCK_M), sqm, N_Q - start_m, offs_d,
+                                       sqd, D)
+                        do = _load_tile(DO_t, tl.arange(0, BLOCK_M), sdom, N_Q - start_m,
+                                        offs_dv, sdod, DV).to(v.dtype)
                     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
                     delta = tl.load(DELTA + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
                 if LOG2_UNITS:

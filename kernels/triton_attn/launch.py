@@ -288,11 +288,13 @@ _TMA_ALLOCATOR: List[bool] = []
 
 
 def _tma(k4, v4, device) -> dict:
-    """{"TMA": True} when the forward loads K and V through tensor descriptors (the tensor memory
-    accelerator): opt-in ($FUSION_PASS_TMA=1) while unmeasured, Hopper or newer (or the
-    interpreter), and a layout TMA takes: unit last stride, every other stride and the base 16-byte
-    aligned. Else {} (plain pointers). On the GPU the kernel builds its descriptors in a global
-    scratch buffer, so Triton needs an allocator: one is installed on first use (process-wide)."""
+    """{"TMA": True} when a kernel loads two operands through tensor descriptors (the tensor
+    memory accelerator): the forward K and V, the dK/dV kernel Q and dO. Opt-in
+    ($FUSION_PASS_TMA=1) while unmeasured, Hopper or newer (or the interpreter), and a layout TMA
+    takes: unit last stride, rows apart (no stride 0: a broadcast gradient), every other stride
+    and the base 16-byte aligned. Else {} (plain pointers). On the GPU the kernel builds its
+    descriptors in a global scratch buffer, so Triton needs an allocator: one is installed on
+    first use (process-wide)."""
     if os.environ.get(TMA_ENV) != "1":
         return {}
     arch = _arch(device)
@@ -300,7 +302,8 @@ def _tma(k4, v4, device) -> dict:
         return {}
     for t in (k4, v4):
         e = t.element_size()
-        if t.stride(-1) != 1 or t.data_ptr() % 16 or any((st * e) % 16 for st in t.stride()[:-1]):
+        if t.stride(-1) != 1 or t.stride(-2) == 0 or t.data_ptr() % 16 \
+                or any((st * e) % 16 for st in t.stride()[:-1]):
             return {}
     if torch.device(device).type == "cuda" and not _TMA_ALLOCATOR:
         triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8,
@@ -570,7 +573,8 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
         *_rng._range_args(ranges[1] if ranges else None, B, H, q.device),
         *_rng._range_args(full_k, B, H, q.device), fails, *band_args,
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dk.stride(), *dvt.stride(),
-        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common)
+        H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, **common,
+        **_tma(q4, do4, q.device))
 
     dcap: List[Optional[torch.Tensor]] = []
     for i, (kind, c) in enumerate(zip(spec.captured, captured)):
