@@ -632,7 +632,7 @@ _threads_for_share = one_thread(when=lambda: _SHARE.others_busy())
 def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     """Returns (out, lse): lse is the row log-sum-exp of the final scores, in float32."""
     squeeze = q.dim() == 2
-    # the output in the layout the op returns (q's: ``layout.out_empty``), written tile by tile
+    # the output in the layout the op returns (``layout.out_empty``), written tile by tile
     out = _as_3d(layout.out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(spec.out_dtype)))
     q, k, v = _as_3d(q), _as_3d(k), _as_3d(v)
     batch = tuple(q.shape[:-2])

@@ -53,7 +53,8 @@ def out_empty(q: Tensor, shape: tuple, dtype) -> Tensor:
     """The forward's output layout follows q's, as ATen's CPU flash kernel's does: heads-major
     ((..., N, H, Dv) memory viewed as (..., H, N, Dv)) for a heads-major q, so that the model's
     ``out.transpose(1, 2).reshape(B, N, H * Dv)`` is a view (a contiguous promise cost two
-    output-sized copies there: ours, then the model's), else contiguous (a q made by RoPE)."""
+    output-sized copies there: ours, then the model's), else contiguous (a q made by RoPE; ATen's
+    kernel then writes a contiguous output too, so a fixed heads-major promise would copy it)."""
     if not heads_major(q):
         return q.new_empty(shape, dtype=dtype)
     return q.new_empty(shape[:-3] + (shape[-2], shape[-3], shape[-1]), dtype=dtype).transpose(-3, -2)

@@ -20,7 +20,8 @@ the generated Triton kernels (``triton_attention.py``); on CPU, ATen's fused fla
 normalised spec is exactly its function in this call (``cpu_flash.py`` says when); everywhere else
 the tiled implementation of ``cpu.py`` (device-agnostic torch ops, never an N x N buffer), which
 covers every spec. Where more than one is exact, ``select.pick`` runs the faster, measured once per
-shape bucket and cached. The output keeps q's layout (``layout.out_empty``): no output-sized copy.
+shape bucket and cached. The output follows q's layout and the gradients are heads-major, as ATen's
+kernel writes them (``layout``); the tiled path writes both in place, so neither is copied.
 Forward and backward decide independently and consistently:
 both compute the same function, and the tiled backward does not read the forward's lse. Every
 path skips a masked key only under the one rule of ``removal.py`` (exact zero probability, NaN and

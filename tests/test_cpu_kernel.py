@@ -469,3 +469,4 @@ def test_rows_keeping_no_key_are_not_recomputed_and_keep_their_bits(site, poison
         torch.testing.assert_close(got[0], ref, rtol=1e-12, atol=1e-12, equal_nan=True)
         for a, b in zip(got[1:], torch.autograd.grad(ref, (qs, ks, vs), grad)):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12, equal_nan=True)
+
