@@ -1,12 +1,13 @@
-"""FlexAttention's CPU kernel as a forward candidate for inference sites.
+"""FlexAttention's CPU kernel as a forward candidate.
 
 torch's FlexAttention compiles ``softmax(score_mod(q @ k^T))`` with a BlockMask into a vectorised
 C++ kernel on CPU (Inductor's CPU flex template) that skips the key blocks no row keeps. On window,
 soft-cap and ALiBi sites it is 1.4-1.9x faster than the tiled implementation (RESULTS.md, issue 11),
-but it is inference-only on CPU: no backward and no log-sum-exp. So it is a candidate only for
-specs the rewrite proved ``inference`` (no input requires a gradient: no backward exists, and the
-lse this path returns, NaN, is never read; a backward that did read it would fail
-``cpu_flash.rows_ok`` and recompute on the tiled path).
+but on CPU it has no backward and returns no log-sum-exp. So it computes forwards only, inside
+the op (detached inputs): for specs the rewrite proved ``inference``, and for training specs whose
+backward is the tiled path's (``select.route``: no ATen kernel for the spec), which recomputes
+from q, k, v and never reads the forward's lse. The lse this path returns is NaN; a backward that
+did read it (ATen's) would fail ``cpu_flash.rows_ok`` and recompute on the tiled path.
 
 **What it computes.** ``score_mod`` here is the spec's chain itself, step by step in the model's
 order (``_chain``): every step float32, as eager computes it, the masking step included (the
@@ -75,9 +76,10 @@ def _is_mask_step(spec: AttentionSpec, op) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def plan(spec: AttentionSpec) -> Optional[FlexPlan]:
-    """The static half: an inference float32 spec without dropout whose chain FlexAttention can
-    evaluate, with at most one masking step and that one last; None otherwise."""
-    if not spec.inference or spec.dropout_p:
+    """The static half: a float32 spec without dropout whose chain FlexAttention can evaluate,
+    with at most one masking step and that one last; None otherwise. (Which specs it is offered
+    for, inference or also training, is ``select.route``'s call.)"""
+    if spec.dropout_p:
         return None
     dts = {spec.qk_dtype, spec.softmax_dtype, spec.prob_dtype, spec.out_dtype}
     dts |= {op.dtype for op in spec.score_ops}
@@ -375,27 +377,19 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
         bm = _block_mask(spec, p, batch_shape, nq, nk)
     # scalars as float32 0-dim tensors (eager converts a Python number to the scores' float32);
     # tensors as 4-D views (leading dims of size 1), as q, k, v are viewed
+    # detached views: a training site's inputs require gradients, which FlexAttention refuses on
+    # CPU; this op's backward is the tiled path's, which recomputes from q, k, v
     caps = [torch.tensor(c.item(), dtype=torch.float32) if kind == "scalar"
-            else c.reshape((1,) * (4 - c.dim()) + tuple(c.shape)) if kind == "tensor" else c
-            for c, kind in zip(captured, spec.captured)]
-    q4, k4, v4 = _as_4d(q), _as_4d(k), _as_4d(v)
+            else c.detach().reshape((1,) * (4 - c.dim()) + tuple(c.shape)) if kind == "tensor"
+            else c for c, kind in zip(captured, spec.captured)]
+    q4, k4, v4 = _as_4d(q.detach()), _as_4d(k.detach()), _as_4d(v.detach())
     gqa = q4.shape[1] != k4.shape[1]
     for t in (q4, k4, v4):
         if t.shape[-2] > 1:  # 0/1-sized dims are specialised by Dynamo anyway
             torch._dynamo.maybe_mark_dynamic(t, 2)
-    # the call's facts: max |x| and finiteness of q, k, v and the float operands, one pass each
-    # (``removal._stats``); checked before the kernel runs
-    stats = [removal._stats(t) for t in (q, k, v)]
-    stats += [removal._stats(c) for c, kind in zip(captured, spec.captured)
-              if kind in ("tensor", "scalar") and c.is_floating_point()]
-    if not all(bool(fin) for _, fin in stats):
+    exact, bm = _call_facts(spec, p, q, k, v, captured, rows, bm)
+    if not exact:
         return None
-    if not _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, bm is not None):
-        if bm is None:
-            return None
-        bm = None  # skipping is not proven for this call: compute every block
-        if not _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, False):
-            return None
     try:
         out = _kernel(spec, bm is not None)(q4, k4, v4, bm, gqa, caps,
                                             torch.tensor(sizes, dtype=torch.int64))
@@ -407,6 +401,25 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
     out = out.reshape(tuple(q.shape[:-1]) + (v.shape[-1],))
     lse = torch.full(tuple(q.shape[:-1]), math.nan, dtype=torch.float32)
     return out, lse
+
+
+@cpu.one_thread()
+def _call_facts(spec, p: FlexPlan, q, k, v, captured, rows: bool, bm):
+    """(whether FlexAttention computes this call exactly, the BlockMask to use: ``bm``, or None
+    where skipping is not proven for this call). The call's facts: max |x| and finiteness of q, k,
+    v and the float operands, one pass each (``removal._stats``), before the kernel runs; on one
+    intra-op thread, as ``cpu_flash.usable``'s (small parallel regions stall on a busy machine)."""
+    stats = [removal._stats(t) for t in (q, k, v)]
+    stats += [removal._stats(c) for c, kind in zip(captured, spec.captured)
+              if kind in ("tensor", "scalar") and c.is_floating_point()]
+    if not all(bool(fin) for _, fin in stats):
+        return False, None
+    if _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, bm is not None):
+        return True, bm
+    if bm is None:
+        return False, None
+    # skipping is not proven for this call: compute every block
+    return _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, False), None
 
 
 def _exact(spec, p: FlexPlan, qmax, kmax, q, k, v, captured, rows: bool, skipped: bool) -> bool:

@@ -8,9 +8,10 @@ dispatch through ``route(spec)`` and ``pick``, and the report prints ``route(spe
 * ``aten_flash``: ATen's CPU flash kernel, for specs whose normalised form is its function
   (``cpu_flash.plan``), per call only where ``cpu_flash.usable`` / ``rows_ok`` prove it exact;
 * ``tiled``: the tiled implementation (``cpu.py``), every spec on every device;
-* ``flex``: FlexAttention's compiled CPU kernel (``cpu_flex.py``), forward only, for specs the
-  rewrite proved ``inference``; last in the static order (it compiles for seconds on a spec's first
-  call), so it runs only where a measurement chose it.
+* ``flex``: FlexAttention's compiled CPU kernel (``cpu_flex.py``), forward only: for specs the
+  rewrite proved ``inference``, and for training specs ATen's kernel does not serve (their
+  backward is the tiled path's, which does not read the forward's lse); last in the static order
+  (it compiles for seconds on a spec's first call), so it runs only where a measurement chose it.
 
 **Measured choice.** Where more than one kernel is exact for a call, the first call of a
 (spec, shape bucket, dtype, device, direction) runs each candidate once on the call's own inputs,
@@ -48,7 +49,7 @@ MEASURE_MIN_ELEMENTS = 1 << 20
 MARGIN = 0.85
 
 NAMES = {"triton": "generated Triton kernels", "aten_flash": "ATen flash kernel",
-         "tiled": "tiled implementation", "flex": "FlexAttention (compiled, CPU, inference)"}
+         "tiled": "tiled implementation", "flex": "FlexAttention (compiled, CPU, forward)"}
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,9 @@ class Route:
                 cpu += ("; where both are exact the faster is measured once per shape bucket "
                         "and cached")
         if "flex" in self.cpu:
-            cpu += ("; FlexAttention's compiled CPU kernel (inference: no input requires a "
-                    "gradient) where measured faster and exact for the call (inputs and scores "
-                    "finite, every row keeping a key; a BlockMask where the removal rule holds)")
+            cpu += ("; FlexAttention's compiled CPU kernel for the forward where measured faster "
+                    "and exact for the call (inputs and scores finite, every row keeping a key; a "
+                    "BlockMask where the removal rule holds)")
         if self.span_skip:
             cpu += "; the tiled implementation skips the keys no row of a query block keeps"
         rule = f"; {self.rule}" if self.rule else ""
@@ -104,7 +105,10 @@ def route(spec: AttentionSpec) -> Route:
     if form is None:
         p = None
     cpu = ("aten_flash", "tiled") if p is not None else ("tiled",)
-    if cpu_flex.plan(spec) is not None:
+    # FlexAttention's CPU kernel: a forward with no lse (NaN). For inference specs; for training
+    # specs too where ATen's kernel is no candidate: the backward is then the tiled path's, which
+    # recomputes from q, k, v and never reads the forward's lse (ATen's backward needs the lse)
+    if cpu_flex.plan(spec) is not None and (spec.inference or p is None):
         cpu += ("flex",)
     cuda = ("tiled",) if spec.biases else ("triton", "tiled")
     return Route(cpu, cuda, p, removal.causal_removal(spec) is not None,

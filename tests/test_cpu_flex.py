@@ -1,4 +1,5 @@
-"""FlexAttention's CPU kernel as the forward of inference sites (``kernels/cpu_flex.py``).
+"""FlexAttention's CPU kernel as a forward (``kernels/cpu_flex.py``): inference sites, and training
+sites whose backward is the tiled path's.
 
 * the kernel against float64 by the 2x-eager rule, on the patterns of test_kernel_paths.py it
   takes (float32, inference), each compiled once (seconds: a few in the default run, the rest
@@ -58,13 +59,17 @@ def test_plan_takes_the_patterns_it_should():
     assert not taken & {"bool_fill", "where_keep", "mask_inf", "mask_finfo_min", "mixed",
                         "pred_padding_fill", "pred_padding_additive", "pred_sdpa_padding"}, taken
     spec = _inference_spec("pred_window", shape)[0]
-    assert cpu_flex.plan(dataclasses.replace(spec, inference=False)) is None
     ops, kinds, *rest = PATTERNS["pred_window"](shape.score, torch.bfloat16)
     low = _spec(ops, kinds, torch.bfloat16, extra=rest[-1])
     assert cpu_flex.plan(dataclasses.replace(low, inference=True)) is None
     assert cpu_flex.plan(dataclasses.replace(spec, dropout_p=0.1)) is None
-    assert "flex" in select.route(spec).cpu and "flex" not in select.route(
-        dataclasses.replace(spec, inference=False)).cpu
+    # training: offered where the backward is the tiled path's anyway (it never reads the
+    # forward's lse, which this path does not compute), not where ATen's backward would need it
+    train = dataclasses.replace(spec, inference=False)
+    assert select.route(spec).cpu == select.route(train).cpu == ("tiled", "flex")
+    causal = _inference_spec("pred_causal_additive", shape)[0]
+    assert select.route(causal).cpu == ("aten_flash", "tiled", "flex")
+    assert select.route(dataclasses.replace(causal, inference=False)).cpu == ("aten_flash", "tiled")
 
 
 @pytest.mark.parametrize("pattern,shape_name", list(_cases()))
@@ -193,7 +198,8 @@ def test_rewrite_proves_inference_only_without_gradients(mode, spy_specs, fresh_
 
 def test_end_to_end_inference_runs_on_flex(monkeypatch, fresh_dynamo):
     """Routed to FlexAttention first (the static order, as a measured choice would), a compiled
-    model under no_grad gets eager's answer from it; in training the same model never reaches it."""
+    model under no_grad gets eager's answer from it; in training too (a window: no ATen kernel),
+    its forward runs there and the tiled backward gives eager's gradients."""
     calls = []
     orig_route, orig_fwd = select.route, cpu_flex.forward
 
@@ -220,8 +226,13 @@ def test_end_to_end_inference_runs_on_flex(monkeypatch, fresh_dynamo):
     assert calls == [True, True]
     x = torch.randn(2, 40, 16)
     out = compiled(x)
-    out.sum().backward()
-    assert calls == [True, True]  # training: not an inference spec, never offered to Flex
+    g = torch.randn(out.shape)
+    grads = torch.autograd.grad(out, list(model.parameters()), g)
+    assert calls == [True, True, True]  # training: the forward on Flex too
+    ref = model(x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads, torch.autograd.grad(ref, list(model.parameters()), g)):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

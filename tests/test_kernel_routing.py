@@ -419,8 +419,10 @@ def test_route_is_the_one_routing():
     win = MaskSpec(keep=sympy.srepr(sympy.And(j <= i, j > i - 8)), axes=("b", "h", "i", "j"))
     import dataclasses
     wspec = dataclasses.replace(spec, masks=(win,))
-    assert select.route(wspec).cpu == ("tiled",)
+    # FlexAttention's forward too (the window's backward is the tiled path's, lse unread)
+    assert select.route(wspec).cpu == ("tiled", "flex")
     assert "CPU: tiled implementation" in select.route(wspec).describe()
+    assert "FlexAttention's compiled CPU kernel for the forward" in select.route(wspec).describe()
 
 
 def test_a_compiled_candidate_is_warmed_then_timed_on_the_whole_call(choices, monkeypatch):
