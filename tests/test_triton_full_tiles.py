@@ -313,13 +313,13 @@ def test_tile_tuner_keeps_the_fastest_launchable_candidate(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# Tensor descriptors (TMA): the forward's K and V, the dK/dV kernel's Q and dO ($FUSION_PASS_TMA=1)
+# Tensor descriptors (TMA, $FUSION_PASS_TMA=1): K, V in the forward and dQ kernels, Q, dO in dK/dV
 # ---------------------------------------------------------------------------------------------
 
 def test_tma_loads_give_the_pointer_loads_results(monkeypatch):
     # same values loaded (zero outside the keys or queries and the head dim), so bitwise the same
-    # forward (K, V by descriptors) and backward (the dK/dV kernel's Q, dO); a ragged last block,
-    # a partial head dim (d = 40) and grouped-query heads included
+    # forward (K, V by descriptors) and backward (the dQ kernel's K, V; the dK/dV kernel's Q,
+    # dO); a ragged last block, a partial head dim (d = 40) and grouped-query heads included
     for kind, w, d, n, H, HK in (("sliding", 200, 64, 300, 2, 2), ("causal", 0, 40, 201, 4, 2)):
         spec = _spec(kind, d, torch.bfloat16, w)
         q, k, v, go = _inputs(1, H, HK, n, n, d, torch.bfloat16, seed=11)

@@ -534,19 +534,27 @@ def _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K):
 def _bwd_kv_tile(q, do, lse, K_bh, V_bh, start_n, OPS, off_b, off_h, offs_m, m_valid, offs_d,
                  offs_dv, skn, skd, svn, svd, N_K, D, DV,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST_DOT: tl.constexpr,
-                 ALLOW_TF32: tl.constexpr, EVEN_D: tl.constexpr, FULL: tl.constexpr):
-    # the dQ kernel's key block at start_n: its K tile, indices, bounds and _bwd_tile
+                 ALLOW_TF32: tl.constexpr, EVEN_D: tl.constexpr, FULL: tl.constexpr,
+                 TMA: tl.constexpr = False):
+    # the dQ kernel's key block at start_n: its K tile, indices, bounds and _bwd_tile. TMA: K_bh
+    # and V_bh are tensor descriptors of the head (as in _fwd_tile)
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    K_t = K_bh + tl.cast(start_n, tl.int64) * skn
-    V_t = V_bh + tl.cast(start_n, tl.int64) * svn
+    if TMA:
+        k = K_bh.load([start_n, 0])
+        v = V_bh.load([start_n, 0])
+    else:
+        K_t = K_bh + tl.cast(start_n, tl.int64) * skn
+        V_t = V_bh + tl.cast(start_n, tl.int64) * svn
     if FULL:
         valid = tl.full([BLOCK_M, BLOCK_N], 1, tl.int1)
-        k = _load_rows(K_t, tl.arange(0, BLOCK_N), skn, offs_d, skd, D, EVEN_D)
-        v = _load_rows(V_t, tl.arange(0, BLOCK_N), svn, offs_dv, svd, DV, EVEN_D)
+        if not TMA:
+            k = _load_rows(K_t, tl.arange(0, BLOCK_N), skn, offs_d, skd, D, EVEN_D)
+            v = _load_rows(V_t, tl.arange(0, BLOCK_N), svn, offs_dv, svd, DV, EVEN_D)
     else:
         valid = m_valid[:, None] & (offs_n < N_K)[None, :]
-        k = _load_tile(K_t, tl.arange(0, BLOCK_N), skn, N_K - start_n, offs_d, skd, D)
-        v = _load_tile(V_t, tl.arange(0, BLOCK_N), svn, N_K - start_n, offs_dv, svd, DV)
+        if not TMA:
+            k = _load_tile(K_t, tl.arange(0, BLOCK_N), skn, N_K - start_n, offs_d, skd, D)
+            v = _load_tile(V_t, tl.arange(0, BLOCK_N), svn, N_K - start_n, offs_dv, svd, DV)
     s0, T, p, dp = _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, offs_m, offs_n, valid,
                              UPCAST_DOT, ALLOW_TF32, FULL)
     return k, offs_n, valid, s0, T, p, dp
@@ -680,8 +688,9 @@ def attn_bwd_dq(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     UPCAST_DOT: tl.constexpr, ALLOW_TF32: tl.constexpr, ROW_STATS: tl.constexpr,
     SKIP: tl.constexpr, GRAD: tl.constexpr, FULL_TILES: tl.constexpr, EVEN_D: tl.constexpr,
-    BAND: tl.constexpr = False,
+    BAND: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
+    # TMA: the key blocks' K and V tiles through tensor descriptors of the head (launch._tma)
     pid_m, off_bh = _program_ids(N_Q, BLOCK_M, True)
     off_b = off_bh // H
     off_h = off_bh % H
@@ -694,6 +703,11 @@ def attn_bwd_dq(
     do = _load_tile(DO + off_b * sdob + off_h * sdoh, offs_m, sdom, N_Q, offs_dv, sdod, DV).to(V.dtype.element_ty)
     K_bh = K + off_b * skb + off_hk * skh
     V_bh = V + off_b * svb + off_hk * svh
+    if TMA:
+        K_bh = tl.make_tensor_descriptor(K_bh, shape=[N_K, D], strides=[skn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_D])
+        V_bh = tl.make_tensor_descriptor(V_bh, shape=[N_K, DV], strides=[svn, 1],
+                                         block_shape=[BLOCK_N, BLOCK_DV])
     # in the units of the exponential (base 2 when log2(e) is folded into the chain)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0), and
@@ -744,7 +758,7 @@ def attn_bwd_dq(
                 k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                     q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
                     offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
-                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+                    BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1, TMA)
                 pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)
                 r += tl.sum(p, 1)
                 delta += tl.sum(p * dp, 1)
@@ -765,7 +779,7 @@ def attn_bwd_dq(
             k, offs_n, valid, s0, T, p, dp = _bwd_kv_tile(
                 q, do, lse, K_bh, V_bh, blk_n * BLOCK_N, OPS, off_b, off_h, offs_m, m_valid,
                 offs_d, offs_dv, skn, skd, svn, svd, N_K, D, DV,
-                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1)
+                BLOCK_M, BLOCK_N, UPCAST_DOT, ALLOW_TF32, EVEN_D, phase == 1, TMA)
             if ROW_STATS:
                 p = p * inv_r[:, None]
             pd, dp = _bwd_dropout(p, dp, seed, off_bh, offs_m, offs_n, N_Q, N_K)

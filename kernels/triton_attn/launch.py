@@ -289,7 +289,7 @@ _TMA_ALLOCATOR: List[bool] = []
 
 def _tma(k4, v4, device) -> dict:
     """{"TMA": True} when a kernel loads two operands through tensor descriptors (the tensor
-    memory accelerator): the forward K and V, the dK/dV kernel Q and dO. Opt-in
+    memory accelerator): the forward and dQ kernels K and V, the dK/dV kernel Q and dO. Opt-in
     ($FUSION_PASS_TMA=1) while unmeasured, Hopper or newer (or the interpreter), and a layout TMA
     takes: unit last stride, rows apart (no stride 0: a broadcast gradient), every other stride
     and the base 16-byte aligned. Else {} (plain pointers). On the GPU the kernel builds its
@@ -566,7 +566,7 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
         *_rng._range_args(full_q, B, H, q.device), thr, math.log(max(nk, 1)), fails, *band_args,
         *q4.stride(), *k4.stride(), *v4.stride(), *do4.stride(), *dq.stride(),
         H, G, nq, nk, d, dv, _seed32(seed), ROW_STATS=row_stats, SKIP=skip, GRAD=grad_bits,
-        **common)
+        **common, **_tma(k4, v4, q.device))
     # after dq: with ROW_STATS it is the dq kernel that writes delta and inv_r
     mod.attn_bwd_dkdv[(triton.cdiv(nk, bn) * B * (H // G),)](
         q4, k4, v4, do4, lse3, delta, inv_r, dk, dvt, ops,
