@@ -64,6 +64,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -444,7 +445,9 @@ def make_flex(q, k, v, ctx, row):
     return lambda: fn(q, k, v, block_mask=block_mask)
 
 
-MAKERS = {"ours": make_ours, "sdpa": make_sdpa, "flex": make_flex}
+# ``ours_tma``: ours with ``$FUSION_PASS_TMA=1`` for the whole row (forward and backward): K/V (and
+# in the dK/dV kernel Q/dO) through tensor descriptors, opt-in until a GPU run measures it
+MAKERS = {"ours": make_ours, "ours_tma": make_ours, "sdpa": make_sdpa, "flex": make_flex}
 
 
 def _cpu_bench(fn, warmup, rep, grad_to_none=()):
@@ -493,6 +496,22 @@ def _context(row, args, cache):
 
 
 def measure(row, args, cache):
+    if row["impl"] != "ours_tma":
+        return _measure(row, args, cache)
+    from fusion_pass.kernels.triton_attn.launch import TMA_ENV
+    old = os.environ.get(TMA_ENV)
+    os.environ[TMA_ENV] = "1"
+    try:
+        _measure(row, args, cache)
+        row["path"] = row.get("path", "") + ", TMA"
+    finally:
+        if old is None:
+            os.environ.pop(TMA_ENV, None)
+        else:
+            os.environ[TMA_ENV] = old
+
+
+def _measure(row, args, cache):
     import torch
     dev = args.device
     if dev == "cuda":
@@ -506,7 +525,7 @@ def measure(row, args, cache):
     row["dense_pairs"] = info["dense_pairs"]
     if info["dense_pairs"] != row["kept_pairs"]:
         row["pairs_mismatch"] = True  # the predicate does not keep what the formula counts
-    if row["impl"] == "ours":
+    if row["impl"].startswith("ours"):
         add_tiles(row, info)
         row["ranges_ms"] = info["fwd"][3] + (info["bwd"][3] if row["mode"] == "fwdbwd" else 0.0)
     if row["mode"] == "fwd":

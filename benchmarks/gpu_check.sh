@@ -7,9 +7,9 @@
 #   bash benchmarks/gpu_check.sh            # from anywhere; results go to $OUT if set
 #
 # Expects the project installed (pip install --no-deps --no-build-isolation -e .) and a CUDA GPU.
-# Budget: tests <= 170 s, static <= 160 s, decode <= 75 s, then the benchmark gets what is left (at
-# most 230 s of rows; on the timeout's SIGTERM it prints the table of what it measured within the
-# 15 s grace), total <= 470 s.
+# Budget: tests <= 170 s, static <= 160 s, decode <= 75 s, TMA A/B <= 55 s, then the benchmark gets
+# what is left (at most 230 s of rows; on the timeout's SIGTERM it prints the table of what it
+# measured within the 15 s grace), total <= 470 s.
 set -u
 if [ -z "${GPU_CHECK_INNER:-}" ]; then
     GPU_CHECK_INNER=1 exec timeout -k 5 470 bash "$0" "$@"
@@ -65,6 +65,14 @@ timeout -k 5 75 python benchmarks/gpu_decode_bench.py --budget-s 45 --json "$RES
     2>&1 | tee "$RES/gpu_decode.log" | tail -30
 echo "decode rc=${PIPESTATUS[0]} (124: timed out)"
 echo "decode took $(( $(date +%s) - start )) s"
+
+echo "== TMA A/B (FUSION_PASS_TMA=1: K/V, and Q/dO in the dK/dV kernel, through tensor descriptors)"
+# opt-in until measured: ours with and without it, side by side, d=128 bf16 at N=8192
+timeout -k 5 55 python benchmarks/gpu_bench.py --impls ours ours_tma --dims 128 --sizes 8192 \
+    --patterns causal window --budget-s 30 --json "$RES/gpu_bench_tma.json" 2>&1 \
+    | tee "$RES/gpu_bench_tma.log" | grep -v '^  File\|^    ' | tail -12
+echo "tma rc=${PIPESTATUS[0]} (124: timed out)"
+echo "tma took $(( $(date +%s) - start )) s"
 
 echo "== benchmark"
 left=$(( 460 - ($(date +%s) - start) ))
