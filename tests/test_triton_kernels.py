@@ -623,6 +623,35 @@ def test_forward_without_skipping_allocates_no_threshold(monkeypatch):
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
 
 
+def test_backward_buffers_it_does_not_write_are_the_shared_dummy(monkeypatch):
+    """INV_R without ROW_STATS and the gradient buffer of a captured scalar that needs no
+    gradient are never written by the kernels: the shared dummy, not an allocation per call;
+    the gradients still match the CPU reference."""
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "scalar", index=0),), captured=("scalar",))
+    scale = torch.tensor(0.25, device=DEVICE)
+    q, k, v, go = (torch.randn(1, 2, 37, 16, device=DEVICE) for _ in range(4))
+    assert not ta._needs_row_stats(spec, torch.float32)
+    mod = ta.kernels(spec)
+    real, seen = mod.attn_bwd_dq, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch_(*args, **kwargs):
+                seen.append((args[6], args[9]))  # INV_R, the gradient buffers DC
+                return real[grid](*args, **kwargs)
+            return launch_
+    monkeypatch.setattr(mod, "attn_bwd_dq", Recorder())
+    dummy = tr.dummy(q.device, torch.float32)
+    out, lse = ta.forward(q, k, v, [scale], spec)
+    got = ta.backward(go, q, k, v, [scale], out, lse, spec, 0, [False])
+    (inv_r, dc), = seen
+    assert inv_r is dummy and len(dc) == 1 and dc[0] is dummy
+    assert not dummy.any() and got[3] == [None]
+    exp = cpu.attention_backward(go, q, k, v, [scale], out, lse, spec, 0, [False])
+    for g, e in zip(got[:3], exp[:3]):
+        torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+
+
 def test_predicate_support_and_fallback():
     """supports() is accurate: generated predicates run in-kernel; what the printer cannot write
     (a power, a rational factor) or a data tensor of the wrong rank goes back to materialising."""

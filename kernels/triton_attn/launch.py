@@ -509,7 +509,9 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
     bm, bn, warps, stages = _blocks(d, dv, backward=True, dtype=q.dtype, device=q.device)
     bdv = _pow2(dv)
     row_stats = _needs_row_stats(spec, o4.dtype)
-    inv_r = torch.empty((B, H, nq) if row_stats else (1,), dtype=torch.float32, device=q.device)
+    # read and written only with ROW_STATS; else the shared dummy (never written)
+    inv_r = torch.empty((B, H, nq), dtype=torch.float32, device=q.device) if row_stats else \
+        _rng.dummy(q.device, torch.float32)
     if not row_stats:
         mod.attn_bwd_preprocess[(triton.cdiv(nq, bm) * B * H,)](
             o4, do4, delta, *o4.stride(), *do4.stride(), H, nq, dv, BLOCK_M=bm, BLOCK_DV=bdv)
@@ -543,7 +545,7 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
         want = bool(needs_grad[i]) if i < len(needs_grad) else False
         grad_bits |= int(want) << pos
         if not want:
-            bufs[i] = torch.empty(1, dtype=torch.float32, device=q.device)
+            bufs[i] = _rng.dummy(q.device, torch.float32)  # GRAD leaves it unwritten
         elif spec.captured[i] == "tensor":
             # the known N x N cost, paid only while a captured tensor requires grad
             bufs[i] = new((B, H, nq, nk), dtype=torch.float32, device=q.device)
