@@ -745,14 +745,11 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> 
 def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec,
                        seed: int = 0, needs_grad: Optional[Sequence[bool]] = None):
     """Returns (dq, dk, dv, [d captured_i or None])."""
-    squeeze = q.dim() == 2
-    # gradients in the layout the op returns (``layout.grad_empty``): written there, not copied.
-    # dK, dV accumulate over query tiles in at least fp32 (16-bit: converted once at the end)
-    dq = _as_3d(layout.grad_empty(q).zero_())
-    dk, dv = (_as_3d(layout.grad_empty(t).zero_()) if _acc(t.dtype) == t.dtype
-              else torch.zeros(_as_3d(t).shape, dtype=_acc(t.dtype), device=t.device) for t in (k, v))
-    k_like, v_like = k, v
+    # gradients in the layout the op returns (``layout.grad_empty``): written there, not copied
+    dq0, dk0, dv0 = layout.grad_empty(q).zero_(), _accumulator(k), _accumulator(v)
+    k_in, v_in = k, v
     q, k, v, grad_out = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(grad_out)
+    dq, dk, dv = _as_3d(dq0), _as_3d(dk0), _as_3d(dv0)
     batch = tuple(q.shape[:-2])
     nq, nk = q.shape[-2], k.shape[-2]
     score_shape = batch + (nq, nk)
@@ -814,16 +811,23 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         dk[bidx][kh][..., k0:k1, :] += _heads_sum(torch.matmul(ds.transpose(-1, -2), qr),
                                                                 group).to(dk.dtype)
 
-    if dk.dtype != k.dtype:
-        dk = _as_3d(layout.grad_empty(k_like).copy_(dk.reshape(k_like.shape)))
-    if dv.dtype != v.dtype:
-        dv = _as_3d(layout.grad_empty(v_like).copy_(dv.reshape(v_like.shape)))
     grads = []
     for c, g in zip(captured, dcap):
         grads.append(None if g is None else g.reshape(c.shape).to(c.dtype))
-    if squeeze:
-        dq, dk, dv = dq.squeeze(0), dk.squeeze(0), dv.squeeze(0)
-    return dq, dk, dv, grads
+    return dq0, _in_dtype(dk0, k_in), _in_dtype(dv0, v_in), grads
+
+
+def _accumulator(t: torch.Tensor) -> torch.Tensor:
+    """dK or dV, zeroed: accumulated over query tiles in at least fp32; in the op's layout when
+    that is t's dtype, else (16-bit t) a float32 buffer ``_in_dtype`` converts once at the end."""
+    if _acc(t.dtype) == t.dtype:
+        return layout.grad_empty(t).zero_()
+    return torch.zeros(t.shape, dtype=_acc(t.dtype), device=t.device)
+
+
+def _in_dtype(g: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """g in like's dtype and the op's gradient layout: g itself, or one converting copy."""
+    return g if g.dtype == like.dtype else layout.grad_empty(like).copy_(g)
 
 
 def _chain_backward(spec, ops: _Operands, inputs, s_out, ds, where, dcap):
