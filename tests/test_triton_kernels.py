@@ -9,6 +9,7 @@ The score chains x shapes x dtypes that every kernel path computes (tiled, ATen 
 dropout included, are checked once for all paths in test_kernel_paths.py; this file keeps what is
 Triton's own: mask predicates and block skipping, decode split-KV, GPU tile tables, generated source.
 """
+import contextlib
 import math
 
 import pytest
@@ -297,6 +298,7 @@ def test_generated_source_reads_like_the_spec():
     # fill value carries log2(e) (the kernels take exp2)
     assert f"s = tl.where(c2 != 0, s, {-10000.0 * ta.LOG2E!r})" in src
     assert "dc1 = -ds * s0 / (c1 * c1)" in src  # d/d(divisor) of s / c1
+    assert "    c1 = tl.load(C1).to(tl.float32)\n" in src  # the scalar, loaded by operand_values
     assert "tl.atomic" not in src  # deterministic backward
     compile(src, "<generated>", "exec")
 
@@ -650,6 +652,99 @@ def test_backward_buffers_it_does_not_write_are_the_shared_dummy(monkeypatch):
     exp = cpu.attention_backward(go, q, k, v, [scale], out, lse, spec, 0, [False])
     for g, e in zip(got[:3], exp[:3]):
         torch.testing.assert_close(g, e, atol=5e-5, rtol=1e-4)
+
+
+def _pattern_scalar_softcap(B, H, nq, nk, d, dtype):
+    # a learnable soft-cap: tanh(s * scale / c) * c, c a float64 0-dim tensor read twice
+    ops = (ScoreOp("mul", "const", value=d ** -0.5), ScoreOp("div", "scalar", index=0),
+           ScoreOp("tanh"), ScoreOp("mul", "scalar", index=0))
+    cap = torch.tensor(2.5, dtype=torch.float64, device=DEVICE)
+    return ops, ("scalar",), [cap], [True], lambda s, c: torch.tanh(s * d ** -0.5 / c[0]) * c[0]
+
+
+@contextlib.contextmanager
+def _no_item():
+    """Tensor.item raises inside: a scalar read to the host (a device sync per call on a GPU)."""
+    real = torch.Tensor.item
+
+    def item(self):
+        raise AssertionError("Tensor.item() called in a Triton launch")
+    torch.Tensor.item = item
+    try:
+        yield
+    finally:
+        torch.Tensor.item = real
+
+
+@pytest.mark.parametrize("pattern", [_pattern_scalar_scale, _pattern_scalar_softcap],
+                         ids=["scale", "softcap"])
+def test_scalar_operands_are_loaded_by_the_kernels(pattern, monkeypatch):
+    """A scalar operand reaches the kernels as its 0-dim tensor (they load it once per program),
+    never through .item(); out, lse and the gradients of q, k, v and the scalar follow the
+    float64 reference (_run's 2x-eager rule)."""
+    import fusion_pass.kernels.triton_attn.launch as launch
+    real_ops, real_fwd, real_bwd, seen = launch._operands, ta.forward, ta.backward, []
+
+    def record(*args, **kwargs):
+        seen.append(real_ops(*args, **kwargs))
+        return seen[-1]
+
+    def guarded(fn):
+        def run(*args, **kwargs):
+            with _no_item():
+                return fn(*args, **kwargs)
+        return run
+    monkeypatch.setattr(launch, "_operands", record)
+    monkeypatch.setattr(ta, "forward", guarded(real_fwd))
+    monkeypatch.setattr(ta, "backward", guarded(real_bwd))
+    _run(pattern, torch.float32, B=1, H=2, nq=21, nk=37, d=16)
+    assert len(seen) == 2  # forward, backward
+    for ops in seen:
+        assert isinstance(ops[0], torch.Tensor) and ops[0].dim() == 0 and ops[0].dtype == \
+            (torch.float64 if pattern is _pattern_scalar_softcap else torch.float32)
+
+
+@pytest.mark.parametrize("value, dtype", [
+    (1 + 2 ** -24 + 2 ** -40, torch.float64),  # to nearest: 1 + 2^-23 (truncated: 1)
+    (0.1, torch.float64), (0.3, torch.bfloat16), (0.3, torch.float16),
+    (2 ** 24 + 1, torch.int64),  # a tie, to even: 2^24 (float(int), then fp32)
+    (-3, torch.int32), (True, torch.bool)], ids=str)
+def test_scalar_operand_value_is_its_fp32_rounding(value, dtype):
+    """What the kernels compute with is the scalar rounded once to fp32, as before, when
+    float(c.item()) went to them as an fp32 argument: the same bits as an fp32 0-dim tensor
+    holding that rounding, forward and backward."""
+    torch.manual_seed(3)
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "scalar", index=0),), captured=("scalar",))
+    c = torch.tensor(value, dtype=dtype, device=DEVICE)
+    c32 = torch.tensor(float(c.item()), dtype=torch.float32, device=DEVICE)  # the old argument
+    q, k, v, go = (torch.randn(1, 2, 17, 16, device=DEVICE) for _ in range(4))
+    got, exp = [], []
+    for cap, res in ((c, got), (c32, exp)):
+        out, lse = ta.forward(q, k, v, [cap], spec)
+        res += [out, lse, *ta.backward(go, q, k, v, [cap], out, lse, spec, 0, [False])[:3]]
+    for g, e in zip(got, exp):
+        assert torch.equal(g, e)
+    if dtype == torch.float64 and value > 1:
+        assert c32.item() == 1 + 2 ** -23
+        trunc = ta.forward(q, k, v, [torch.tensor(1.0, device=DEVICE)], spec)
+        assert not (torch.equal(trunc[0], got[0]) and torch.equal(trunc[1], got[1]))
+
+
+def test_scalar_operand_placement():
+    """launch._scalar: the tensor itself on the kernels' device; a CPU scalar with inputs
+    elsewhere (torch.tensor(8.0) with CUDA inputs, eager allows it) a 0-dim tensor there (here
+    the meta device); bool as its uint8 bytes; int64 through float64; complex refused, as float()
+    refused it."""
+    import fusion_pass.kernels.triton_attn.launch as launch
+    c = torch.tensor(8.0)
+    assert launch._scalar(c, c.device) is c
+    moved = launch._scalar(c, torch.device("meta"))
+    assert moved.device.type == "meta" and moved.dtype == torch.float32 and moved.dim() == 0
+    b = launch._scalar(torch.tensor(True), torch.device("cpu"))
+    assert b.dtype == torch.uint8 and int(b) == 1
+    assert launch._scalar(torch.tensor(5, dtype=torch.int64), torch.device("cpu")).dtype == torch.float64
+    with pytest.raises(TypeError):
+        launch._scalar(torch.tensor(1 + 2j), torch.device("cpu"))
 
 
 def test_predicate_support_and_fallback():

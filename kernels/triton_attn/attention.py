@@ -50,6 +50,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
 
 
+@triton.jit
+def operand_values(OPS):
+    # OPS as operand_tiles reads it; replaced per spec like spec_parts' names: the generated one
+    # loads each scalar operand's value from its 0-dim tensor (codegen.operand_values), which
+    # every kernel calls once per program, before its loops. Plain attention has no operands.
+    return OPS
+
+
 # ---------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +425,7 @@ def attn_fwd(
                                          block_shape=[BLOCK_N, BLOCK_D])
         V_bh = tl.make_tensor_descriptor(V_bh, shape=[N_K, DV], strides=[svn, 1],
                                          block_shape=[BLOCK_N, BLOCK_DV])
+    OPS = operand_values(OPS)  # the scalar operands' values, loaded once
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
@@ -601,6 +610,7 @@ def attn_bwd_dkdv(
     dv = tl.zeros([BLOCK_N, BLOCK_DV], tl.float32)
     # query blocks with no padding row; none when this key block is ragged
     n_full = tl.where((pid_n + 1) * BLOCK_N <= N_K, N_Q // BLOCK_M, 0)
+    OPS = operand_values(OPS)  # the scalar operands' values, loaded once
     # grouped-query attention: the G query heads that share this K/V head add into one dK/dV,
     # in a fixed order (no atomics)
     for g in range(G):
@@ -708,6 +718,7 @@ def attn_bwd_dq(
                                          block_shape=[BLOCK_N, BLOCK_D])
         V_bh = tl.make_tensor_descriptor(V_bh, shape=[N_K, DV], strides=[svn, 1],
                                          block_shape=[BLOCK_N, BLOCK_DV])
+    OPS = operand_values(OPS)  # the scalar operands' values, loaded once
     # in the units of the exponential (base 2 when log2(e) is folded into the chain)
     lse = tl.load(LSE + off_bh * N_Q + offs_m, mask=m_valid, other=0.0)
     # the forward's key blocks (skipped ones hold only masked keys: their p is exactly 0), and
@@ -837,6 +848,7 @@ def attn_decode(
                 mask=r_valid[:, None] & (offs_d[None, :] < D), other=0.0)
     K_bh = K + off_b * skb + off_hk * skh
     V_bh = V + off_b * svb + off_hk * svh
+    OPS = operand_values(OPS)  # the scalar operands' values, loaded once
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)

@@ -2,7 +2,8 @@
 small module that completes the kernels of ``attention.py`` for that spec (its contract and a
 plain-attention version: ``spec_parts.py``): the score chain ``score_mod`` (and its full-tile form),
 its reverse-mode derivative ``score_mod_backward`` (storing the captured operands' gradients in
-``score_mod_backward_store``), the operand tiles (``operand_tiles``: bias tiles, each mask
+``score_mod_backward_store``), the scalar operands' values (``operand_values``: loaded once per
+program from their 0-dim tensors), the operand tiles (``operand_tiles``: bias tiles, each mask
 predicate's ``mask{k}``) and the spec's constants (base-2 units, dropout, safe softmax).
 
 The score chain is emitted with its explicit ``cast`` steps as an fp32 -> dtype -> fp32 round trip;
@@ -462,13 +463,14 @@ def skip_op(spec: AttentionSpec) -> Optional[ScoreOp]:
 
 def operand_names(spec: AttentionSpec) -> List[str]:
     """The names of the flat operand tuple OPS, in the order ``launch._operands`` passes them:
-    per captured operand a scalar ``c{i}``, a tensor ``C{i}`` and its four strides, or a data
-    tensor ``C{i}`` with its sizes and strides; then each mask's score sizes ``M{k}_n{t}``."""
+    per captured operand a scalar's 0-dim tensor ``C{i}`` (a pointer: the kernels load its value
+    ``c{i}`` once per program, ``operand_values``), a tensor ``C{i}`` and its four strides, or a
+    data tensor ``C{i}`` with its sizes and strides; then each mask's score sizes ``M{k}_n{t}``."""
     arities = _data_arities(spec) if spec.masks else {}
     names = []
     for i, kind in enumerate(spec.captured):
         if kind == "scalar":
-            names.append(f"c{i}")
+            names.append(f"C{i}")
         elif kind == "data":
             a = arities.get(i, 0)
             names += [f"C{i}"] + [f"C{i}_n{u}" for u in range(a)] + [f"C{i}_s{u}" for u in range(a)]
@@ -503,7 +505,17 @@ def generate_source(spec: AttentionSpec) -> str:
     keep = [f"s{p + 1} = {_step(op, spec, f's{p}')}" for p, op in enumerate(spec.score_ops)]
     bwd = _chain_backward_lines(spec)
 
-    unpack = [f"{n} = OPS[{t}]" for t, n in enumerate(names)]
+    # operand_values replaces each scalar's pointer C{i} in OPS by its value c{i} (fp32), which
+    # operand_tiles then reads
+    scalars = {f"C{i}": f"c{i}" for i in range(len(cap)) if cap[i] == "scalar"}
+    values = [scalars.get(n, n) for n in names]
+    unpack = [f"{n} = OPS[{t}]" for t, n in enumerate(values)]
+    if scalars:
+        load_values = [f"{n} = OPS[{t}]" for t, n in enumerate(names)] \
+            + [f"{v} = tl.load({p}).to(tl.float32)" for p, v in scalars.items()] \
+            + [f"return {_tuple(values)}"]
+    else:
+        load_values = ["return OPS"]
     loads, full_loads = [], []
     for i, kind in enumerate(cap):
         if kind == "tensor":
@@ -566,6 +578,8 @@ def generate_source(spec: AttentionSpec) -> str:
     if mask_funcs:
         parts.append(mask_funcs.rstrip("\n"))
     parts += [
+        _jit("operand_values(OPS)", "OPS with the scalars' values for their pointers (once per program)",
+             load_values),
         _jit(f"operand_tiles({tile_args})", "the operand and mask tiles of one tile of scores",
              unpack + loads + [f"return {_tuple([t for t in tiles])}"]),
         _jit(f"operand_tiles_full({tile_args})", "the same on a full tile",

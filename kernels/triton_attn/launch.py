@@ -19,7 +19,8 @@ four integers (no range tensor; the backward zeroes a (B * H, 2 + cdiv(Nq, BLOCK
 buffer: the hull of the query blocks failing the removal rule, which its dQ kernel fills for the
 dK/dV kernel, and a flag per query block). The forward allocates its outputs and, in decode,
 one buffer of the splits' partials; nothing else per call (THRESH is a shared dummy when
-nothing is skipped).
+nothing is skipped; a scalar operand is passed as its own 0-dim tensor, copied only when it is
+on another device or of a dtype the kernels do not load: ``_scalar``).
 """
 from __future__ import annotations
 
@@ -255,16 +256,43 @@ def _to4d(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _operands(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4):
-    """The kernels' operand tuple OPS, of the captured operands: a number for scalars; for tensors a view
-    expanded to the (B, H, Nq, Nk) scores (stride 0 where it broadcasts) and its 4 strides; for
-    data tensors (read by mask predicates) the tensor, its sizes and strides; then each mask's
-    score sizes n0 .. n{R-1}."""
+# scalar dtypes the kernels load themselves (bool as uint8); other dtypes go through float64
+_SCALAR_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int32,
+                  torch.int16, torch.int8, torch.uint8, torch.bool)
+
+
+def _scalar(c: torch.Tensor, device) -> torch.Tensor:
+    """A scalar operand (one element) as the kernels load it, without a host sync: the tensor
+    itself when it is on ``device``. A CPU scalar with inputs on a GPU (eager allows it) becomes
+    a fill there from its host value (no copy from pageable memory, and capturable in a CUDA
+    graph, which then holds the value as the old float argument did); one on another GPU is
+    copied without waiting. The kernels compute with the element rounded once to fp32, as when
+    float(c.item()) was their fp32 argument: int64 (and dtypes beyond their loads) goes through
+    float64 here, bool as 0/1 (its uint8 bytes); complex is refused, as float() refused it."""
+    if c.is_complex():
+        raise TypeError(f"a scalar operand must be real, got {c.dtype}")
+    if c.dtype == torch.bool:
+        c = c.view(torch.uint8)
+    elif c.dtype not in _SCALAR_DTYPES:
+        c = c.to(torch.float64)
+    if c.device == device:
+        return c
+    if c.device.type == "cpu":
+        return torch.full((), c.item(), dtype=c.dtype, device=device)
+    return c.to(device, non_blocking=True)
+
+
+def _operands(spec: AttentionSpec, captured: Sequence[torch.Tensor], score_shape4, device=None):
+    """The kernels' operand tuple OPS, of the captured operands: for scalars the 0-dim tensor on
+    ``device`` (``_scalar``: the kernels load its value, ``codegen.operand_values``; no host
+    sync); for tensors a view expanded to the (B, H, Nq, Nk) scores (stride 0 where it
+    broadcasts) and its 4 strides; for data tensors (read by mask predicates) the tensor, its
+    sizes and strides; then each mask's score sizes n0 .. n{R-1}."""
     args = []
     arities = _data_arities(spec) if spec.masks else {}
     for i, (kind, c) in enumerate(zip(spec.captured, captured)):
         if kind == "scalar":
-            args.append(float(c.item()))
+            args.append(_scalar(c, c.device if device is None else torch.device(device)))
         elif kind == "data":
             if c.dtype == torch.bool:
                 c = c.view(torch.uint8)
@@ -423,7 +451,7 @@ def _decode(mod, q4, k4, v4, out, lse, captured, spec, plan):
     pl = buf[n * bdv + n4:n * bdv + n4 + n]
     band = _decode_band(spec, (B, H, nq, nk), bn)
     mod.attn_decode[(B * (H // G), splits)](
-        q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk)),
+        q4, k4, v4, po, pm, pl, _operands(spec, captured, (B, H, nq, nk), q4.device),
         *q4.stride(), *k4.stride(), *v4.stride(),
         H, G, nq, nk, d, dv, per, splits, *(band or (0, 0, 0, 0)),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=_pow2(d), BLOCK_DV=bdv, num_warps=warps,
@@ -472,7 +500,7 @@ def _forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0, plan=None):
     full_tiles = bool(getattr(mod, "HAS_FULL_TILES", False)) and (
         not skip or band is not None or full is not None)
     mod.attn_fwd[grid](
-        q4, k4, v4, out, lse, _operands(spec, captured, (B, H, nq, nk)),
+        q4, k4, v4, out, lse, _operands(spec, captured, (B, H, nq, nk), q.device),
         *_rng._range_args(ranges[0] if ranges else None, B, H, q.device),
         *_rng._range_args(full, B, H, q.device), thresh, *(band or (0, 0, 0, 0)),
         *q4.stride(), *k4.stride(), *v4.stride(), *out.stride(),
@@ -505,7 +533,7 @@ def _backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec, seed: 
     dk = torch.empty((B, H // G, nk, d), dtype=k.dtype, device=k.device)
     dvt = torch.empty((B, H // G, nk, dv), dtype=v.dtype, device=v.device)
     delta = torch.empty((B, H, nq), dtype=torch.float32, device=q.device)
-    ops = _operands(spec, captured, (B, H, nq, nk))
+    ops = _operands(spec, captured, (B, H, nq, nk), q.device)
     bm, bn, warps, stages = _blocks(d, dv, backward=True, dtype=q.dtype, device=q.device)
     bdv = _pow2(dv)
     row_stats = _needs_row_stats(spec, o4.dtype)
