@@ -43,19 +43,12 @@ import triton.language as tl
 
 # replaced per spec in the kernels' namespace (loader.py)
 from .spec_parts import (
-    DROP_SCALE, DROP_THRESHOLD, FULL_SCALE, HAS_DROPOUT, LOG2_UNITS, SAFE_SOFTMAX, operand_tiles,
-    operand_tiles_full, score_mod, score_mod_backward, score_mod_backward_store, score_mod_full)
+    DROP_SCALE, DROP_THRESHOLD, FULL_SCALE, HAS_DROPOUT, LOG2_UNITS, SAFE_SOFTMAX, operand_values,
+    operand_tiles, operand_tiles_full, score_mod, score_mod_backward, score_mod_backward_store,
+    score_mod_full)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
-
-
-@triton.jit
-def operand_values(OPS):
-    # OPS as operand_tiles reads it; replaced per spec like spec_parts' names: the generated one
-    # loads each scalar operand's value from its 0-dim tensor (codegen.operand_values), which
-    # every kernel calls once per program, before its loops. Plain attention has no operands.
-    return OPS
 
 
 # ---------------------------------------------------------------------------------------------

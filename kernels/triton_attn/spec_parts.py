@@ -31,6 +31,13 @@ FULL_SCALE = tl.constexpr(0.0)
 
 
 @triton.jit
+def operand_values(OPS):
+    """OPS with each scalar operand's pointer replaced by its value (loaded once per program,
+    before a kernel's loops); the generated one loads them. Plain attention has no operands."""
+    return OPS
+
+
+@triton.jit
 def operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid):
     """The tiles of the captured operands and masks for one tile of scores."""
     return ()
