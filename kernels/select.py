@@ -98,6 +98,16 @@ class Route:
         return f"CUDA: generated Triton kernels; CPU: {cpu}{rule}{measured}"
 
 
+# ATen's mask forms (``cpu_flash.mask_form``) under which FlexAttention is no candidate: no mask
+# tensor, so ATen's kernel reads only q, k, v and skips the blocks above the diagonal itself.
+# Measured here (torch 2.13, 2 threads, fp32, B=1, ``benchmarks/RESULTS.md`` "Kernel choice
+# without FlexAttention where it always lost"): FlexAttention with its causal BlockMask took
+# 1.18 / 1.33 / 1.52x ATen's is_causal time at N = 1024 / 2048 / 4096 (H=12, d=64), 1.31-1.34x
+# with grouped heads (12 / 2), 1.17-1.24x at d=128, 1.04-1.19x at d=256, 1.05x at d=512; plain
+# (no mask) 1.3-2.4x. Where ATen needs a mask tensor (padding, a bias) both are measured.
+FLEX_DOMINATED = ("", "is_causal")
+
+
 @functools.lru_cache(maxsize=None)
 def route(spec: AttentionSpec) -> Route:
     p = cpu_flash.plan(spec)
@@ -107,8 +117,12 @@ def route(spec: AttentionSpec) -> Route:
     cpu = ("aten_flash", "tiled") if p is not None else ("tiled",)
     # FlexAttention's CPU kernel: a forward with no lse (NaN). For inference specs; for training
     # specs too where ATen's kernel is no candidate: the backward is then the tiled path's, which
-    # recomputes from q, k, v and never reads the forward's lse (ATen's backward needs the lse)
-    if cpu_flex.plan(spec) is not None and (spec.inference or p is None):
+    # recomputes from q, k, v and never reads the forward's lse (ATen's backward needs the lse).
+    # Not where ATen's kernel takes the spec with no mask tensor (plain, is_causal): there it
+    # lost every measurement (FLEX_DOMINATED), and measuring it would compile it (~10 s on a
+    # cold cache) only to lose
+    if cpu_flex.plan(spec) is not None and (spec.inference or p is None) and \
+            not (p is not None and form in FLEX_DOMINATED):
         cpu += ("flex",)
     cuda = ("tiled",) if spec.biases else ("triton", "tiled")
     return Route(cpu, cuda, p, removal.causal_removal(spec) is not None,

@@ -50,7 +50,8 @@ def _cases():
 def test_plan_takes_the_patterns_it_should():
     """Which patterns the Flex path takes: float32 inference chains whose masking step is the last
     and reads no data tensor; never a mask tensor's fill (its rows change per call), a data
-    predicate (padding) or a 16-bit chain, and never without ``inference``."""
+    predicate (padding) or a 16-bit chain, and never without ``inference``; and which routes offer
+    it: not where ATen's kernel takes the spec with no mask tensor (``select.FLEX_DOMINATED``)."""
     shape = SHAPES["odd"]
     taken = {n for n in PATTERNS if cpu_flex.plan(_inference_spec(n, shape)[0]) is not None}
     assert {"scale", "scalar_div", "softcap", "bias_learnable", "padding_mask", "pred_window",
@@ -67,9 +68,15 @@ def test_plan_takes_the_patterns_it_should():
     # forward's lse, which this path does not compute), not where ATen's backward would need it
     train = dataclasses.replace(spec, inference=False)
     assert select.route(spec).cpu == select.route(train).cpu == ("tiled", "flex")
-    causal = _inference_spec("pred_causal_additive", shape)[0]
-    assert select.route(causal).cpu == ("aten_flash", "tiled", "flex")
-    assert select.route(dataclasses.replace(causal, inference=False)).cpu == ("aten_flash", "tiled")
+    # a mask tensor ATen reads as attn_mask: all three measured; not in training (ATen's backward)
+    padding = _inference_spec("padding_mask", shape)[0]
+    assert select.route(padding).cpu == ("aten_flash", "tiled", "flex")
+    assert select.route(dataclasses.replace(padding, inference=False)).cpu == ("aten_flash", "tiled")
+    # no mask tensor for ATen (plain, is_causal): FlexAttention always lost there, not offered
+    for name in ("scale", "scalar_div", "pred_causal_additive", "pred_causal_fill"):
+        plain = _inference_spec(name, shape)[0]
+        assert cpu_flex.plan(plain) is not None, name
+        assert select.route(plain).cpu == ("aten_flash", "tiled"), name
 
 
 @pytest.mark.parametrize("pattern,shape_name", list(_cases()))
@@ -305,7 +312,8 @@ def test_measuring_flex_does_not_recompile_the_callers_graph(tmp_path, monkeypat
 
     def f(q, k, v):
         n = q.shape[-2]
-        keep = torch.arange(n)[None, :] <= torch.arange(n)[:, None]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        keep = (j <= i) & (j > i - 16)  # a window: FlexAttention is a candidate
         s = (q @ k.transpose(-1, -2) * 0.125).masked_fill(~keep, float("-inf"))
         return s.softmax(-1) @ v
     q, k, v = (torch.randn(1, 8, 64, 16) for _ in range(3))

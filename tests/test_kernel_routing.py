@@ -455,15 +455,21 @@ def test_a_compiled_candidate_is_warmed_then_timed_on_the_whole_call(choices, mo
 
 
 def test_an_inference_spec_measures_flex_too(choices):
-    """An inference spec offers FlexAttention as the third candidate; its first call measures all
-    three and the report names them (whichever wins here, all three computed the call exactly)."""
+    """An inference spec whose mask ATen's kernel reads as a tensor (a key padding mask) offers
+    FlexAttention as the third candidate; its first call measures all three and the report names
+    them (whichever wins here, all three computed the call exactly). Causal alone does not: ATen's
+    is_causal always won there (``select.FLEX_DOMINATED``)."""
     import dataclasses
-    from fusion_pass.kernels import fused_attention
-    spec = dataclasses.replace(_causal_spec(), inference=True)
+    from fusion_pass.kernels import AttentionSpec, ScoreOp, fused_attention
+    causal = dataclasses.replace(_causal_spec(), inference=True)
+    assert choices.route(causal).cpu == ("aten_flash", "tiled")
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25), ScoreOp("add", "tensor", index=0)),
+                         captured=("tensor",), inference=True)
     assert choices.route(spec).cpu == ("aten_flash", "tiled", "flex")
     q, k, v = _qkv(nq=64, nk=64, H=8)
-    ref = fused_attention(q, k, v, [], dataclasses.replace(spec, inference=False))
-    out = fused_attention(q, k, v, [], spec)
+    pad = torch.zeros(1, 1, 1, 64).masked_fill_(torch.arange(64) >= 56, -1e9)
+    ref = fused_attention(q, k, v, [pad], dataclasses.replace(spec, inference=False))
+    out = fused_attention(q, k, v, [pad], spec)
     torch.testing.assert_close(out, ref)
     entry = choices.CHOICES.get(choices.shape_key("fwd", spec.to_key(), q, k))
     assert entry is not None and set(entry["ms"]) == {"aten_flash", "tiled", "flex"}, entry
