@@ -84,10 +84,28 @@ class _Operands:
         # (bidx, q0, q1) -> head ranges [(h0, h1)] of query blocks where no row keeps any key
         # (``_key_range``: the key span is empty)
         self.no_key = {}
+        # (factor, steps) of ``_exact_prescale`` when this call's scores cannot overflow either
+        # way (``decide_prescale``), else (1.0, 0): the model's order
+        self.prescale = (1.0, 0)
+
+    def decide_prescale(self, q, k):
+        """Per call: the chain's leading power-of-two scales may be applied to the query tile
+        only where neither q @ k^T nor (q * 2^e) @ k^T can overflow (a bound from one aminmax
+        over q and k): beyond it the model's product is inf (then NaN) where the scaled one may
+        be finite. Inputs that are not finite keep the model's order too."""
+        factor, steps = _exact_prescale(self.spec, q.dtype)
+        if not steps:
+            return
+        (qmax, qfin), (kmax, kfin) = removal.host_stats(q), removal.host_stats(k)
+        d = q.shape[-1]
+        bound = d * qmax * kmax * (1.0 + d * 2.0 ** -22) * removal._STEP * max(1.0, abs(factor))
+        if qfin and kfin and bound < removal.fmax(self.spec.qk_dtype):
+            self.prescale = (factor, steps)
 
     def decide_skipping(self, q, k, v, captured, grad_out=None):
         """Per call, the removal rule's first half: inputs finite (and, for an additive mask, |s|
         bounded); ``_tile_parts`` checks each row's margin."""
+        self.decide_prescale(q, k)
         r = removal.skip_removal(self.spec) or removal.causal_removal(self.spec)
         self.removal = r
         self.worst = math.inf if r is None else \
@@ -358,7 +376,9 @@ def _exact_prescale(spec: AttentionSpec, dtype: torch.dtype):
     """(factor, steps): the chain's leading steps that multiply or divide by a constant power of
     two, folded into one factor applied to the query tile instead of the (rows x keys) scores.
     Scaling by a power of two is exact, in the products and the sums alike, so q @ k^T * 2^e and
-    (q * 2^e) @ k^T are the same bits (outside subnormal and overflow ranges)."""
+    (q * 2^e) @ k^T are the same bits outside the subnormal and overflow ranges (the call's
+    ``_Operands.decide_prescale`` rules out overflow; a subnormal term changes a score by
+    ~1e-45)."""
     factor, steps = 1.0, 0
     for op in spec.score_ops:
         if op.kind not in ("mul", "div") or op.operand != "const" or to_dtype(op.dtype) != dtype \
@@ -378,7 +398,7 @@ def _tile_scores(spec, ops, qt, kb, kh, where, keep_inputs=False):
     bidx, h0, h1, q0, q1, k0, k1 = where
     start, qs = 0, qt
     if not keep_inputs:
-        scale, start = _exact_prescale(spec, qt.dtype)
+        scale, start = ops.prescale
         if start:
             qs = qt * scale
     s0 = torch.matmul(qs, kb[kh][..., k0:k1, :].transpose(-1, -2))

@@ -446,17 +446,20 @@ def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Ca
         return None
     if any(t.dtype != q.dtype for t in (k, v)) or str(q.dtype).replace("torch.", "") != spec.qk_dtype:
         return None
-    # one aminmax pass per operand serves every check below (finiteness, score bound, removal)
-    (qmax, qfin), (kmax, kfin) = (removal._stats(_memory_order(t)) for t in (q, k))
-    vfin = removal.finite(_memory_order(v), _memory_order(grad_out))
-    if not bool(qfin & kfin & vfin):
+    # one aminmax pass per operand serves every check below (finiteness, score bound, removal),
+    # read as Python numbers (``removal.host_stats``: the checks of a decoding step are ~0.1 ms)
+    (qmax, qfin), (kmax, kfin), (_, vfin), (_, gfin) = (
+        removal.host_stats(_memory_order(t)) for t in (q, k, v, grad_out))
+    if not (qfin and kfin and vfin and gfin):
         return None  # NaN / inf: the tiled path applies the model's steps as eager does
-    stats = (qmax, qfin, kmax, kfin, vfin)
     scale = _scale(p, captured)
+    if not _scores_bounded(spec, p, q, k, captured, qmax, kmax):
+        # a score may overflow in the model's steps (its q @ k^T in the qk dtype, then each
+        # scale) where ATen's kernel, which scales and accumulates in float32 its own way, stays
+        # finite (eager NaN, ATen a number): the tiled path applies the model's steps
+        return None
     if p.mask_index is None:
         return Call(scale, None)
-    if p.fill is not None and not _scores_finite(spec, q, k, captured, p.step, (qmax, kmax)):
-        return None  # ATen adds the -inf (or skips) where eager replaces: the same for finite scores
     if p.mask_kind.startswith("pred_"):
         got = _predicate_mask(p, spec, captured, q, k)
     else:
@@ -466,6 +469,11 @@ def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Ca
     if got[1] and not (spec.safe_softmax and not p.finite_fill and _empty_rows_zero()):
         return None  # a row with no key: eager gives NaN (a finite fill: uniform), ATen 0
     mask, causal = got[0]
+    if mask is None and not causal:
+        # this call masks nothing (a decoding row against its whole cache): ATen's function with
+        # no mask is the model's, which replaces or adds nothing here; no removal question
+        return Call(scale, None)
+    stats = removal.as_stats(qmax, kmax)
     # spec.causal: the mask keeps no element above the diagonal (proven by the pass), so ATen's
     # is_causal removes only masked elements; whether that is exact is the removal rule's question
     use_causal = causal or (spec.causal and mask is not None and p.mask_kind == "add"
@@ -493,8 +501,24 @@ def _memory_order(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.permute(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
 
 
-def _scores_finite(spec: AttentionSpec, q, k, captured, step, stats) -> bool:
-    b = removal.score_bound(spec, q, k, captured, upto=step, tight=False, stats=stats)
+def _scores_bounded(spec: AttentionSpec, p: Plan, q, k, captured, qmax: float, kmax: float) -> bool:
+    """Every score entering the masking step (or softmax) is finite in the model's own steps:
+    ``removal.score_bound`` of the steps before it (q @ k^T in the qk dtype, then the scales,
+    each rounded). A chain of scales (all the plan has before its mask) first gets the same bound
+    in Python numbers with each factor taken as max(|c|, 1 / |c|), so that it bounds every
+    step's scores at once; it is far below the dtypes' largest value for ordinary inputs, and
+    only where it is not (float16's 65504, or |q|, |k| ~ 1e18) is the exact bound computed."""
+    d = q.shape[-1]
+    cheap = d * qmax * kmax * (1.0 + d * 2.0 ** -22) * removal._STEP ** (len(p.scales) + 1)
+    for kind, x, _ in p.scales:
+        c = abs(x if kind == "const" else captured[x].item())
+        cheap *= max(c, 1.0 / c) if c > 0 else math.inf
+    upto = p.step if p.step is not None else len(spec.score_ops)
+    top = min(removal.fmax(t) for t in {spec.qk_dtype} | {op.dtype for op in spec.score_ops[:upto]})
+    if cheap < top:
+        return True
+    stats = tuple(torch.tensor(x, dtype=torch.float64) for x in (qmax, kmax))
+    b = removal.score_bound(spec, q, k, captured, upto=upto, tight=False, stats=stats)
     return math.isfinite(float(b.item()))
 
 

@@ -407,19 +407,20 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
 def _call_facts(spec, p: FlexPlan, q, k, v, captured, rows: bool, bm):
     """(whether FlexAttention computes this call exactly, the BlockMask to use: ``bm``, or None
     where skipping is not proven for this call). The call's facts: max |x| and finiteness of q, k,
-    v and the float operands, one pass each (``removal._stats``), before the kernel runs; on one
+    v and the float operands, one pass each (``removal.host_stats``), before the kernel runs; on one
     intra-op thread, as ``cpu_flash.usable``'s (small parallel regions stall on a busy machine)."""
-    stats = [removal._stats(t) for t in (q, k, v)]
-    stats += [removal._stats(c) for c, kind in zip(captured, spec.captured)
+    stats = [removal.host_stats(t) for t in (q, k, v)]
+    stats += [removal.host_stats(c) for c, kind in zip(captured, spec.captured)
               if kind in ("tensor", "scalar") and c.is_floating_point()]
-    if not all(bool(fin) for _, fin in stats):
+    if not all(fin for _, fin in stats):
         return False, None
-    if _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, bm is not None):
+    qmax, _, kmax, _, _ = removal.as_stats(stats[0][0], stats[1][0])
+    if _exact(spec, p, qmax, kmax, q, k, v, captured, rows, bm is not None):
         return True, bm
     if bm is None:
         return False, None
     # skipping is not proven for this call: compute every block
-    return _exact(spec, p, stats[0][0], stats[1][0], q, k, v, captured, rows, False), None
+    return _exact(spec, p, qmax, kmax, q, k, v, captured, rows, False), None
 
 
 def _exact(spec, p: FlexPlan, qmax, kmax, q, k, v, captured, rows: bool, skipped: bool) -> bool:

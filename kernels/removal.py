@@ -169,6 +169,24 @@ def _stats(t: torch.Tensor):
     return torch.maximum(lo.abs(), hi.abs()), torch.isfinite(lo) & torch.isfinite(hi)
 
 
+def host_stats(t: Optional[torch.Tensor]):
+    """``_stats`` of a CPU tensor as Python numbers: (max |t| as a float, every element finite),
+    from the same aminmax pass. For the CPU routes' per-call checks, where reading the two
+    extremes costs nothing and the 0-dim tensor arithmetic of ``_stats`` (seven more ops, ~30 us
+    a call) was most of a decoding step's check. None counts as finite (an absent dO)."""
+    if t is None or t.numel() == 0 or not t.is_floating_point():
+        return 0.0, True
+    lo, hi = (x.item() for x in torch.aminmax(t))
+    return max(abs(lo), abs(hi)), math.isfinite(lo) and math.isfinite(hi)
+
+
+def as_stats(qmax: float, kmax: float):
+    """``worst_masked``'s / ``score_bound``'s ``stats`` from ``host_stats`` of finite q, k, v."""
+    yes = torch.tensor(True)
+    return (torch.tensor(qmax, dtype=torch.float64), yes, torch.tensor(kmax, dtype=torch.float64),
+            yes, yes)
+
+
 def finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
     """One 0-dim bool: every element of every given floating tensor is finite."""
     out = None
@@ -180,8 +198,11 @@ def finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
     return out if out is not None else torch.tensor(True)
 
 
-def _fmax(dtype: str) -> float:
+@functools.lru_cache(maxsize=None)
+def fmax(dtype: str) -> float:
+    """The largest finite value of a dtype named as the spec names it."""
     return float(torch.finfo(to_dtype(dtype)).max)
+
 
 
 @functools.lru_cache(maxsize=256)
@@ -237,11 +258,11 @@ def score_bound(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor,
         qn = qmax * d
     b = qn * kmax * (1.0 + d * 2.0 ** -22) * _STEP
     inf = torch.tensor(math.inf, dtype=torch.float64, device=dev)
-    b = torch.where(b > _fmax(spec.qk_dtype), inf, b)
+    b = torch.where(b > fmax(spec.qk_dtype), inf, b)
     score_shape = tuple(q.shape[:-1]) + (k.shape[-2],)
     for op in ops:
         b = _step_bound(spec, op, b, captured, score_shape)
-        b = torch.where(b * _STEP > _fmax(op.dtype), inf, b * _STEP)
+        b = torch.where(b * _STEP > fmax(op.dtype), inf, b * _STEP)
     return torch.where(torch.isnan(b), inf, b)
 
 

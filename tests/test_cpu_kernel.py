@@ -191,10 +191,69 @@ def test_fast_path_is_taken_only_for_its_exact_function():
     # a finite replacing fill: ATen's kernel under the removal rule (dropped elements at most -1e4,
     # rows checked on the lse), the tiled path when the inputs are not finite
     fill = _spec([dict(kind="fill", index=0, value=-1e4)], ("tensor",), f32)
-    call = cpu_flash.usable(fill, q, q, q, [torch.zeros(8, 8, dtype=torch.bool)])
+    some = torch.ones(8, 8, dtype=torch.bool).triu_(3)  # every row keeps a key
+    call = cpu_flash.usable(fill, q, q, q, [some])
     assert call is not None and call.removal is not None and call.worst == -1e4
-    assert cpu_flash.usable(fill, q, q, q * math.inf, [torch.zeros(8, 8, dtype=torch.bool)]) is None
+    assert cpu_flash.usable(fill, q, q, q * math.inf, [some]) is None
+    # a call whose mask masks nothing (a decoding row against its whole cache): ATen's kernel with
+    # no mask is the model's function whatever the fill; no bound, no row check but the lse's
+    # finiteness; inputs that are not finite still go to the tiled path
+    none = torch.zeros(8, 8, dtype=torch.bool)
+    call = cpu_flash.usable(fill, q, q, q, [none])
+    assert call == cpu_flash.Call(1.0, None), call
+    assert cpu_flash.usable(fill, q, q, q * math.inf, [none]) is None
+    assert cpu_flash.usable(fill, q, q, q, [none], grad_out=q.masked_fill(q > 1, math.nan)) is None
     assert "ATen flash" in kernel_summary(scale_bias) and "tiled" in kernel_summary(softcap)
+
+
+@pytest.mark.parametrize("magnitude", [1.0, 1e3, 1e18, 1e19, 1e30])
+@pytest.mark.parametrize("fill", [-1e4, float(torch.finfo(torch.float32).min), -math.inf])
+def test_a_call_that_masks_nothing_is_eager_at_any_magnitude(magnitude, fill):
+    """A decoding row against its whole cache: the model's where(keep, s, fill) keeps every score,
+    so ATen's kernel runs with no mask and no bound; scores that overflow (|q| |k| d > 3.4e38 from
+    1e19 on) give a non-finite lse, and the call is recomputed by the tiled path: eager's NaN /
+    values either way, and the same gradients."""
+    g = torch.Generator().manual_seed(int(math.log10(magnitude)) + 7)
+    q = (torch.randn(1, 4, 1, 16, generator=g) * magnitude).requires_grad_()
+    k = (torch.randn(1, 4, 40, 16, generator=g) * magnitude).requires_grad_()
+    v = torch.randn(1, 4, 40, 16, generator=g).requires_grad_()
+    masked = torch.zeros(1, 40, dtype=torch.bool)  # masked where True: nothing
+    spec = _spec([dict(kind="mul", operand="const", value=0.25),
+                  dict(kind="fill", index=0, value=fill)], ("tensor",), torch.float32)
+    out = fused_attention(q, k, v, [masked], spec)
+    ref = torch.softmax((q @ k.transpose(-1, -2) * 0.25).masked_fill(masked, fill), -1) @ v
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-5, atol=1e-5)
+    go = torch.randn(out.shape, generator=g)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), go), torch.autograd.grad(ref, (q, k, v), go)):
+        torch.testing.assert_close(a, b, equal_nan=True, rtol=1e-4, atol=1e-4 * magnitude)
+
+
+@pytest.mark.parametrize("dtype,magnitude", [(torch.float32, 1e19), (torch.float32, 1e18),
+                                             (torch.float16, 150.0), (torch.float16, 20.0)])
+@pytest.mark.parametrize("chain", ["scale", "scale_then_mask", "pow2_scale"])
+def test_scores_that_overflow_in_the_models_steps_are_eager(chain, dtype, magnitude):
+    """q @ k^T past the dtype's largest value (float32 ~1e19 * 1e19 * d; float16 past 65504) is
+    inf in the model (then NaN), while ATen's kernel (float32 inside, its own scaling) and a query
+    tile scaled first would stay finite: those calls take the model's order; below the bound
+    they keep the fast routes. Plain scale, a scale and an additive mask, and a power-of-two
+    scale (the tiled path's prescale)."""
+    g = torch.Generator().manual_seed(3)
+    q, k = ((torch.randn(1, 2, n, 16, generator=g) * magnitude).to(dtype) for n in (24, 24))
+    v = torch.randn(1, 2, 24, 16, generator=g).to(dtype)
+    value = 0.25 if chain == "pow2_scale" else 0.3
+    ops = [dict(kind="mul", operand="const", value=value)]
+    caps, captured = (), []
+    if chain == "scale_then_mask":
+        ops.append(dict(kind="add", operand="tensor", index=0))
+        caps, captured = ("tensor",), [torch.zeros(1, 1, 1, 24, dtype=dtype)]
+    spec = _spec(ops, caps, dtype)
+    out = fused_attention(q, k, v, captured, spec)
+    s = (q @ k.transpose(-1, -2)) * value
+    if captured:
+        s = s + captured[0]
+    ref = torch.softmax(s, -1) @ v
+    assert torch.isnan(ref).any() == (magnitude in (1e19, 150.0))  # the case is what it says
+    torch.testing.assert_close(out, ref, equal_nan=True, rtol=2e-3, atol=2e-3)
 
 
 def test_fast_path_with_learnable_bias_uses_tiled_backward():
