@@ -167,9 +167,14 @@ def _bucket(n: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(n, 1))))
 
 
+@functools.lru_cache(maxsize=1024)
+def _spec_hash(spec_key: str) -> str:
+    return hashlib.sha256(spec_key.encode()).hexdigest()[:16]
+
+
 def shape_key(direction: str, spec_key: str, q: torch.Tensor, k: torch.Tensor) -> str:
     """(direction, spec, bucketed sizes, dtype, device, layout) as one string."""
-    spec_hash = hashlib.sha256(spec_key.encode()).hexdigest()[:16]
+    spec_hash = _spec_hash(spec_key)
     batch = math.prod(q.shape[:-2])
     heads_major = q.dim() >= 4 and q.stride(-3) < q.stride(-2)
     return (f"{direction}|{spec_hash}|bh{_bucket(batch)}|q{_bucket(q.shape[-2])}|k{_bucket(k.shape[-2])}"
