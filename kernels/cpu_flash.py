@@ -39,6 +39,7 @@ Rounding differs from eager only in where the scale is applied (one fp32 roundin
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -422,6 +423,8 @@ class Call:
     causal: bool = False
     removal: Optional[removal.Removal] = None
     worst: float = math.inf
+    # 16-bit chains: every row's |lse| at most half the dtype's largest value (``usable``)
+    lse_limit: float = math.inf
 
 
 # The per-call checks (O(N d) reductions over q, k, v, dO and the lse, a (B, 1, 1, N) mask)
@@ -438,7 +441,21 @@ _on_one_thread = one_thread()
 @_on_one_thread
 def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Call]:
     """How ATen's kernel computes this call exactly as eager would, before running it (the rows'
-    part of the removal rule is checked on its lse afterwards: ``rows_ok``); None: not at all."""
+    part of the removal rule is checked on its lse afterwards: ``rows_ok``); None: not at all.
+
+    A 16-bit chain adds its mask to the scores in that dtype, where s + M past the largest value
+    is +-inf, and ATen's kernel adds them in float32: a row whose |lse| stays below half the
+    largest value has no element past it on the positive side (lse >= every element), and its
+    elements past it on the negative side have probability exactly 0 in both (their distance to
+    the row max exceeds float32's exp range), so such rows are eager's (``lse_limit``, checked by
+    ``rows_ok``); a fully masked row under finfo.min (left padding) is not, and is recomputed."""
+    call = _usable(spec, q, k, v, captured, grad_out)
+    if call is not None and q.dtype in (torch.float16, torch.bfloat16):
+        call = dataclasses.replace(call, lse_limit=removal.fmax(spec.qk_dtype) / 2)
+    return call
+
+
+def _usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Call]:
     p = plan(spec)
     if p is None or not (2 <= q.dim() <= 4) or q.device.type != "cpu":
         return None
@@ -540,6 +557,8 @@ def rows_ok(call: Call, lse: torch.Tensor, nk: int, backward: bool = False) -> b
     ok = torch.isfinite(lse)
     if backward:
         ok &= lse.abs() <= _LSE_LIMIT
+    elif call.lse_limit < math.inf:
+        ok &= lse.abs() <= call.lse_limit
     if call.removal is not None:
         ok &= removal.rows_ok_from_lse(lse, nk, call.worst, call.removal)
     return bool(ok.all())

@@ -256,6 +256,27 @@ def test_scores_that_overflow_in_the_models_steps_are_eager(chain, dtype, magnit
     torch.testing.assert_close(out, ref, equal_nan=True, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_fully_padded_16bit_row_is_eager(dtype):
+    """A 16-bit model adds finfo.min (left padding) to its scores in that dtype: s + M past the
+    largest value is -inf there, finite in ATen's float32, so a row whose every key is padding has
+    other weights in ATen's kernel (float16: 2.1 off) than in eager. Such rows (|lse| past half
+    the dtype's largest value) are recomputed; rows with a kept key stay on the kernel."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = ((torch.randn(1, 2, 8, 16, generator=g) * 3).expand(2, 2, 8, 16).contiguous().to(dtype)
+               for _ in range(3))
+    m = torch.zeros(2, 1, 1, 8, dtype=dtype)
+    m[1] = torch.finfo(dtype).min  # batch element 1: every key padding
+    spec = _spec([dict(kind="mul", operand="const", value=0.25),
+                  dict(kind="add", operand="tensor", index=0)], ("tensor",), dtype)
+    out = fused_attention(q, k, v, [m], spec)
+    ref = torch.softmax((q @ k.transpose(-1, -2)) * 0.25 + m, -1) @ v
+    torch.testing.assert_close(out.float(), ref.float(), rtol=2e-2, atol=2e-2)
+    call = cpu_flash.usable(spec, q, k, v, [m])
+    _, lse = cpu_flash.forward(q, k, v, call.scale, call.mask, call.causal)
+    assert not cpu_flash.rows_ok(call, lse, 8) and cpu_flash.rows_ok(call, lse[:1], 8)
+
+
 def test_fast_path_with_learnable_bias_uses_tiled_backward():
     """ATen's backward has no bias gradient: the tiled backward takes over, same function."""
     q, k, v = (torch.randn(2, 3, 19, 8, dtype=torch.float32, requires_grad=True) for _ in range(3))
