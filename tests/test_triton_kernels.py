@@ -1019,3 +1019,116 @@ def test_decode_fully_masked_rows_follow_eager_and_safe_softmax():
             assert (out[:, :, 0] == 0).all() and torch.isposinf(lse[:, :, 0]).all()
         else:
             assert torch.isnan(out[:, :, 0]).all() and torch.isnan(lse[:, :, 0]).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# float16 overflow: eager's float16 scores past 65504 are +-inf (then NaN rows); the kernels'
+# fp32 scores must become the same +-inf (codegen: qk_round and the chain's overflow tests)
+# ---------------------------------------------------------------------------------------------
+
+def _fp16_case(case, nq=24, nk=40, d=16):
+    """(spec, captured, eager chain, q, k, v) of a float16 case whose raw scores (or a chain
+    step's float16 result) pass 65520 in some entries: every third query row is ~90x larger,
+    keys ~90x (|q.k| up to ~2e5), the other rows stay moderate."""
+    torch.manual_seed(0)
+    f16, scale = torch.float16, d ** -0.5
+    rs = torch.ones(nq)
+    rs[::3] = 90.0
+    q = (torch.randn(1, 2, nq, d) * rs[:, None]).to(f16)
+    k = (torch.randn(1, 2, nk, d) * 90.0).to(f16)
+    v = torch.randn(1, 2, nk, d).to(f16)
+    mul = ScoreOp("mul", "const", value=scale, dtype="float16")
+    masks, captured = (), []
+    if case == "scale":
+        ops, chain = (mul,), lambda s, c: s * scale
+    elif case == "causal":
+        ops = (mul, ScoreOp("fill", "predicate", value=-math.inf, index=0, dtype="float16"))
+        masks = (_mask_spec(sympy.Not(sympy.Le(_j, _i))),)
+        tri = torch.ones(nq, nk, dtype=torch.bool).triu(1)
+        chain = lambda s, c: (s * scale).masked_fill(tri, -math.inf)
+    elif case == "scale8":
+        # q.k itself stays below 65520 (keys ~9x): the step s * 8 overflows (its threshold is
+        # tested on the raw product, before log2(e) is folded into 8)
+        k = (k.float() / 10).to(f16)
+        ops, chain = (ScoreOp("mul", "const", value=8.0, dtype="float16"),), lambda s, c: s * 8.0
+    else:  # "bias": a float16 bias near the ends of the range; s * scale + bias overflows
+        k = (k.float() / 10).to(f16)
+        bias = torch.zeros(1, 2, nq, nk)
+        bias[..., 1::4], bias[..., 3::4] = 65000.0, -65000.0
+        bias = bias.to(f16)
+        ops = (mul, ScoreOp("add", "tensor", index=0, dtype="float16"))
+        captured, chain = [bias], lambda s, c: s * scale + c[0]
+    spec = AttentionSpec(score_ops=ops, captured=("tensor",) if captured else (), masks=masks,
+                         qk_dtype="float16", softmax_dtype="float16", prob_dtype="float16",
+                         out_dtype="float16")
+    return spec, captured, chain, q, k, v
+
+
+def _fp16_eager(q, k, v, captured, chain, go):
+    qr, kr, vr = (t.clone().requires_grad_(True) for t in (q, k, v))
+    s = chain(qr @ kr.transpose(-1, -2), captured)
+    out = torch.softmax(s, -1) @ vr
+    out.backward(go)
+    return out.detach(), s.detach(), qr.grad, kr.grad, vr.grad
+
+
+@pytest.mark.parametrize("case", ["scale", "causal", "scale8", "bias"])
+def test_float16_scores_overflow_as_in_eager(case):
+    """Scores past float16's range: +-inf as eager float16 holds them, so the rows eager turns into
+    NaN (a +inf score: inf - inf) are NaN here too, and a -inf one (alone) only drops its key.
+    Forward out and lse, backward dq/dk/dv: NaN/inf pattern identical to eager's."""
+    spec, captured, chain, q, k, v = _fp16_case(case)
+    go = torch.randn(q.shape, dtype=torch.float16)
+    out_e, s_e, dq_e, dk_e, dv_e = _fp16_eager(q, k, v, captured, chain, go)
+    assert s_e.isposinf().any() and s_e.isneginf().any()  # the case overflows both ways
+    assert out_e.isnan().any() and not out_e.isnan().all()
+    # the values: eager's +-inf entries, elsewhere the chain on fp32 scores (eager's float16
+    # rounding of scores in the thousands moves the probabilities by more than any tolerance)
+    s_ref = chain(q.float() @ k.float().transpose(-1, -2), [c.float() for c in captured])
+    s_ref = torch.where(s_e.isinf(), s_e.float(), s_ref)
+    out_ref = torch.softmax(s_ref, -1) @ v.float()
+    out, lse = ta.forward(q, k, v, captured, spec, seed=0)
+    assert torch.equal(out.isnan(), out_e.isnan())
+    torch.testing.assert_close(out.float(), out_ref, equal_nan=True, atol=1e-2, rtol=1e-2)
+    # lse: NaN on the rows with a +inf score (as cpu.py's), else the log-sum-exp
+    nan_rows = out_e.isnan().all(-1)
+    assert torch.equal(lse.isnan(), nan_rows)
+    torch.testing.assert_close(lse[~nan_rows], torch.logsumexp(s_ref, -1)[~nan_rows],
+                               rtol=1e-4, atol=1e-3)
+    dq, dk, dv, _ = ta.backward(go, q, k, v, captured, out, lse, spec, 0, [False] * len(captured))
+    for name, g, e in (("dq", dq, dq_e), ("dk", dk, dk_e), ("dv", dv, dv_e)):
+        assert torch.equal(g.isnan(), e.isnan()), name
+        assert torch.equal(g.isinf(), e.isinf()), name
+    # one query row (the split-KV decode kernel): a +inf row and a finite one (causal: the one
+    # row would be query 0 of its own call)
+    for row in (0, 1) if case != "causal" else ():
+        o1, l1 = ta.forward(q[:, :, row:row + 1], k, v, [c[:, :, row:row + 1] for c in captured],
+                            spec, seed=0)
+        assert torch.equal(o1.isnan(), out_e[:, :, row:row + 1].isnan()), row
+        torch.testing.assert_close(o1.float(), out_ref[:, :, row:row + 1], equal_nan=True,
+                                   atol=1e-2, rtol=1e-2)
+
+
+def test_float16_scores_just_below_the_overflow_stay_finite():
+    """Scores up to 65024 (exact in float16, below the 65520 rounding threshold): finite, as in
+    eager, and close to eager's (integer-valued q and k, so eager's float16 scores are exact)."""
+    torch.manual_seed(0)
+    nq, nk, d = 24, 40, 16
+    q = (8 * torch.randint(-8, 9, (1, 2, nq, d))).to(torch.float16)
+    k = (8 * torch.randint(-8, 9, (1, 2, nk, d))).to(torch.float16)
+    q[0, 0, 0] = 64.0
+    k[0, 0, 5] = 64.0
+    k[0, 0, 5, 0] = 56.0  # q0 . k5 = 64 * (64 * 15 + 56) = 65024
+    v = torch.randn(1, 2, nk, d).to(torch.float16)
+    s = q.float() @ k.float().transpose(-1, -2)
+    assert s.abs().max() == 65024.0
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=0.25, dtype="float16"),),
+                         qk_dtype="float16", softmax_dtype="float16", prob_dtype="float16",
+                         out_dtype="float16")
+    go = torch.randn(q.shape, dtype=torch.float16)
+    out_e, _, dq_e, dk_e, dv_e = _fp16_eager(q, k, v, [], lambda s, c: s * 0.25, go)
+    out, lse = ta.forward(q, k, v, [], spec, seed=0)
+    dq, dk, dv, _ = ta.backward(go, q, k, v, [], out, lse, spec, 0, [])
+    for g, e in ((out, out_e), (dq, dq_e), (dk, dk_e), (dv, dv_e)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g.float(), e.float(), rtol=1e-2, atol=2e-2 * e.abs().max().item())

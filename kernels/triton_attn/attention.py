@@ -44,8 +44,8 @@ import triton.language as tl
 # replaced per spec in the kernels' namespace (loader.py)
 from .spec_parts import (
     DROP_SCALE, DROP_THRESHOLD, FULL_SCALE, HAS_DROPOUT, LOG2_UNITS, SAFE_SOFTMAX, operand_values,
-    operand_tiles, operand_tiles_full, score_mod, score_mod_backward, score_mod_backward_store,
-    score_mod_full)
+    operand_tiles, operand_tiles_full, qk_round, score_mod, score_mod_backward,
+    score_mod_backward_store, score_mod_full)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -326,7 +326,7 @@ def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, 
         if not TMA:
             k = _load_rows(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
                            offs_d, skd, D, EVEN_D)
-        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+        s = qk_round(_dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32))
         T = operand_tiles_full(OPS, off_b, off_h, offs_m, offs_n, valid)
         if FULL_SCALE > 0:
             # FlashAttention-2's form: the max of the raw products, one FMA per score
@@ -344,7 +344,7 @@ def _fwd_tile(q, K_bh, V_bh, m_i, l_i, acc, start_n, OPS, off_b, off_h, off_bh, 
         if not TMA:
             k = _load_tile(K_bh + tl.cast(start_n, tl.int64) * skn, tl.arange(0, BLOCK_N), skn,
                            N_K - start_n, offs_d, skd, D)
-        s = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+        s = qk_round(_dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32))
         T = operand_tiles(OPS, off_b, off_h, offs_m, offs_n, valid)
         s = score_mod(s, T)
         s = tl.where(n_valid[None, :], s, float("-inf"))
@@ -509,7 +509,8 @@ def _bwd_tile(q, k, v, do, lse, OPS, off_b, off_h, offs_m, offs_n, valid,
     # fully masked row's NaN reaches dV as in eager while the padding's does not) and dP = dO V^T.
     # FULL: every row keeps every key of the tile and nothing is out of bounds, so neither the
     # skipped mask step nor the bounds select is computed (as the forward's _fwd_tile)
-    s0 = _dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32)
+    # s0 as the forward saw it (qk_round: float16's overflow to +-inf), so P matches
+    s0 = qk_round(_dot(q, tl.trans(k), UPCAST_DOT, ALLOW_TF32))
     if FULL:
         T = operand_tiles_full(OPS, off_b, off_h, offs_m, offs_n, valid)
         p = _exp(score_mod_full(s0, T) - lse[:, None])

@@ -7,7 +7,9 @@ program from their 0-dim tensors), the operand tiles (``operand_tiles``: bias ti
 predicate's ``mask{k}``) and the spec's constants (base-2 units, dropout, safe softmax).
 
 The score chain is emitted with its explicit ``cast`` steps as an fp32 -> dtype -> fp32 round trip;
-everything else is fp32. Mask predicates (``spec.masks``, see ``predicate.py``): each mask's
+everything else is fp32. A float16 spec also gets float16's overflow: the raw product
+(``qk_round``, right after each kernel's dot) and each float16 step that can pass the range become
++-inf where eager's float16 values are (``_qk_threshold``, ``_post_checks``; bf16/fp32: nothing). Mask predicates (``spec.masks``, see ``predicate.py``): each mask's
 keep(b, h, i, j) is written as Triton code (``mask{k}``, from the sympy expression by
 ``_TritonPrinter``: Python integer semantics, data tensors read with torch's indexing rules) and
 evaluated per tile, giving the tensor the graph's mask held (bool, or where(keep, kept, masked)
@@ -35,9 +37,100 @@ _FP32_MAX = float(torch.finfo(torch.float32).max)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 _NONLINEAR = {"tanh", "fn", "cast"}
+# float16's overflow threshold under round-to-nearest-even: an fp32 value v rounds to +-inf in
+# float16 exactly when |v| >= 65520 (65504 is the largest finite, 65520 the midpoint to 2^16)
+_FP16_OVERFLOW = 65520.0
+# the steps whose float16 result can pass float16's range (tanh, fills and casts cannot: a cast to
+# float16 is already emitted as a round trip, see _step)
+_CAN_OVERFLOW = _ARITH_KINDS | {"fn"}
 
 
-def _log2_chain(spec: AttentionSpec, ops) -> Optional[List[str]]:
+def _fp16_checked(spec: AttentionSpec) -> List[int]:
+    """Positions of the chain steps whose float16 result eager rounds, so that a value the fp32
+    kernel keeps finite is +-inf in eager (a float16 step past 65520 in magnitude)."""
+    out, bound = [], math.inf  # a bound of |s| known from the chain so far (tanh: 1)
+    for p, op in enumerate(spec.score_ops):
+        c = abs(float(op.value)) if op.operand == "const" and op.value is not None else math.nan
+        if op.kind == "tanh":
+            bound = 1.0
+        elif op.kind in ("mul", "div") and op.operand == "const" and math.isfinite(c) and c > 0:
+            bound = bound * c if op.kind == "mul" else bound / c
+        elif op.kind in ("fill", "fill_not"):
+            bound = max(bound, abs(float(op.value))) if op.value is not None else math.inf
+        elif op.kind != "cast":
+            bound = math.inf
+        # a result bounded well inside float16's range (softcap's c * tanh) cannot overflow
+        if op.dtype == "float16" and op.kind in _CAN_OVERFLOW and not bound * 1.001 < 65504.0:
+            out.append(p)
+    return out
+
+
+def _overflow_line(x: str, thr: float) -> str:
+    """``x`` with |x| >= thr replaced by +-inf, sign kept (x * inf; a NaN stays NaN): float16's
+    rounding to +-inf on an fp32 value (thr = 65520), one compare and a select per element."""
+    return f"{x} = tl.where(tl.abs({x}) < {_lit(thr)}, {x}, {x} * {_lit(math.inf)})"
+
+
+def _pre_threshold(op: ScoreOp) -> Optional[float]:
+    """For a constant product or quotient ``s * c`` / ``s / c`` (c finite, non-zero): the smallest
+    fp32 t such that |fl32(s * c)| >= 65520 exactly when |s| >= t (fl32(|s| * |c|) is monotone in
+    |s|), so that the overflow of the step's float16 result can be tested on its input, before
+    anything is folded into the constant; math.inf when no fp32 input overflows. None for other
+    steps."""
+    if op.kind not in ("mul", "div") or op.operand != "const":
+        return None
+    c = abs(float(op.value))
+    if not (math.isfinite(c) and c > 0):
+        return None
+    one = torch.tensor(c, dtype=torch.float32)
+    if one.item() == 0 or math.isinf(one.item()):
+        return None
+
+    def f(t):  # |fl32(t op c)| for an fp32 t (the kernel's fp32 arithmetic)
+        t = torch.tensor(t, dtype=torch.float32)
+        return float(t * one if op.kind == "mul" else t / one)
+
+    big = float(torch.finfo(torch.float32).max)
+    if f(big) < _FP16_OVERFLOW:
+        return math.inf
+    t = float(torch.tensor(_FP16_OVERFLOW / c if op.kind == "mul" else _FP16_OVERFLOW * c,
+                           dtype=torch.float32).clamp(max=big))
+    up, down = torch.tensor(math.inf), torch.tensor(0.0)
+    nxt = lambda t, d: float(torch.nextafter(torch.tensor(t, dtype=torch.float32),
+                                             d.to(torch.float32)))
+    while f(t) < _FP16_OVERFLOW:
+        t = nxt(t, up)
+    while t > 0 and f(nxt(t, down)) >= _FP16_OVERFLOW:
+        t = nxt(t, down)
+    return t
+
+
+def _qk_threshold(spec: AttentionSpec):
+    """(threshold, merged): the raw product's float16 overflow test, applied right after the dot
+    (``qk_round``; threshold None when the spec needs none). It covers the qk product itself (qk_dtype
+    float16: |s| >= 65520) and, where the chain's first step is a constant product/quotient with a
+    float16 result, that step too (merged: True): testing |s| >= min(65520, t) on the raw product
+    gives +-inf exactly where either eager step overflows (+-inf times a non-zero c stays +-inf
+    with the right sign), so a plain fp16 spec keeps one test and its one-FMA full-tile form."""
+    thr = _FP16_OVERFLOW if spec.qk_dtype == "float16" else None
+    merged = False
+    ops = spec.score_ops
+    if ops and 0 in _fp16_checked(spec):
+        t = _pre_threshold(ops[0])
+        if t is not None:
+            thr = t if thr is None else min(thr, t)
+            merged = True
+    # (an infinite threshold: no fp32 input overflows the merged step, nothing to test)
+    return (thr if thr is not None and thr != math.inf else None), merged
+
+
+def _post_checks(spec: AttentionSpec) -> frozenset:
+    """The chain positions tested after the step (on its natural-units fp32 result)."""
+    skip = {0} if _qk_threshold(spec)[1] else set()
+    return frozenset(p for p in _fp16_checked(spec) if p not in skip)
+
+
+def _log2_chain(spec: AttentionSpec, ops, checks=frozenset()) -> Optional[List[str]]:
     """The chain ``ops`` as lines computing s * log2(e) (so that exp(s - m) = exp2(s' - m')),
     with log2(e) folded into its first constant scale (no extra multiply, and a division by a
     constant becomes a product), or None where that is not exact up to rounding: an operand
@@ -46,7 +139,18 @@ def _log2_chain(spec: AttentionSpec, ops) -> Optional[List[str]]:
     NaN), or a constant whose scaled value overflows. Nonlinear steps (tanh, pointwise functions,
     casts) stay in natural units: the scale goes after the last of them."""
     last_nl = max((p for p, op in enumerate(ops) if op.kind in _NONLINEAR), default=-1)
-    lines = [f"s = {_step(op, spec, 's')}" for op in ops[:last_nl + 1]]
+    # float16 overflow tests (``checks``: chain positions) must see the value in the model's
+    # units: after a step still in natural units (before the fold) the result is tested against
+    # 65520; the step that folds log2(e) into its constant c is tested on its input against
+    # _pre_threshold(c) (|s| >= t exactly when |fl32(s * c)| >= 65520, the unfolded product), so
+    # the test does not depend on the folded constant's rounding; a tested step after the fold
+    # has no exact test in base-2 units (65520 * log2(e) is not where fl32(s * c) passes 65520):
+    # no fold then (None; the kernels run in natural units)
+    lines = []
+    for p, op in enumerate(ops[:last_nl + 1]):
+        lines.append(f"s = {_step(op, spec, 's')}")
+        if p in checks:
+            lines.append(_overflow_line("s", _FP16_OVERFLOW))
     folded = False
 
     def scaled(v):
@@ -56,18 +160,30 @@ def _log2_chain(spec: AttentionSpec, ops) -> Optional[List[str]]:
         w = v * LOG2E
         return w if abs(w) <= _FP32_MAX else None  # an fp32 literal in the kernel
 
-    for op in ops[last_nl + 1:]:
+    for p, op in enumerate(ops[last_nl + 1:], start=last_nl + 1):
         k = op.kind
         if k in ("mul", "div"):
             if not folded and op.operand == "const":
                 c = scaled(op.value) if k == "mul" else (LOG2E / op.value if op.value else None)
                 if c is None or not abs(c) <= _FP32_MAX:
                     return None
+                if p in checks:
+                    t = _pre_threshold(op)
+                    if t is None:
+                        return None
+                    if t != math.inf:
+                        lines.append(_overflow_line("s", t))
                 lines.append(f"s = s * {_lit(c)}")
                 folded = True
             else:  # products commute with the scale
+                if folded and p in checks:
+                    return None
                 lines.append(f"s = {_step(op, spec, 's')}")
+                if p in checks:
+                    lines.append(_overflow_line("s", _FP16_OVERFLOW))
             continue
+        if p in checks:
+            return None
         if not folded:
             lines.append(f"s = s * {_lit(LOG2E)}")
             folded = True
@@ -98,6 +214,25 @@ def _log2_chain(spec: AttentionSpec, ops) -> Optional[List[str]]:
     return lines
 
 
+def _natural_chain(spec: AttentionSpec, ops, checks) -> List[str]:
+    """The chain in natural units, each tested float16 step followed by its overflow test."""
+    lines = []
+    for p, op in enumerate(ops):
+        lines.append(f"s = {_step(op, spec, 's')}")
+        if p in checks:
+            lines.append(_overflow_line("s", _FP16_OVERFLOW))
+    return lines
+
+
+def _appended_check(spec: AttentionSpec, fops) -> frozenset:
+    """The full-tile chain's appended kept-value step (``_full_ops``) when it is a float16 add."""
+    n = len(spec.score_ops)
+    if len(fops) == n and n and fops[-1] is not spec.score_ops[-1] \
+            and fops[-1].dtype == "float16" and fops[-1].kind in _CAN_OVERFLOW:
+        return frozenset({n - 1})
+    return frozenset()
+
+
 def _full_ops(spec: AttentionSpec):
     """The chain on a full tile (every row keeps every key): the skipped predicate's step is the
     identity there (a fill whose mask is false, a where keeping s) or adds the kept value; None
@@ -112,7 +247,7 @@ def _full_ops(spec: AttentionSpec):
         kept = _mask_value(m, m.kept)
         if kept == 0.0:
             return spec.score_ops[:-1]
-        return spec.score_ops[:-1] + (ScoreOp("add", "const", value=kept),)
+        return spec.score_ops[:-1] + (ScoreOp("add", "const", value=kept, dtype=op.dtype),)
     return None
 
 
@@ -499,10 +634,17 @@ def generate_source(spec: AttentionSpec) -> str:
     tiles = [f"c{i}" for i in range(len(cap)) if cap[i] != "data"] + [f"m{k}" for k in range(len(spec.masks))]
     mask_funcs, mask_calls = _mask_sources(spec)
     names = operand_names(spec)
-    lchain = _log2_chain(spec, spec.score_ops)
+    # float16 overflow emulation (see _qk_threshold, _post_checks; nothing for bf16/fp32 specs)
+    qk_thr = _qk_threshold(spec)
+    checks = _post_checks(spec)
+    lchain = _log2_chain(spec, spec.score_ops, checks)
     fold = lchain is not None
-    chain = lchain if fold else [f"s = {_step(op, spec, 's')}" for op in spec.score_ops]
-    keep = [f"s{p + 1} = {_step(op, spec, f's{p}')}" for p, op in enumerate(spec.score_ops)]
+    chain = lchain if fold else _natural_chain(spec, spec.score_ops, checks)
+    keep = []
+    for p, op in enumerate(spec.score_ops):
+        keep.append(f"s{p + 1} = {_step(op, spec, f's{p}')}")
+        if p in checks:
+            keep.append(_overflow_line(f"s{p + 1}", _FP16_OVERFLOW))
     bwd = _chain_backward_lines(spec)
 
     # operand_values replaces each scalar's pointer C{i} in OPS by its value c{i} (fp32), which
@@ -536,7 +678,9 @@ def generate_source(spec: AttentionSpec) -> str:
     fops = _full_ops(spec)
     full_chain = None
     if fops is not None:
-        full_chain = _log2_chain(spec, fops) if fold else [f"s = {_step(op, spec, 's')}" for op in fops]
+        full_checks = frozenset(p for p in checks | _appended_check(spec, fops) if p < len(fops))
+        full_chain = _log2_chain(spec, fops, full_checks) if fold else \
+            _natural_chain(spec, fops, full_checks)
     full_scale = 0.0
     if full_chain is None:
         full_chain, full_loads = chain, loads  # no full-tile path: never called
@@ -577,6 +721,10 @@ def generate_source(spec: AttentionSpec) -> str:
     ]
     if mask_funcs:
         parts.append(mask_funcs.rstrip("\n"))
+    if qk_thr[0] is not None:  # else spec_parts' identity
+        parts.append(_jit("qk_round(s)", "the raw product as eager's float16 holds it: +-inf past "
+                          "float16's range" + (" (or past the first step's)" if qk_thr[1] else ""),
+                          [_overflow_line("s", qk_thr[0]), "return s"]))
     parts += [
         _jit("operand_values(OPS)", "OPS with the scalars' values for their pointers (once per program)",
              load_values),

@@ -31,6 +31,13 @@ FULL_SCALE = tl.constexpr(0.0)
 
 
 @triton.jit
+def qk_round(s):
+    """The raw product q k^T (fp32) as the model's qk dtype holds it: the generated one, for a
+    float16 spec, turns the products past float16's range into +-inf (eager rounds them so)."""
+    return s
+
+
+@triton.jit
 def operand_values(OPS):
     """OPS with each scalar operand's pointer replaced by its value (loaded once per program,
     before a kernel's loops); the generated one loads them. Plain attention has no operands."""
