@@ -624,9 +624,21 @@ def mask_programs(draw):
     return f"def f(x):\n{body}\n", N, dynamic
 
 
-@settings(max_examples=120, deadline=None, derandomize=True)
+# the default run draws 60 programs; the sweep under -m slow draws 240 more
+@settings(max_examples=60, deadline=None, derandomize=True)
 @given(mask_programs())
 def test_random_mask_programs_refused_or_exact(program):
+    _check_mask_program(program)
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(mask_programs())
+def test_random_mask_programs_sweep(program):
+    _check_mask_program(program)
+
+
+def _check_mask_program(program):
     source, N, dynamic = program
     fn = _compile_source(source)
     calls = [(_x(N),)] + ([(_x(N + 7),)] if dynamic else [])
@@ -677,9 +689,21 @@ def padded_programs(draw):
             draw(st.booleans()))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+# the default run draws 20 programs; the sweep under -m slow 100
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(padded_programs())
 def test_random_padding_programs_refused_or_exact(program):
+    _check_padding_program(program)
+
+
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None, derandomize=True)
+@given(padded_programs())
+def test_random_padding_programs_sweep(program):
+    _check_padding_program(program)
+
+
+def _check_padding_program(program):
     source, dt, N, dynamic, extremes = program
     fn = _compile_source(source)
     dtype = eval(dt)

@@ -471,10 +471,10 @@ SHAPES = [(300, 300, 64, 64), (333, 333, 64, 32), (200, 517, 64, 64), (517, 200,
           (450, 450, 128, 128)]
 
 
-# the default run probes causal, a KV-cache window (both bounds, an offset) and nothing kept; the
-# others (a window without offset, a single diagonal, ...) under -m slow (each probe is seconds
+# the default run probes causal and a KV-cache window (both bounds, an offset); the others (a
+# window without offset, a single diagonal, nothing kept, ...) under -m slow (each probe is seconds
 # under the interpreter)
-BAND_DEFAULT = {"causal", "cache_window", "nothing_kept"}
+BAND_DEFAULT = {"causal", "cache_window"}
 
 
 @pytest.mark.parametrize("name", [n if n in BAND_DEFAULT else pytest.param(n, marks=pytest.mark.slow)
