@@ -204,7 +204,6 @@ def fmax(dtype: str) -> float:
     return float(torch.finfo(to_dtype(dtype)).max)
 
 
-
 @functools.lru_cache(maxsize=256)
 def _index_bound(y: str, axes: tuple, sizes: tuple) -> float:
     """max |y(b, h, i, j)| over the score grid, for an integer index expression (a bias's y),

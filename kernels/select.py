@@ -100,8 +100,8 @@ class Route:
 
 # ATen's mask forms (``cpu_flash.mask_form``) under which FlexAttention is no candidate: no mask
 # tensor, so ATen's kernel reads only q, k, v and skips the blocks above the diagonal itself.
-# Measured here (torch 2.13, 2 threads, fp32, B=1, ``benchmarks/RESULTS.md`` "Kernel choice
-# without FlexAttention where it always lost"): FlexAttention with its causal BlockMask took
+# Measured here (torch 2.13, 2 threads, fp32, B=1, ``benchmarks/RESULTS.md``, "Issue 11, fourth
+# session"): FlexAttention with its causal BlockMask took
 # 1.18 / 1.33 / 1.52x ATen's is_causal time at N = 1024 / 2048 / 4096 (H=12, d=64), 1.31-1.34x
 # with grouped heads (12 / 2), 1.17-1.24x at d=128, 1.04-1.19x at d=256, 1.05x at d=512; plain
 # (no mask) 1.3-2.4x. Where ATen needs a mask tensor (padding, a bias) both are measured.
