@@ -78,9 +78,12 @@ class _Operands:
         self.score_shape = tuple(score_shape)
         self._cache = {}
         # the call's skipping facts (``removal.py``): the removal step keys may be skipped under,
-        # and the upper bound of the elements skipping drops (inf: this call skips nothing)
+        # and the upper bound of the elements skipping drops (inf: this call skips nothing),
+        # computed on first use (``worst``): a call whose tiles all span every key (a decoding
+        # step) never reads q, k, v for it
         self.removal = None
-        self.worst = math.inf
+        self._worst = math.inf
+        self._worst_of = None
         # (bidx, q0, q1) -> head ranges [(h0, h1)] of query blocks where no row keeps any key
         # (``_key_range``: the key span is empty)
         self.no_key = {}
@@ -92,9 +95,12 @@ class _Operands:
         """Per call: the chain's leading power-of-two scales may be applied to the query tile
         only where neither q @ k^T nor (q * 2^e) @ k^T can overflow (a bound from one aminmax
         over q and k): beyond it the model's product is inf (then NaN) where the scaled one may
-        be finite. Inputs that are not finite keep the model's order too."""
+        be finite. Inputs that are not finite keep the model's order too. Only where the scores
+        outnumber q's and k's elements together: scaling q instead of the scores saves less than
+        the check reads otherwise (a decoding step: 1 x Nk scores, an Nk x d k)."""
         factor, steps = _exact_prescale(self.spec, q.dtype)
-        if not steps:
+        nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
+        if not steps or nq * nk < (nq + nk) * d:
             return
         (qmax, qfin), (kmax, kfin) = removal.host_stats(q), removal.host_stats(k)
         d = q.shape[-1]
@@ -108,8 +114,18 @@ class _Operands:
         self.decide_prescale(q, k)
         r = removal.skip_removal(self.spec) or removal.causal_removal(self.spec)
         self.removal = r
-        self.worst = math.inf if r is None else \
-            float(removal.worst_masked(self.spec, r, q, k, v, captured, grad_out).item())
+        self._worst, self._worst_of = math.inf, None
+        if r is not None:
+            self._worst_of = (q, k, v, captured, grad_out)
+
+    @property
+    def worst(self) -> float:
+        if self._worst_of is not None:
+            q, k, v, captured, grad_out = self._worst_of
+            self._worst_of = None
+            self._worst = float(removal.worst_masked(self.spec, self.removal, q, k, v, captured,
+                                                     grad_out).item())
+        return self._worst
 
     @property
     def skipping(self) -> bool:
@@ -359,16 +375,21 @@ def _key_range(spec: AttentionSpec, ops: "_Operands", bidx, h0, h1, q0, q1, nk: 
     on which dropping them is not exact (``removal.rows_ok``), and those that keep no key, are
     recomputed over all keys by ``_tile_parts``."""
     k0, k1 = 0, nk
-    if not ops.skipping:
+    if ops.removal is None:
         return k0, k1
+    # the span first: the removal bound (``ops.skipping``, a read of q, k, v) only when the span
+    # leaves keys out (a decoding step's tile keeps them all)
     if removal.causal_removal(spec) is not None:
         k1 = min(nk, q1)
     if removal.skip_removal(spec) is not None:
         span = ops.key_span(spec.score_ops[-1], (bidx, h0, h1, q0, q1, k0, k1), nk)
         if span is None:  # no row keeps a key: eager's softmax sees every key (NaN or uniform)
-            ops.no_key.setdefault((bidx, q0, q1), []).append((h0, h1))
+            if ops.skipping:
+                ops.no_key.setdefault((bidx, q0, q1), []).append((h0, h1))
             return 0, nk
         k0, k1 = span
+    if (k0, k1) == (0, nk) or not ops.skipping:
+        return 0, nk
     return k0, k1
 
 
@@ -412,8 +433,8 @@ def _neg_inf_fill(ops: "_Operands", keep_inputs: bool) -> bool:
     predicate: -inf for every finite score, and skipping under an additive step already required
     a finite bound of |s| for this call), the call skips, and no step's input is needed."""
     r = ops.removal
-    return NO_KEY_SHORTCUT and not keep_inputs and ops.skipping and r is not None \
-        and r.kind in (removal.REPLACE, removal.ADD) and r.value == -math.inf
+    return NO_KEY_SHORTCUT and not keep_inputs and r is not None \
+        and r.kind in (removal.REPLACE, removal.ADD) and r.value == -math.inf and ops.skipping
 
 
 def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
@@ -425,9 +446,9 @@ def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
     their span's scores."""
     bidx, h0, h1, q0, q1, k0, k1 = where
     nk = kb.shape[-2]
-    shortcut = _neg_inf_fill(ops, keep_inputs)
-    if shortcut and k0 == 0 and k1 == nk and \
-            any(a <= h0 and h1 <= b for a, b in ops.no_key.get((bidx, q0, q1), ())):
+    if k0 == 0 and k1 == nk and \
+            any(a <= h0 and h1 <= b for a, b in ops.no_key.get((bidx, q0, q1), ())) and \
+            _neg_inf_fill(ops, keep_inputs):
         # no row of the tile keeps a key: all its elements are -inf exactly (see below)
         shape = tuple(torch.broadcast_shapes(qt.shape[:-2], kb[kh].shape[:-2])) + (q1 - q0,)
         s = torch.full(shape + (nk,), -math.inf, dtype=to_dtype(spec.score_ops[-1].dtype), device=qt.device)
@@ -445,7 +466,7 @@ def _tile_parts(spec, ops, qt, kb, kh, where, keep_inputs=False):
     # included); their all-key run is that constant tile, not a recomputation (same softmax, same
     # products after it). Not with ``keep_inputs`` (the backward then reads each step's input).
     empty = None
-    if shortcut:
+    if _neg_inf_fill(ops, keep_inputs):
         empty = (m == -math.inf).reshape(-1, q1 - q0).all(0).tolist()
     parts = []
     flags = bad.tolist()
@@ -597,6 +618,8 @@ class _CpuShare:
         return time.monotonic(), total_busy, own
 
     def others_busy(self) -> bool:
+        if self.last is not None and time.monotonic() - self.last[0] < self.PERIOD:
+            return self.busy  # looked less than PERIOD ago: no file read (a decoding step's ~40 us)
         try:
             now = self._read()
         except (OSError, ValueError, IndexError):
@@ -605,8 +628,6 @@ class _CpuShare:
             self.last = now
             return False
         dt = now[0] - self.last[0]
-        if dt < self.PERIOD:
-            return self.busy
         others = ((now[1] - self.last[1]) - (now[2] - self.last[2])) / self.tick
         self.busy = others / dt >= self.BUSY
         self.last = now

@@ -463,6 +463,18 @@ def _usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[C
         return None
     if any(t.dtype != q.dtype for t in (k, v)) or str(q.dtype).replace("torch.", "") != spec.qk_dtype:
         return None
+    # the mask's form first: a call ATen's kernel cannot take (a dense mask larger than q) is
+    # refused before the checks below read q, k and v
+    got = ((None, False), False)
+    if p.mask_index is not None:
+        if p.mask_kind.startswith("pred_"):
+            got = _predicate_mask(p, spec, captured, q, k)
+        else:
+            got = _mask(p, captured, q, k)
+        if got is None:
+            return None  # not this kernel's function
+        if got[1] and not (spec.safe_softmax and not p.finite_fill and _empty_rows_zero()):
+            return None  # a row with no key: eager gives NaN (a finite fill: uniform), ATen 0
     # one aminmax pass per operand serves every check below (finiteness, score bound, removal),
     # read as Python numbers (``removal.host_stats``: the checks of a decoding step are ~0.1 ms)
     (qmax, qfin), (kmax, kfin), (_, vfin), (_, gfin) = (
@@ -475,16 +487,6 @@ def _usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[C
         # scale) where ATen's kernel, which scales and accumulates in float32 its own way, stays
         # finite (eager NaN, ATen a number): the tiled path applies the model's steps
         return None
-    if p.mask_index is None:
-        return Call(scale, None)
-    if p.mask_kind.startswith("pred_"):
-        got = _predicate_mask(p, spec, captured, q, k)
-    else:
-        got = _mask(p, captured, q, k)
-    if got is None:
-        return None  # not this kernel's function
-    if got[1] and not (spec.safe_softmax and not p.finite_fill and _empty_rows_zero()):
-        return None  # a row with no key: eager gives NaN (a finite fill: uniform), ATen 0
     mask, causal = got[0]
     if mask is None and not causal:
         # this call masks nothing (a decoding row against its whole cache): ATen's function with
@@ -554,14 +556,14 @@ def rows_ok(call: Call, lse: torch.Tensor, nk: int, backward: bool = False) -> b
     exactly 0 (``removal.rows_ok_from_lse``); in the backward, |lse| <= _LSE_LIMIT."""
     if lse.numel() == 0:
         return True
-    ok = torch.isfinite(lse)
-    if backward:
-        ok &= lse.abs() <= _LSE_LIMIT
-    elif call.lse_limit < math.inf:
-        ok &= lse.abs() <= call.lse_limit
-    if call.removal is not None:
-        ok &= removal.rows_ok_from_lse(lse, nk, call.worst, call.removal)
-    return bool(ok.all())
+    # every test is on |lse| or increasing in the lse: the least and largest lse decide all rows
+    # (one pass; NaN propagates through aminmax)
+    lo, hi = (x.item() for x in torch.aminmax(lse))
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        return False
+    if max(abs(lo), abs(hi)) > (_LSE_LIMIT if backward else call.lse_limit):
+        return False
+    return call.removal is None or removal.rows_ok_from_lse_min(lo, nk, call.worst, call.removal)
 
 
 def _unit_last(t: torch.Tensor) -> torch.Tensor:

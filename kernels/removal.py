@@ -404,6 +404,18 @@ def rows_ok(m: torch.Tensor, worst, r: Removal) -> torch.Tensor:
     return torch.isfinite(m) & (m - thr >= _REL * m.abs())
 
 
+def rows_ok_from_lse_min(lse_min: float, nk: int, worst: float, r: Removal) -> bool:
+    """``rows_ok_from_lse`` for every row at once, from the least lse of the call (a Python
+    number; the caller has checked that every lse is finite). The test is increasing in the lse:
+    lo = lse - log(Nk) - (2^-20 |lse| + 1e-3) has slope 1 -+ 2^-20 > 0, and lo - thr - REL |lo|
+    slope 1 -+ REL > 0, so it holds on every row exactly when it holds at the least lse (float64
+    rounding of these few steps, ~1e-16 relative, is far inside the 2^-20 and REL slack both
+    forms carry). One aminmax of the lse instead of a dozen elementwise ops over it."""
+    thr = threshold(worst, r)
+    lo = lse_min - math.log(max(nk, 1)) - (abs(lse_min) * 2.0 ** -20 + 1e-3)
+    return math.isfinite(lo) and lo - thr >= _REL * abs(lo)
+
+
 def rows_ok_from_lse(lse: torch.Tensor, nk: int, worst, r: Removal) -> torch.Tensor:
     """``rows_ok`` from a row's log-sum-exp instead of its max. Sound for the lse of any set L of
     the row's elements that contains the computed keys, each element of L either computed or
