@@ -15,7 +15,7 @@ import inspect
 import torch
 
 from .backend import Backend, FusionMissedError, collect_reports, fusion_pass_backend, run_pass  # noqa: F401
-from .options import Options, configure  # noqa: F401
+from .options import Options, configure, configured  # noqa: F401
 from .report import Explanation, GraphReport, SiteReport  # noqa: F401
 
 __version__ = "0.1.0"
@@ -29,8 +29,12 @@ def explain(model, *args, dynamic=None, **kwargs) -> Explanation:
     keeps its cache entries apart from everyone else's (``isolate_recompiles``), and afterwards
     drops them from every code object that holds no one else's. ``dynamic=None`` traces static
     shapes first, as a fresh process would, whatever shapes other compiles of the model saw."""
-    def backend(gm, example_inputs):  # every option given: configure() blocks do not apply here
-        return fusion_pass_backend(gm, example_inputs, options=Options(inductor=False))
+    # every option given: a configure() block's apply here only where they change what is fused
+    # (``fuse_cpu_decode``), not its report folders or strict
+    opts = Options(inductor=False, fuse_cpu_decode=configured().get("fuse_cpu_decode", False))
+
+    def backend(gm, example_inputs):
+        return fusion_pass_backend(gm, example_inputs, options=opts)
 
     if not _can_isolate():  # an older torch: the old way, which resets every compiled model
         with collect_reports() as reports:

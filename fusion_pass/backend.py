@@ -29,7 +29,7 @@ from .match import NearMiss, attention_like, find_sites, match_site
 from .options import Options
 from .report import (Explanation, GraphReport, SiteReport, attach_mask_inputs, code_lines, dump,
                      module_path, region_dot)
-from .canonicalize import canonicalize_graph
+from .canonicalize import canonicalize_graph, value
 from .rewrite import fill_meta, find_fake_mode, rewrite_region
 
 log = logging.getLogger("fusion_pass")
@@ -47,12 +47,13 @@ def _sink() -> Optional[List[GraphReport]]:
     return getattr(_state, "sink", None)
 
 
-def run_pass(gm: fx.GraphModule, index: int = 0) -> GraphReport:
+def run_pass(gm: fx.GraphModule, index: int = 0, fuse_cpu_decode: bool = False) -> GraphReport:
     """Rewrite every provable attention region of ``gm`` in place, including those inside the
-    bodies of higher-order ops (activation checkpointing, ``wrap``); report every softmax site."""
+    bodies of higher-order ops (activation checkpointing, ``wrap``); report every softmax site.
+    A CPU site of one query row is kept for Inductor unless ``fuse_cpu_decode`` (``_decode_kept``)."""
     report = GraphReport(index=index, code_before=gm.code)
     fake_mode = find_fake_mode(gm)
-    _rewrite_graph(gm, report, fake_mode, prefix="")
+    _rewrite_graph(gm, report, fake_mode, prefix="", fuse_cpu_decode=fuse_cpu_decode)
     report.code_after = gm.code
     for s in report.sites:
         if s.fused:
@@ -81,7 +82,26 @@ def _subgraphs(gm: fx.GraphModule):
                     yield n.target.__name__, a.target, sub
 
 
-def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: str) -> None:
+# Why a decoding step on CPU is kept (measured, benchmarks/RESULTS.md "CPU decoding steps": GPT-2's
+# buffer and Llama's grouped heads, 12 heads, d 64, 512 and 2048 cached keys, fp32, 2 threads)
+_DECODE_REASON = ("kept: one query row on CPU (a decoding step): its scores are one row per head, "
+                  "no N x N to avoid, and Inductor's code for the model's own steps runs it 3-6x "
+                  "faster than the fused op, whose per-call proofs read K and V whole and whose "
+                  "dispatch costs more than the step itself (option fuse_cpu_decode=True fuses it)")
+
+
+def _decode_kept(res) -> bool:
+    """The site's query length is the static integer 1 and it runs on CPU: a decoding step (Dynamo
+    specialises a size of 1, so every decoding graph has it). The output's example value says."""
+    out = value(res.region.pv)
+    if not isinstance(out, torch.Tensor) or out.dim() < 2:
+        return False
+    rows = out.shape[-2]
+    return isinstance(rows, int) and rows == 1 and out.device.type == "cpu"
+
+
+def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: str,
+                   fuse_cpu_decode: bool = False) -> None:
     code_before = gm.code
     canon = canonicalize_graph(gm, lambda n: fill_meta(n, fake_mode))
     report.canonicalized += [prefix + c for c in canon]
@@ -100,6 +120,11 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
             report.sites.append(SiteReport(site, False, res.reason, prefix + res.node, res.attention_like,
                                            module=module_path(softmax), kept=res.kept))
             log.info("site %s not fused: %s", report.sites[-1].label, res)
+            continue
+        if not fuse_cpu_decode and _decode_kept(res):
+            report.sites.append(SiteReport(site, False, _DECODE_REASON, prefix + res.region.pv.name,
+                                           True, module=module_path(softmax), kept=True))
+            log.info("site %s not fused: %s", report.sites[-1].label, _DECODE_REASON)
             continue
         before = code_lines(code_before, [n.name for n in res.region.nodes])
         dot = region_dot(site, res.region.nodes)
@@ -126,7 +151,7 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
     for hop, attr, sub in _subgraphs(gm):
         sub_prefix = f"{prefix}{attr}."
         if hop in _REWRITTEN_BODIES:
-            _rewrite_graph(sub, report, fake_mode, sub_prefix)
+            _rewrite_graph(sub, report, fake_mode, sub_prefix, fuse_cpu_decode)
         else:
             for softmax in find_sites(sub):
                 report.sites.append(SiteReport(
@@ -142,7 +167,8 @@ def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Ma
     opts = Options.parse(options)
     if opts.enable:
         sink = _sink()
-        report = run_pass(gm, index=len(sink) if sink is not None else next(_graph_counter))
+        report = run_pass(gm, index=len(sink) if sink is not None else next(_graph_counter),
+                          fuse_cpu_decode=opts.fuse_cpu_decode)
         if sink is not None:
             sink.append(report)
         if sink is not None or opts.dump:

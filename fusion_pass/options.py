@@ -25,6 +25,9 @@ class Options:
     report: Optional[str] = None  # a folder: write each graph's report (sites, specs, code) there
     inductor: bool = True         # False: run the rewritten graph without Inductor (debugging)
     dump: Optional[str] = None    # a folder: the report plus each site's kernel source and pictures
+    # True: fuse CPU attention whose query length is a static 1 (a decoding step) too; by default
+    # such sites are kept for Inductor, whose code for them is 3-6x faster (``backend.py``)
+    fuse_cpu_decode: bool = False
 
     @staticmethod
     def parse(options: Optional[Mapping[str, Any]]) -> "Options":
@@ -45,7 +48,7 @@ def validate(options: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if unknown:
         raise ValueError(f"unknown fusion_pass option(s) {unknown}; valid options are "
                          f"{sorted(valid)}")
-    for key in ("enable", "strict", "inductor"):
+    for key in ("enable", "strict", "inductor", "fuse_cpu_decode"):
         if key in options and not isinstance(options[key], bool):
             raise ValueError(f"fusion_pass option {key!r} must be True or False, got "
                              f"{options[key]!r}")

@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 
+import fusion_pass
 from fusion_pass.kernels import cpu, cpu_flash
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -94,7 +95,8 @@ def test_same_bits_on_one_and_two_threads(case, monkeypatch):
         model = _Grouped(kv, H // Hk)
     if bias_shape is not None:
         args.append(torch.randn(bias_shape, generator=gen))
-    compiled = torch.compile(model, backend="fusion_pass")
+    # the decode cases (one query row) test the tiled path: fused on purpose (kept by default)
+    compiled = torch.compile(model, backend=fusion_pass.Backend(fuse_cpu_decode=True))
     expl_ok = compiled(*args)  # compile once; both runs below use the same graph
     assert expl_ok.shape[-2] == nq
     one = _run(compiled, args, 1, monkeypatch)

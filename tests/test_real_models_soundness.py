@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+import fusion_pass
+
 from helpers import max_rel_error, profiled_op_counts
 
 transformers = pytest.importorskip("transformers")
@@ -98,14 +100,19 @@ def test_generate_tokens_equal_to_eager(name, cache):
 
     want = model.generate(ids, **options)
 
-    model.forward = torch.compile(model.forward, backend="fusion_pass")
+    # the decoding steps' one-row sites fused too (kept for Inductor by default, test below)
+    model.forward = torch.compile(model.forward, backend=fusion_pass.Backend(fuse_cpu_decode=True))
     first = model.generate(ids, **options)  # compiles: prefill, then decode (maybe twice)
     got, n_fwd, n_bwd = profiled_op_counts(lambda: model.generate(ids, **options))
 
     # one forward per new token (the prefill makes the first), one attention per layer in each;
     # counted on the second generate so that calls made while compiling are not counted
     assert (n_fwd, n_bwd) == (NEW_TOKENS * LAYERS, 0), f"{n_fwd} fused calls in {NEW_TOKENS} steps"
-    for run in (first, got):
+    _assert_same_generation((first, got), want)
+
+
+def _assert_same_generation(runs, want):
+    for run in runs:
         # the tokens are what the user sees; the logits catch a wrong attention that happens not to
         # change an argmax, and say by how much
         same = torch.equal(run.sequences, want.sequences)
@@ -113,6 +120,28 @@ def test_generate_tokens_equal_to_eager(name, cache):
         assert same and err < 1e-4, (
             f"tokens {'equal to' if same else 'differ from'} eager's, logits differ by {err:.2g} "
             f"(relative):\n{run.sequences}\n{want.sequences}")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_generate_keeps_cpu_decoding_steps_for_inductor(name):
+    """By default a decoding step's sites (one query row on CPU) are kept, each saying why: the
+    prefill's are fused, the tokens and logits are eager's, and ``strict`` accepts the kept ones."""
+    model = MODELS[name]().eval()
+    ids, mask = _left_padded_prompt()
+    options = dict(attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
+                   output_logits=True, return_dict_in_generate=True)
+    want = model.generate(ids, **options)
+    model.forward = torch.compile(model.forward, backend=fusion_pass.Backend(strict=True))
+    with fusion_pass.collect_reports() as reports:
+        first = model.generate(ids, **options)
+    got, n_fwd, n_bwd = profiled_op_counts(lambda: model.generate(ids, **options))
+    assert (n_fwd, n_bwd) == (LAYERS, 0), f"{n_fwd} fused calls: the prefill's {LAYERS} only"
+    sites = [s for r in reports for s in r.sites if s.attention_like]
+    fused = [s for s in sites if s.fused]
+    kept = [s for s in sites if s.kept]
+    assert len(fused) == LAYERS and kept and len(fused) + len(kept) == len(sites), sites
+    assert all("one query row on CPU" in s.reason for s in kept), [s.reason for s in kept]
+    _assert_same_generation((first, got), want)
 
 
 # ---- 2 and 3. convergence, with and without activation checkpointing -------------------------------

@@ -1,0 +1,147 @@
+"""Decoding steps on CPU (issue 11): a site whose query length is the static integer 1 is kept for
+Inductor by default, saying why, and fused with ``fuse_cpu_decode=True``; the per-call checks
+around the kernels read no more than they need (the lse's one pass, no removal bound for a tile
+that keeps every key)."""
+import math
+
+import pytest
+import torch
+
+import fusion_pass
+from fusion_pass.kernels import cpu, cpu_flash, removal
+
+from helpers import max_rel_error, profiled_op_counts
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
+
+
+class Gpt2(torch.nn.Module):
+    """GPT-2's sliced ``tril`` buffer with a ``finfo.min`` fill."""
+
+    def __init__(self, n_max=64):
+        super().__init__()
+        self.register_buffer("bias", torch.tril(torch.ones(n_max, n_max, dtype=torch.bool))
+                             .view(1, 1, n_max, n_max), persistent=False)
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) / (v.size(-1) ** 0.5)
+        nq, nk = q.size(-2), k.size(-2)
+        fill = torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype)
+        s = torch.where(self.bias[:, :, nk - nq:nk, :nk], s, fill)
+        return torch.matmul(s.softmax(dim=-1), v)
+
+
+class Causal(torch.nn.Module):
+    """A causal mask built from aranges (a predicate: the tiled path skips the keys above it),
+    aligned bottom-right for a cache."""
+
+    def forward(self, q, k, v):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        nq, nk = q.size(-2), k.size(-2)
+        keep = torch.arange(nk)[None, :] <= torch.arange(nk - nq, nk)[:, None]
+        s = s.masked_fill(~keep, torch.finfo(s.dtype).min)
+        return torch.matmul(s.softmax(dim=-1), v)
+
+
+def _qkv(nq, nk=40, g=None):
+    g = g or torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2, 3, n, 16, generator=g) for n in (nq, nk, nk))
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_one_query_row_on_cpu_is_kept_with_its_reason(dynamic):
+    """Dynamo specialises a size of 1, so a decoding graph has the static 1 even when compiled
+    dynamic: kept, the reason naming the option; ``strict`` accepts it; the output is eager's."""
+    m = Gpt2()
+    q, k, v = _qkv(1)
+    expl = fusion_pass.explain(m, q, k, v, dynamic=dynamic)
+    (site,) = [s for g in expl.graphs for s in g.sites]
+    assert not site.fused and site.kept and not expl.missed, str(expl)
+    assert "one query row on CPU" in site.reason and "fuse_cpu_decode=True" in site.reason
+    assert "kept" in str(expl)
+    compiled = torch.compile(m, backend=fusion_pass.Backend(strict=True), dynamic=dynamic)
+    compiled(q, k, v)
+    out, n_fwd, _ = profiled_op_counts(lambda: compiled(q, k, v))
+    assert n_fwd == 0
+    assert max_rel_error([out], [m(q, k, v)]) < 1e-5
+
+
+def test_the_option_fuses_one_query_row():
+    m = Gpt2()
+    q, k, v = _qkv(1)
+    with fusion_pass.configure(fuse_cpu_decode=True):  # explain honours it (it changes the rewrite)
+        expl = fusion_pass.explain(m, q, k, v)
+    assert len(expl.fused) == 1, str(expl)
+    compiled = torch.compile(m, backend=fusion_pass.Backend(fuse_cpu_decode=True))
+    compiled(q, k, v)
+    out, n_fwd, _ = profiled_op_counts(lambda: compiled(q, k, v))
+    assert n_fwd == 1 and max_rel_error([out], [m(q, k, v)]) < 1e-5
+
+
+@pytest.mark.parametrize("nq", [2, 40])
+def test_more_than_one_query_row_is_fused(nq):
+    """Only the decoding step's one row is kept: two rows (speculative decoding) and a prefill fuse."""
+    m = Gpt2()
+    expl = fusion_pass.explain(m, *_qkv(nq))
+    assert len(expl.fused) == 1, str(expl)
+
+
+def test_fuse_cpu_decode_is_validated():
+    with pytest.raises(ValueError, match="fuse_cpu_decode"):
+        fusion_pass.Backend(fuse_cpu_decode="yes")
+
+
+# ---- what the checks read ----------------------------------------------------------------------
+
+def test_tiled_path_computes_no_removal_bound_for_a_tile_that_keeps_every_key(monkeypatch):
+    """A decoding row keeps every cached key: the tiled path skips nothing, so it never computes
+    the removal bound (a pass over q, k and v); a prefill's causal tiles do."""
+    calls = []
+    real = removal.worst_masked
+    monkeypatch.setattr(removal, "worst_masked", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    monkeypatch.setattr(cpu_flash, "usable", lambda *a, **kw: None)  # the tiled path
+    m = Causal()  # 600 rows: two query blocks, the first keeps keys < 432 only
+    with fusion_pass.configure(fuse_cpu_decode=True):
+        compiled = torch.compile(m, backend="fusion_pass")
+        for nq, expect_bound in ((1, False), (600, True)):
+            q, k, v = _qkv(nq, nk=600)
+            calls.clear()
+            out = compiled(q, k, v)
+            assert bool(calls) == expect_bound, (nq, len(calls))
+            assert max_rel_error([out], [m(q, k, v)]) < 1e-5
+
+
+def test_rows_ok_from_the_least_lse_decides_as_every_row_does():
+    """``removal.rows_ok_from_lse_min`` (one aminmax of the lse) against the per-row test it
+    replaced, on rows around the threshold, for causal and finite-fill removals."""
+    g = torch.Generator().manual_seed(3)
+    rs = [removal.Removal(removal.REPLACE, torch.finfo(torch.float32).min, "float32", "predicate"),
+          removal.Removal(removal.REPLACE, -1e4, "float32", "tensor"),
+          removal.Removal(removal.ADD, -math.inf, "float32", "predicate")]
+    for r in rs:
+        for worst in (-1e4, -200.0, 0.0, 37.5, -math.inf, math.inf, math.nan):
+            thr = removal.threshold(worst, r)
+            centre = 0.0 if not math.isfinite(thr) else thr
+            for _ in range(40):
+                nk = int(torch.randint(1, 5000, (), generator=g))
+                spread = float(torch.rand((), generator=g)) * 20
+                lse = (centre + math.log(nk) + spread * (torch.rand(64, generator=g) * 2 - 1)).float()
+                want = bool(removal.rows_ok_from_lse(lse, nk, worst, r).all())
+                got = removal.rows_ok_from_lse_min(float(lse.min()), nk, worst, r)
+                assert got == want, (r, worst, nk, float(lse.min()))
+
+
+def test_flash_rows_ok_reads_nan_inf_and_the_limits():
+    call = cpu_flash.Call(0.25, None, True, removal.Removal(removal.REPLACE, -1e4, "float32", "tensor"),
+                          worst=-1e4)
+    lse = torch.full((2, 3, 7), 2.0)
+    assert cpu_flash.rows_ok(call, lse, 7)
+    for bad in (math.nan, math.inf, -math.inf, -1e4 + 50):  # the last: too close to the fill
+        lse2 = lse.clone()
+        lse2[1, 2, 3] = bad
+        assert not cpu_flash.rows_ok(call, lse2, 7), bad
+    big = lse.clone()
+    big[0, 0, 0] = 2.0 ** 14  # past the backward's limit, fine for the forward
+    assert cpu_flash.rows_ok(call, big, 7) and not cpu_flash.rows_ok(call, big, 7, backward=True)
+    half = cpu_flash.Call(0.25, None, lse_limit=100.0)
+    assert cpu_flash.rows_ok(half, lse, 7) and not cpu_flash.rows_ok(half, -big, 7)
