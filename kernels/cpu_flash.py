@@ -50,7 +50,7 @@ import sympy
 import torch
 
 from . import predicate, removal
-from .cpu import one_thread
+from .cpu import _SHARE as cpu_share, one_thread
 from .predicate import as_operand, materialize, parse
 from .spec import AttentionSpec, to_dtype
 
@@ -427,15 +427,18 @@ class Call:
     lse_limit: float = math.inf
 
 
-# The per-call checks (O(N d) reductions over q, k, v, dO and the lse, a (B, 1, 1, N) mask)
-# run on one intra-op thread. Each check is a
-# separate small parallel region: with two threads and the other core busy (any other process),
-# the thread that finishes first spin-waits at the region's barrier on the core its partner
-# needs, so every region costs a scheduler time slice: ``aminmax`` of a 3 MiB q took 8 ms with
-# 2 threads against 0.08 ms with 1 (measured here, load average 2), and the checks of one call
-# ~25 ms, more than half of ATen's flash kernel at N = 1024. On one thread they cost ~0.1-0.3 ms
-# on a quiet machine too. (``set_num_threads`` is per calling thread under OpenMP, ~0.3 us.)
-_on_one_thread = one_thread()
+# The per-call checks (O(N d) reductions over q, k, v, dO and the lse, a (B, 1, 1, N) mask, a
+# data matrix's compare) run on one intra-op thread while other processes keep the cores busy
+# (``cpu._SHARE``, as the tiled path decides). Each check is a separate small parallel region:
+# with two threads and the other core busy, the thread that finishes first spin-waits at the
+# region's barrier on the core its partner needs, so every region costs a scheduler time slice:
+# ``aminmax`` of a 3 MiB q took 8 ms with 2 threads against 0.08 ms with 1 (measured here, load
+# average 2), and the checks of one call ~25 ms, more than half of ATen's flash kernel at
+# N = 1024. On a quiet machine two threads read faster: right after the previous call's kernel
+# (cold caches) aminmax of a 3 MiB q took 172 us on 2 threads against 235 on 1, and GPT-2's
+# 1024 x 1024 buffer compare 330 against 624. (``set_num_threads`` is per calling thread under
+# OpenMP, ~0.3 us.)
+_on_one_thread = one_thread(when=lambda: cpu_share.others_busy())
 
 
 @_on_one_thread
