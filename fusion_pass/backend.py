@@ -85,7 +85,7 @@ def _subgraphs(gm: fx.GraphModule):
 # Why a decoding step on CPU is kept (measured, benchmarks/RESULTS.md "CPU decoding steps": GPT-2's
 # buffer and Llama's grouped heads, 12 heads, d 64, 512 and 2048 cached keys, fp32, 2 threads)
 _DECODE_REASON = ("kept: one query row on CPU (a decoding step): its scores are one row per head, "
-                  "no N x N to avoid, and Inductor's code for the model's own steps runs it 3-6x "
+                  "no N x N to avoid, and Inductor's code for the model's own steps runs it ~4x "
                   "faster than the fused op, whose per-call proofs read K and V whole and whose "
                   "dispatch costs more than the step itself (option fuse_cpu_decode=True fuses it)")
 
