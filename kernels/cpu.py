@@ -103,7 +103,6 @@ class _Operands:
         if not steps or nq * nk < (nq + nk) * d:
             return
         (qmax, qfin), (kmax, kfin) = removal.host_stats(q), removal.host_stats(k)
-        d = q.shape[-1]
         bound = d * qmax * kmax * (1.0 + d * 2.0 ** -22) * removal._STEP * max(1.0, abs(factor))
         if qfin and kfin and bound < removal.fmax(self.spec.qk_dtype):
             self.prescale = (factor, steps)

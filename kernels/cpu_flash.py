@@ -50,7 +50,7 @@ import sympy
 import torch
 
 from . import predicate, removal
-from .cpu import _SHARE as cpu_share, one_thread
+from .cpu import _threads_for_share
 from .predicate import as_operand, materialize, parse
 from .spec import AttentionSpec, to_dtype
 
@@ -437,11 +437,11 @@ class Call:
 # N = 1024. On a quiet machine two threads read faster: right after the previous call's kernel
 # (cold caches) aminmax of a 3 MiB q took 172 us on 2 threads against 235 on 1, and GPT-2's
 # 1024 x 1024 buffer compare 330 against 624. (``set_num_threads`` is per calling thread under
-# OpenMP, ~0.3 us.)
-_on_one_thread = one_thread(when=lambda: cpu_share.others_busy())
+# OpenMP, ~0.3 us.) Hence the tiled path's decorator, ``cpu._threads_for_share``, on ``usable``
+# and ``rows_ok``.
 
 
-@_on_one_thread
+@_threads_for_share
 def usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[Call]:
     """How ATen's kernel computes this call exactly as eager would, before running it (the rows'
     part of the removal rule is checked on its lse afterwards: ``rows_ok``); None: not at all.
@@ -552,11 +552,12 @@ def _worst(spec: AttentionSpec, p: Plan, q, k, v, captured, grad_out, stats) -> 
                                       step=p.step, stats=stats).item())
 
 
-@_on_one_thread
+@_threads_for_share
 def rows_ok(call: Call, lse: torch.Tensor, nk: int, backward: bool = False) -> bool:
     """The per-row half of the rules, on the lse of this call's forward: every row has a finite lse;
     where the call drops elements eager weighs, every row's dropped elements have probability
-    exactly 0 (``removal.rows_ok_from_lse``); in the backward, |lse| <= _LSE_LIMIT."""
+    exactly 0 (``removal.rows_ok_from_lse_min``, from the least lse); in the backward,
+    |lse| <= _LSE_LIMIT."""
     if lse.numel() == 0:
         return True
     # every test is on |lse| or increasing in the lse: the least and largest lse decide all rows

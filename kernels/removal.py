@@ -401,7 +401,19 @@ def rows_ok(m: torch.Tensor, worst, r: Removal) -> torch.Tensor:
     if isinstance(thr, torch.Tensor):
         m = m.double()
         thr = thr.to(m.device)
-    return torch.isfinite(m) & (m - thr >= _REL * m.abs())
+    return torch.isfinite(m) & _clears(m, thr)
+
+
+def _clears(m, thr):
+    """m - thr >= REL |m|: the row max clears the threshold with slack for rounding (tensors or
+    Python numbers alike)."""
+    return m - thr >= _REL * abs(m)
+
+
+def _lse_floor(lse, nk: int):
+    """A lower bound of the row max over the computed keys from a float32 lse (tensor or Python
+    number): lse - log(Nk), less the lse's own rounding (2^-20 |lse| + 1e-3)."""
+    return lse - math.log(max(nk, 1)) - (abs(lse) * 2.0 ** -20 + 1e-3)
 
 
 def rows_ok_from_lse_min(lse_min: float, nk: int, worst: float, r: Removal) -> bool:
@@ -411,9 +423,8 @@ def rows_ok_from_lse_min(lse_min: float, nk: int, worst: float, r: Removal) -> b
     slope 1 -+ REL > 0, so it holds on every row exactly when it holds at the least lse (float64
     rounding of these few steps, ~1e-16 relative, is far inside the 2^-20 and REL slack both
     forms carry). One aminmax of the lse instead of a dozen elementwise ops over it."""
-    thr = threshold(worst, r)
-    lo = lse_min - math.log(max(nk, 1)) - (abs(lse_min) * 2.0 ** -20 + 1e-3)
-    return math.isfinite(lo) and lo - thr >= _REL * abs(lo)
+    lo = _lse_floor(lse_min, nk)
+    return math.isfinite(lo) and _clears(lo, threshold(worst, r))
 
 
 def rows_ok_from_lse(lse: torch.Tensor, nk: int, worst, r: Removal) -> torch.Tensor:
@@ -425,5 +436,5 @@ def rows_ok_from_lse(lse: torch.Tensor, nk: int, worst, r: Removal) -> torch.Ten
     forward's lse never skips where that is not exact. lse is float32: its own rounding is
     covered by 2^-20 |lse| + 1e-3."""
     lse = lse.double()
-    lo = lse - math.log(max(nk, 1)) - (lse.abs() * 2.0 ** -20 + 1e-3)
+    lo = _lse_floor(lse, nk)
     return rows_ok(torch.where(torch.isfinite(lse), lo, torch.full_like(lo, math.nan)), worst, r)
