@@ -356,7 +356,7 @@ def mask_form(spec: AttentionSpec, p: Plan) -> Optional[str]:
         causal, rest = _split_causal(m, fill)
         if rest is None:
             return ("is_causal when the call's data matrix is exactly j <= i (checked per call), "
-                    "a -inf mask when it is smaller than q (decoding)"
+                    "a -inf mask when it is no larger than q or k (decoding)"
                     if _data_matrix(m, fill) is not None else None)
         if rest.keep == _TRUE:
             return "is_causal" if causal else ""
@@ -383,8 +383,10 @@ def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
             return None
         if _keeps_lower(keep, nq, nk) and _causal_ok(q, k):
             return (None, True), False
-        if keep.numel() > q.numel():
-            return None  # a dense mask larger than q: the tiled path reads the data in tiles
+        if keep.numel() > max(q.numel(), k.numel()):
+            # a dense mask larger than q and k (a prefill's N x N): the tiled path reads the data
+            # in tiles rather than this call building an N x N tensor
+            return None
         # a small matrix (GPT-2 decoding: Nq = 1 against the cache, bottom-right slice): as a -inf
         # mask, all ones as none
         if bool(keep.all()):

@@ -178,15 +178,18 @@ def test_gpt2_buffer_not_causal_takes_tiled_path():
     assert fwd == "fwd: tiled x1", fwd
 
 
-@pytest.mark.parametrize("nq,H,kernel", [(1, 2, "fwd: ATen flash x1"), (8, 4, "fwd: ATen flash mask x1"),
-                                         (8, 2, "fwd: tiled x1")])
-def test_gpt2_decode_bottom_right_slice_is_not_is_causal(nq, H, kernel):
+@pytest.mark.parametrize("nq,nk,H,kernel", [(1, 40, 2, "fwd: ATen flash x1"),
+                                             (8, 40, 4, "fwd: ATen flash mask x1"),
+                                             (8, 40, 2, "fwd: ATen flash mask x1"),
+                                             (40, 48, 1, "fwd: tiled x1")])
+def test_gpt2_decode_bottom_right_slice_is_not_is_causal(nq, nk, H, kernel):
     """With a cache (Nq < Nk) GPT-2's slice keeps j <= i + Nk - Nq (bottom-right): not ATen's
-    top-left is_causal. One query row keeps every key (no mask); a matrix no larger than q becomes
-    a -inf mask (the finite fill under the removal rule); a larger one stays on the tiled path."""
-    q, k, v = _qkv(nq=nq, nk=40, H=H)
+    top-left is_causal. One query row keeps every key (no mask); a matrix no larger than q or k
+    (decoding a few rows against a cache) becomes a -inf mask (the finite fill under the removal
+    rule); a larger one (a prefill's chunk) stays on the tiled path, which reads it in tiles."""
+    q, k, v = _qkv(nq=nq, nk=nk, H=H)
     with fusion_pass.configure(fuse_cpu_decode=True):  # one row: kept for Inductor by default
-        _, fwd, _ = _run(Gpt2(MIN32), (q, k, v))
+        _, fwd, _ = _run(Gpt2(MIN32), (q, k, v))  # checked against float64 eager there
     assert fwd == kernel, fwd
 
 
