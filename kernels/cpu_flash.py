@@ -387,8 +387,8 @@ def _predicate_mask(p: Plan, spec: AttentionSpec, captured, q, k):
             # a dense mask larger than q and k (a prefill's N x N): the tiled path reads the data
             # in tiles rather than this call building an N x N tensor
             return None
-        # a small matrix (GPT-2 decoding: Nq = 1 against the cache, bottom-right slice): as a -inf
-        # mask, all ones as none
+        # a small matrix (GPT-2 decoding: a few rows against the cache, bottom-right slice): as a
+        # -inf mask, all ones as none
         if bool(keep.all()):
             return (None, False), False
         mask = torch.zeros(keep.shape, dtype=q.dtype).masked_fill_(~keep, -math.inf)

@@ -193,6 +193,18 @@ def test_gpt2_decode_bottom_right_slice_is_not_is_causal(nq, nk, H, kernel):
     assert fwd == kernel, fwd
 
 
+def test_gpt2_decode_slice_with_an_empty_row_takes_tiled_path():
+    """The guard the -inf mask operand relies on: a decoding slice whose row keeps no key (eager:
+    uniform weights under the finfo.min fill; ATen's kernel would give that row 0 or NaN) is not
+    ATen's function, whatever its size; the tiled path computes eager's answer."""
+    q, k, v = _qkv(nq=8, nk=40, H=2)
+    m = Gpt2(MIN32)
+    m.bias[0, 0, 35, :] = False  # the slice's row 3 (40 - 8 + 3) keeps nothing
+    with fusion_pass.configure(fuse_cpu_decode=True):
+        _, fwd, _ = _run(m, (q, k, v))  # checked against float64 eager there
+    assert fwd == "fwd: tiled x1", fwd
+
+
 @pytest.mark.parametrize("nq,nk", [(17, 40), (40, 17)])
 def test_top_left_predicate_with_unequal_lengths_uses_is_causal(nq, nk):
     q, k, v = _qkv(nq=nq, nk=nk)
