@@ -25,6 +25,7 @@ from fusion_pass.kernels.ops import kernel_summary
 
 from .analyze import analyse
 from .effects import erase_orphans
+from .expand import closed_call, expand_attention_calls
 from .match import NearMiss, attention_like, find_sites, match_site
 from .options import Options
 from .report import (Explanation, GraphReport, SiteReport, attach_mask_inputs, code_lines, dump,
@@ -103,7 +104,17 @@ def _decode_kept(res) -> bool:
 def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: str,
                    fuse_cpu_decode: bool = False) -> None:
     code_before = gm.code
+    opened, closed, recorded = expand_attention_calls(gm, fake_mode)
+    for c in closed:
+        report.sites.append(SiteReport(prefix + c.node.name, False, c.reason, prefix + c.node.name,
+                                       True, module=module_path(c.node), kept=c.kept))
+        log.info("site %s not fused: %s", report.sites[-1].label, c.reason)
+    if recorded:
+        # what the opened body computes that nothing reads (the attention weights a caller drops)
+        # goes now, or the softmax would look read outside its region
+        erase_orphans(gm.graph, [n for n in recorded if not n.users])
     canon = canonicalize_graph(gm, lambda n: fill_meta(n, fake_mode))
+    canon = [*opened, *canon]
     report.canonicalized += [prefix + c for c in canon]
     if canon:
         gm.recompile()
@@ -158,6 +169,13 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
                     sub_prefix + softmax.name, False,
                     f"inside the body of {hop}, which the pass does not rewrite",
                     sub_prefix + softmax.name, attention_like(softmax), module=module_path(softmax)))
+            for n in sub.graph.nodes:
+                name = closed_call(n)
+                if name is not None:
+                    report.sites.append(SiteReport(
+                        sub_prefix + n.name, False,
+                        f"{name} inside the body of {hop}, which the pass does not rewrite",
+                        sub_prefix + n.name, True, module=module_path(n)))
 
 
 def fusion_pass_backend(gm: fx.GraphModule, example_inputs, options: Optional[Mapping[str, Any]] = None,
