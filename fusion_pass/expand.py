@@ -28,6 +28,7 @@ The fast-path kernels stay too: they are PyTorch's fused inference kernels, repo
 """
 from __future__ import annotations
 
+import contextlib
 import operator
 import types
 from dataclasses import dataclass
@@ -302,7 +303,7 @@ def _record(graph: fx.Graph, node: fx.Node, fake_mode) -> List[fx.Node]:
     try:
         # the Python dispatcher, as Dynamo and the compiler run fake code: meta functions then take
         # symbolic sizes (baddbmm's meta expands its bias to sizes that may be symbols)
-        with enable_python_dispatcher(), fake_mode, rec:
+        with enable_python_dispatcher(), fake_mode, _contexts_at(graph, node), rec:
             out = _body(node.target)(*args, **kwargs)
     except NotRecorded:
         _drop(graph, rec.nodes)
@@ -331,6 +332,35 @@ def _record(graph: fx.Graph, node: fx.Node, fake_mode) -> List[fx.Node]:
         graph.erase_node(u)
     graph.erase_node(node)
     return rec.nodes
+
+
+@contextlib.contextmanager
+def _contexts_at(graph: fx.Graph, at: fx.Node):
+    """The autocast and grad modes in force at ``at``: Dynamo writes them into the graph as calls
+    (``_enter_autocast`` / ``_exit_autocast``, ``_set_grad_enabled``), and the body must be recorded
+    under them, or its example values would carry other dtypes than the ones it computes in."""
+    active, grad = [], None
+    for n in graph.nodes:
+        if n is at:
+            break
+        if n.op != "call_function":
+            continue
+        if n.target is torch.amp.autocast_mode._enter_autocast:
+            active.append(n)
+        elif n.target is torch.amp.autocast_mode._exit_autocast and n.args and n.args[0] in active:
+            active.remove(n.args[0])
+        elif n.target is torch._C._set_grad_enabled and n.args:
+            grad = bool(n.args[0])
+    with contextlib.ExitStack() as stack:
+        for n in active:
+            device, dtype, enabled, cache = (list(n.args) + [None] * 4)[:4]
+            kw = {"dtype": dtype, "enabled": bool(enabled)}
+            if cache is not None:
+                kw["cache_enabled"] = cache
+            stack.enter_context(torch.autocast(device, **kw))
+        if grad is not None:
+            stack.enter_context(torch.set_grad_enabled(grad))
+        yield
 
 
 def _body(fn):

@@ -219,3 +219,28 @@ def test_inside_a_body_the_pass_does_not_rewrite_it_is_listed():
     assert not site.fused and site.attention_like and not site.kept
     assert "inside the body of cond" in site.reason and "multi_head_attention_forward" in site.reason
     assert torch.allclose(torch.compile(m, backend="fusion_pass")(x, flag), m(x, flag), atol=1e-5)
+
+
+def test_under_autocast_the_body_is_recorded_in_its_dtypes():
+    """Dynamo writes autocast as calls in the graph; the body is recorded under the same autocast,
+    so its values (and the fused op's dtypes) are bf16 as they are when it runs. Recorded without
+    it, the op's spec said float32 and its kernel failed on bf16 operands."""
+    class Auto(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(E, H, batch_first=True)
+
+        def forward(self, x, pad):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.attn(x, x, x, key_padding_mask=pad)[0]
+    torch.manual_seed(7)
+    m, x, pad = Auto(), torch.randn(2, 9, E, requires_grad=True), _padding(2, 9)
+    expl = fusion_pass.explain(m, x, pad)
+    [site] = expl.sites
+    assert site.fused and site.spec.out_dtype == "bfloat16", str(expl)
+    compiled = torch.compile(m, backend="fusion_pass")
+    out, ref = compiled(x, pad), m(x, pad)
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert (out.float() - ref.float()).abs().max() < 0.05
+    g, gr = torch.autograd.grad(out.float().sum(), x), torch.autograd.grad(ref.float().sum(), x)
+    assert (g[0] - gr[0]).abs().max() < 0.1 * gr[0].abs().max()
