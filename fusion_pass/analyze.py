@@ -198,9 +198,8 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     qk_dtype = value(region.qk).dtype
     qk_shape = tuple(value(region.qk).shape)
     cur = qk_shape
-    captured = _Captured()
-    ops: List[ScoreOp] = []
     steps = []  # (op, pos, frame shape at the step)
+    seen = []   # (frame shape, its batch sizes as graph arguments) after each batch reshape
     for op, pos in region.score_chain:
         out = value(op.node)
         if not isinstance(out, torch.Tensor):
@@ -216,33 +215,55 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
                 return NearMiss(site, op.node.name, "a batch reshape with two inferred (-1) sizes")
             frames.sizes = sizes[:-2]
             cur = tuple(out.shape)
+            seen.append((cur, sizes[:-2]))
             continue
         if not _same_shape(out.shape, cur):
             return NearMiss(site, op.node.name, f"{op.name} changes the scores' shape")
         steps.append((op, pos, cur))
+
+    def score_ops(canonical):
+        """The score steps with the op working in batch layout ``canonical``: (captured, ops)."""
+        captured, ops = _Captured(), []
+        qk_moved = not _same_shape(qk_shape[:-2], canonical[:-2])
+        if region.qk_input is not None:
+            res = _baddbmm_ops(region, captured, qk_shape, site, qk_moved, canonical)
+            if isinstance(res, NearMiss):
+                return res
+            ops += res
+        for op, pos, frame in steps:
+            moved = not _same_shape(frame[:-2], canonical[:-2])
+            res = _score_op(op, pos, value(op.node).dtype, captured, frame, site, moved, canonical)
+            if isinstance(res, NearMiss):
+                return res
+            if res is not None:
+                ops.append(res)
+        return captured, ops
+
+    # The op works in the softmax's layout, unless an operand broadcasts over part of a batch dim
+    # that layout merges (FSMT's (B, 1, N, N) mask added to (B*H, N, N) scores viewed as
+    # (B, H, N, N) and back): then in the finest layout the scores pass through, where it
+    # broadcasts as it does in the model (q, k, v and the output move there and back by views)
     canonical = cur
+    res = score_ops(canonical)
+    if isinstance(res, NearMiss) and res.reason.endswith(_PART_OF_A_LAYOUT):
+        finest = max(seen, key=lambda fs: len(fs[0]))
+        if len(finest[0]) > len(canonical):
+            alt = score_ops(finest[0])
+            if not isinstance(alt, NearMiss):
+                res, canonical, frames.sizes = alt, finest[0], finest[1]
+    if isinstance(res, NearMiss):
+        return res
+    captured, ops = res
     qk_moved = not _same_shape(qk_shape[:-2], canonical[:-2])
     if not qk_moved:
         frames.sizes = None
-    if region.qk_input is not None:
-        res = _baddbmm_ops(region, captured, qk_shape, site, qk_moved, canonical)
-        if isinstance(res, NearMiss):
-            return res
-        ops += res
-    for op, pos, frame in steps:
-        moved = not _same_shape(frame[:-2], canonical[:-2])
-        res = _score_op(op, pos, value(op.node).dtype, captured, frame, site, moved, canonical)
-        if isinstance(res, NearMiss):
-            return res
-        if res is not None:
-            ops.append(res)
     frames.reshape_qk = qk_moved
 
     # -- softmax -> PV ---------------------------------------------------------------------------
     softmax_dtype = sv.dtype
     prob_dtype = softmax_dtype
     dropout_p = 0.0
-    p_frame = canonical
+    p_frame = cur  # the softmax's layout
     p_sizes = None  # the batch sizes (graph arguments) of the last reshape of the probabilities
     for op in region.prob_chain:
         if op.name == "reshape":
@@ -806,8 +827,10 @@ def _frame_prep(node: fx.Node, frame, canonical, site, where) -> Union[tuple, Ne
         return ()  # broadcast over every batch dim: reads the same in any layout
     if ov.dim() == len(frame) and _same_shape(batch[:len(frame) - 2], frame[:-2]):
         return (("to_frame",),)
-    return NearMiss(site, where, f"operand {node.name} {tuple(ov.shape)} broadcasts over part of a "
-                    "batch layout the region reshapes")
+    return NearMiss(site, where, f"operand {node.name} {tuple(ov.shape)}{_PART_OF_A_LAYOUT}")
+
+
+_PART_OF_A_LAYOUT = " broadcasts over part of a batch layout the region reshapes"
 
 
 def _score_op(op, pos, dtype, captured: _Captured, score_shape, site, moved=False, canonical=None

@@ -48,6 +48,28 @@ def test_merged_baddbmm_scores_then_4d_matmul_with_v(dynamic):
     check_fused(f, *_qkv(), alibi, dynamic=dynamic)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_head_broadcast_operands_on_merged_scores_viewed_4d(dynamic):
+    """FSMT's and LED's decoder attention: (B*H, N, N) scores viewed as (B, H, N, N) for a mask that
+    broadcasts over heads (B, 1, N, N) and a padding fill, back to (B*H, ...) for the softmax: the
+    op works in the 4-D layout, where the operands broadcast as in the model; q, k, v, out move by
+    reshapes. An unfused graph also matches: the op count says it was fused."""
+    def f(q, k, v, bias, pad):
+        bh, n, d = q.shape
+        b = pad.shape[0]
+        s = torch.bmm(q, k.transpose(1, 2)) * d ** -0.5
+        s = s.view(b, bh // b, n, n) + bias
+        s = s.view(bh, n, n)
+        s = s.view(b, bh // b, n, n).masked_fill(pad[:, None, None, :], torch.finfo(s.dtype).min)
+        p = torch.softmax(s.view(bh, n, n), dim=-1)
+        return torch.bmm(p, v)
+    q, k, v = (torch.randn(B * H, N, D, requires_grad=True) for _ in range(3))
+    bias = torch.randn(B, 1, N, N, requires_grad=True)
+    pad = torch.rand(B, N) < 0.3
+    pad[:, 0] = False
+    check_fused(f, q, k, v, bias, pad, dynamic=dynamic)
+
+
 # ---- shape-only uses do not count as uses of the scores -------------------------------------------
 
 @pytest.mark.parametrize("dynamic", [False, True])
