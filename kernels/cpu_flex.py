@@ -199,6 +199,12 @@ _BROKEN = set()
 # FlexAttention's CPU template tiles queries and keys; below these lengths (decode rows, a few
 # keys) it is not the fast kernel and its code generation has failed (Nq = 1): not offered
 MIN_LENGTH = 16
+# Nor below this head dim: torch 2.13's CPU template returned wrong rows at head dims 8 and 16 on an
+# AVX2 machine (2026-12-02: a causal or window BlockMask, lengths 8, 40, 72, 88, 104, 120; in 2-26
+# of 30 repeated calls with fresh inputs, so it reads memory it did not write). Head dims 4, 24,
+# 32, 48, 64, 80, 96, 128 gave eager's answer on every call of the same sweep; 24 is left out too,
+# one step from the bad ones. Models' head dims are 32-256.
+MIN_HEAD_DIM = 32
 
 
 @functools.lru_cache(maxsize=64)
@@ -362,7 +368,7 @@ def _forward(spec: AttentionSpec, q, k, v, captured: Sequence[torch.Tensor]):
     if any(t.dtype != torch.float32 for t in (q, k, v)) or not 2 <= q.dim() <= 4:
         return None  # more batch dims than (b, h): not flattened here (never a model's)
     nq, nk, d = q.shape[-2], k.shape[-2], q.shape[-1]
-    if min(nq, nk) < MIN_LENGTH or d == 0 or v.shape[-1] == 0:
+    if min(nq, nk) < MIN_LENGTH or min(d, v.shape[-1]) < MIN_HEAD_DIM:
         return None
     key = (spec, q.dim(), d, v.shape[-1], q.dim() > 2 and q.shape[-3] != k.shape[-3])
     if key in _BROKEN:

@@ -89,6 +89,9 @@ def test_flex_matches_float64(pattern, shape_name):
     if min(shape.nq, shape.nk) < cpu_flex.MIN_LENGTH:
         assert got is None, "a decode row is not FlexAttention's to compute"
         return
+    if min(shape.d, shape.dv or shape.d) < cpu_flex.MIN_HEAD_DIM:
+        assert got is None, "a head dim below MIN_HEAD_DIM is not FlexAttention's to compute"
+        return
     if extra.get("empty_rows") and cpu_flex.plan(spec).neg_inf:
         assert got is None, "a row keeping no key under -inf must be refused (eager: NaN)"
         return
@@ -103,7 +106,7 @@ def test_flex_matches_float64(pattern, shape_name):
     assert torch.isnan(lse).all()  # never read: an inference spec has no backward
 
 
-def _window_case(n=40, d=16):
+def _window_case(n=40, d=32):
     torch.manual_seed(1)
     spec, captured, chain, _ = _inference_spec("pred_window", SHAPES["odd"])
     q, k, v = (torch.randn(2, 3, n, d) for _ in range(3))
@@ -137,7 +140,7 @@ def test_rows_keeping_no_key_are_refused_only_under_minus_inf():
     eager gives NaN there: refused. The finfo.min form gives a uniform row in eager, which the
     kernel computes over every key too (no BlockMask: skipping needs a kept key per row)."""
     torch.manual_seed(2)
-    shape = SHAPES["short_keys"]
+    shape = dataclasses.replace(SHAPES["short_keys"], d=32)  # Flex takes head dims >= 32
     spec, captured, chain, extra = _inference_spec("pred_causal_offset", shape)
     assert extra["empty_rows"]
     q, k, v = _qkv(shape, torch.float32)
@@ -160,15 +163,15 @@ class Window(torch.nn.Module):
     def __init__(self, w=5):
         super().__init__()
         self.w = w
-        self.proj = torch.nn.Linear(16, 16)
+        self.proj = torch.nn.Linear(64, 64)
 
     def forward(self, x):
-        q = k = v = self.proj(x).view(x.shape[0], x.shape[1], 2, 8).transpose(1, 2)
+        q = k = v = self.proj(x).view(x.shape[0], x.shape[1], 2, 32).transpose(1, 2)
         n = x.shape[1]
         i = torch.arange(n)[:, None]
         j = torch.arange(n)[None, :]
         keep = (j <= i) & (j > i - self.w)
-        s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+        s = (q @ k.transpose(-1, -2)) / math.sqrt(32)
         s = s.masked_fill(~keep, float("-inf"))
         return F.softmax(s, -1) @ v
 
@@ -189,7 +192,7 @@ def spy_specs(monkeypatch):
 @pytest.mark.parametrize("mode", ["no_grad", "frozen", "training"])
 def test_rewrite_proves_inference_only_without_gradients(mode, spy_specs, fresh_dynamo):
     model = Window()
-    x = torch.randn(2, 12, 16)
+    x = torch.randn(2, 12, 64)
     if mode == "frozen":
         model.requires_grad_(False)
     compiled = torch.compile(model, backend="fusion_pass")
@@ -201,6 +204,17 @@ def test_rewrite_proves_inference_only_without_gradients(mode, spy_specs, fresh_
     assert spy_specs, "the attention op did not run"
     assert {s.inference for s in spy_specs} == {mode != "training"}
     torch.testing.assert_close(out, model(x))
+
+
+def test_refuses_head_dims_its_template_got_wrong():
+    """torch 2.13's CPU template returned wrong rows at head dims 8 and 16 (an AVX2 machine, a
+    window BlockMask, 40 rows; reads of memory it did not write): below MIN_HEAD_DIM the path
+    declines, the next candidate computes the call."""
+    for d in (8, 16):
+        spec, q, k, v, caps = _window_case(d=d)
+        assert cpu_flex.forward(spec, q, k, v, caps) is None
+    spec, q, k, v, caps = _window_case(d=cpu_flex.MIN_HEAD_DIM)
+    assert cpu_flex.forward(spec, q, k, v, caps) is not None
 
 
 def test_end_to_end_inference_runs_on_flex(monkeypatch, fresh_dynamo):
@@ -225,13 +239,13 @@ def test_end_to_end_inference_runs_on_flex(monkeypatch, fresh_dynamo):
     model = Window(w=7)
     compiled = torch.compile(model, backend="fusion_pass")
     for n in (40, 29):  # a second length: the same compiled kernel (dynamic lengths)
-        x = torch.randn(2, n, 16)
+        x = torch.randn(2, n, 64)
         with torch.no_grad():
             out = compiled(x)
             ref = model(x)
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert calls == [True, True]
-    x = torch.randn(2, 40, 16)
+    x = torch.randn(2, 40, 64)
     out = compiled(x)
     g = torch.randn(out.shape)
     grads = torch.autograd.grad(out, list(model.parameters()), g)
@@ -316,7 +330,7 @@ def test_measuring_flex_does_not_recompile_the_callers_graph(tmp_path, monkeypat
         keep = (j <= i) & (j > i - 16)  # a window: FlexAttention is a candidate
         s = (q @ k.transpose(-1, -2) * 0.125).masked_fill(~keep, float("-inf"))
         return s.softmax(-1) @ v
-    q, k, v = (torch.randn(1, 8, 64, 16) for _ in range(3))
+    q, k, v = (torch.randn(1, 8, 64, 32) for _ in range(3))
     compiles = []
     backend = torch._dynamo.lookup_backend("fusion_pass")
     compiled = torch.compile(f, backend=lambda gm, ex: compiles.append(1) or backend(gm, ex))

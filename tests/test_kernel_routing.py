@@ -483,7 +483,7 @@ def test_an_inference_spec_measures_flex_too(choices):
     spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", 0.25), ScoreOp("add", "tensor", index=0)),
                          captured=("tensor",), inference=True)
     assert choices.route(spec).cpu == ("aten_flash", "tiled", "flex")
-    q, k, v = _qkv(nq=64, nk=64, H=8)
+    q, k, v = _qkv(nq=64, nk=64, H=8, D=32)  # Flex takes head dims >= 32 (cpu_flex.MIN_HEAD_DIM)
     pad = torch.zeros(1, 1, 1, 64).masked_fill_(torch.arange(64) >= 56, -1e9)
     ref = fused_attention(q, k, v, [pad], dataclasses.replace(spec, inference=False))
     out = fused_attention(q, k, v, [pad], spec)
