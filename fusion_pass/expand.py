@@ -152,9 +152,9 @@ class _SymNodes:
 
     def node(self, v):
         expr = sympy.sympify(v.node.expr)
-        return self._build(expr, type(v))
+        return self._build(expr)
 
-    def _build(self, expr, kind):
+    def _build(self, expr):
         if expr in self.known:
             return self.known[expr]
         if expr.is_Integer:
@@ -170,14 +170,14 @@ class _SymNodes:
             raise NotRecorded(f"no graph value holds the size {expr}")
         if isinstance(expr, (sympy.Add, sympy.Mul)):
             op = operator.add if isinstance(expr, sympy.Add) else operator.mul
-            parts = [self._build(a, kind) for a in expr.args]
+            parts = [self._build(a) for a in expr.args]
             acc = parts[0]
             for p in parts[1:]:
                 acc = self.emit("call_function", op, (acc, p), {}, None)
             self.known[expr] = acc
             return acc
         if type(expr).__name__ == "FloorDiv":
-            a, b = (self._build(x, kind) for x in expr.args)
+            a, b = (self._build(x) for x in expr.args)
             got = self.emit("call_function", operator.floordiv, (a, b), {}, None)
             self.known[expr] = got
             return got
