@@ -254,6 +254,11 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     if isinstance(res, NearMiss):
         return res
     captured, ops = res
+    sink_cols = 0
+    if region.sink is not None:
+        sink_cols = _sink_columns(region, cur, canonical, site)
+        if isinstance(sink_cols, NearMiss):
+            return sink_cols
     qk_moved = not _same_shape(qk_shape[:-2], canonical[:-2])
     if not qk_moved:
         frames.sizes = None
@@ -340,6 +345,11 @@ def analyse(region: Region) -> Union[Analysis, NearMiss]:
     if preds:
         spec, captured = _with_predicates(spec, captured, preds, canonical)
         spec = scales_before_masks(spec)  # a 0 / -inf additive predicate may now move a scale
+    if sink_cols:  # the sink logits: always the last operand
+        captured.nodes.append(region.sink.logits)
+        captured.kinds.append("sink")
+        captured.preps.append(())
+        spec = dataclasses.replace(spec, sink=sink_cols, captured=spec.captured + ("sink",))
     from .match import shape_only
     for n in region.nodes:
         for u in n.users:
@@ -479,6 +489,50 @@ def _sdpa_additive(spec: AttentionSpec) -> AttentionSpec:
 def _kept_dropout(p) -> str:
     """What a kept SDPA call with dropout draws from: SDPA's own stream, so it stays bit-equal."""
     return (f"; dropout p={p}: SDPA's own dropout, as stock torch.compile runs it" if p else "")
+
+
+def _sink_columns(region: Region, scores_shape, canonical, site) -> Union[int, NearMiss]:
+    """The number m of sink logit columns, once proven: the cat appends them to the scores along
+    the key dim without changing the scores' dtype, and the slice after the softmax keeps exactly
+    the scores' columns (``probs[..., :-m]``, ``[..., :n]``; ``[..., m:]`` when they come first)."""
+    sk = region.sink
+    cv, tv, sv = value(sk.cat), value(sk.logits), value(sk.scores)
+    if not all(isinstance(t, torch.Tensor) for t in (cv, tv, sv)):
+        return NearMiss(site, sk.cat.name, "no example value recorded for the sink logits")
+    if not _same_shape(scores_shape[:-2], canonical[:-2]):
+        return NearMiss(site, sk.cat.name, "sink logits with an operand moved to another batch "
+                        "layout: not supported")
+    m = tv.shape[-1]
+    if not isinstance(m, int) or m < 1:
+        return NearMiss(site, sk.logits.name, f"the number of sink columns ({m}) is not a constant")
+    if cv.dtype != sv.dtype or not tv.is_floating_point():
+        return NearMiss(site, sk.cat.name, f"appending the sink logits ({tv.dtype}) changes the "
+                        f"scores' dtype ({sv.dtype} -> {cv.dtype})")
+    n, total = sv.shape[-1], cv.shape[-1]
+    idx = sk.index if isinstance(sk.index, tuple) else (sk.index,)
+    rank = cv.dim()
+    if sum(1 for e in idx if e is Ellipsis) > 1:
+        return NearMiss(site, sk.cut.name, "a slice index with two ellipses")
+    if Ellipsis in idx:
+        e = idx.index(Ellipsis)
+        idx = idx[:e] + (slice(None),) * (rank - len(idx) + 1) + idx[e + 1:]
+    whole = slice(None, None, None)
+    ok = len(idx) == rank and all(isinstance(e, slice) and e == whole for e in idx[:-1]) \
+        and isinstance(idx[-1], slice) and idx[-1].step in (None, 1)
+    if ok:
+        def bound(x, default):
+            x = value(x)
+            if x is None:
+                return default
+            return total + x if isinstance(x, int) and x < 0 else x
+        start, stop = bound(idx[-1].start, 0), bound(idx[-1].stop, total)
+        want = (m, total) if sk.first else (0, n)
+        ok = _same(start, want[0]) and _same(stop, want[1])
+    if not ok:
+        return NearMiss(site, sk.cut.name, f"the softmax runs over the scores and {m} appended "
+                        f"logit column(s), and {sk.cut.name} keeps columns "
+                        f"{describe_value(sk.index)}: not provably exactly the scores'")
+    return m
 
 
 def _analysis(region, spec, captured, q_dtype, v_dtype, frames, lines) -> Union[Analysis, NearMiss]:

@@ -578,7 +578,37 @@ def rule_exp_log_softmax(node: fx.Node) -> Optional[Tuple[fx.Node, int, Any, Lis
     return ls.args[0], dim, dtype, [ls]
 
 
-GRAPH_RULES = (rule_decomposed_softmax, rule_exp_log_softmax)
+def rule_shifted_softmax(node: fx.Node) -> Optional[Tuple[fx.Node, int, Any, List[fx.Node]]]:
+    """softmax(x - rowmax(x), -1, dtype)  ==  softmax(x, -1, dtype) (GPT-OSS's sink logits).
+
+    The softmax subtracts the row max itself: for a row of finite values, rowmax(x - rowmax(x))
+    is exactly 0 and the elements it exponentiates are x_i - max both ways (the same rounding);
+    a row with +inf becomes NaN both ways (inf - inf), and one of only -inf (or with NaN) is NaN
+    both ways. The shift's own rounding in a 16-bit dtype differs from float32's only where
+    exp(x_i - max) is below that dtype's resolution of the row's largest weight. The gradient
+    eager sends through the row max is -sum(dsoftmax), zero up to rounding."""
+    op = view(node)
+    if op is None or op.name != "softmax" or not _last_dim(node, op.args[1]):
+        return None
+    d = view(op.args[0])
+    if d is None or d.name != "sub" or len(d.node.users) != 1 or not isinstance(d.args[0], fx.Node):
+        return None
+    x = _row_max_of(d.args[1])
+    if x is None or x is not d.args[0]:
+        return None
+    xv, dv = value(x), value(d.node)
+    if not (isinstance(xv, torch.Tensor) and isinstance(dv, torch.Tensor)) or xv.dtype != dv.dtype \
+            or tuple(xv.shape) != tuple(dv.shape):
+        return None
+    m = d.args[1]
+    dead = [d.node]
+    while isinstance(m, fx.Node) and m is not x:  # erased only where nothing else reads them
+        dead.append(m)
+        m = m.args[0]
+    return x, -1, op.kwargs.get("dtype"), dead
+
+
+GRAPH_RULES = (rule_decomposed_softmax, rule_exp_log_softmax, rule_shifted_softmax)
 
 
 # ---- in-place updates of a fresh tensor, as the functional ops they are ---------------------------

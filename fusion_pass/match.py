@@ -68,19 +68,69 @@ class Region:
     qk_alpha: object = 1
     score_chain: List[Tuple[CanonicalOp, int]] = field(default_factory=list)  # QK -> softmax, (op, chain arg)
     prob_chain: List[CanonicalOp] = field(default_factory=list)             # softmax -> PV
+    sink: Optional["Sinks"] = None        # the softmax also runs over appended sink logits
 
     @property
     def nodes(self) -> List[fx.Node]:
         """The nodes the rewrite removes, in graph order."""
         if self.sdpa is not None:
             return [self.pv]
-        ns = [self.qk] + [op.node for op, _ in self.score_chain] + [self.softmax] \
-            + [op.node for op in self.prob_chain] + [self.pv]
+        sink = self.sink
+        ns = [self.qk] + [op.node for op, _ in self.score_chain] + ([sink.cat] if sink else []) \
+            + [self.softmax] + ([sink.cut] if sink else []) + [op.node for op in self.prob_chain] + [self.pv]
         return ns
 
     @property
     def site(self) -> str:
         return self.softmax.name
+
+
+@dataclass
+class Sinks:
+    """Attention sinks (GPT-OSS): ``softmax(cat([scores, t], -1))[..., :n]``, the softmax over the
+    scores and m more logit columns ``t``, of which only the scores' columns are kept. ``first``:
+    ``t`` comes before the scores in the cat. The analysis proves that ``cut`` keeps exactly the
+    scores' columns (``index`` is its getitem index)."""
+
+    cat: fx.Node
+    scores: fx.Node
+    logits: fx.Node
+    cut: fx.Node
+    index: object
+    first: bool = False
+
+
+_CATS = (torch.cat, torch.concat, torch.concatenate)
+
+
+def _sinks(softmax: fx.Node, site: str) -> Union[Sinks, NearMiss, None]:
+    """The sink form around a softmax, when its input is a cat of two tensors along the softmax's
+    dim, exactly one of which comes from the QK product; None when the input is not such a cat."""
+    x = view(softmax).args[0]
+    if not (isinstance(x, fx.Node) and x.op == "call_function" and x.target in _CATS):
+        return None
+    parts = x.args[0] if x.args else x.kwargs.get("tensors")
+    dim = x.args[1] if len(x.args) > 1 else x.kwargs.get("dim", 0)
+    xv = value(x)
+    if not isinstance(parts, (list, tuple)) or len(parts) != 2 or not all(isinstance(t, fx.Node) for t in parts) \
+            or not isinstance(xv, torch.Tensor) or not isinstance(dim, int) or dim % xv.dim() != xv.dim() - 1:
+        return None
+    lead = [_leads_to_product(t) for t in parts]
+    if lead.count(True) != 1:
+        return None
+    first = lead[1]
+    scores, logits = (parts[1], parts[0]) if first else (parts[0], parts[1])
+    if len(data_users(x)) != 1:
+        return NearMiss(site, x.name, f"the scores with their sink logits are also used outside the "
+                        f"region (by {_users_text(x)})")
+    cut = _only_user(softmax, site, "the attention probabilities")
+    if isinstance(cut, NearMiss):
+        return cut
+    if not (cut.op == "call_function" and cut.target is operator.getitem and cut.args[0] is softmax):
+        return NearMiss(site, cut.name, f"the softmax runs over the scores and appended logits "
+                        f"({x.name}), and its probabilities flow into {describe(cut)}, not a slice "
+                        "that drops the appended columns")
+    return Sinks(cat=x, scores=scores, logits=logits, cut=cut, index=cut.args[1], first=first)
 
 
 def _users_text(n: fx.Node) -> str:
@@ -265,9 +315,12 @@ def _reaches_product(start, step) -> bool:
 def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     site = softmax.name
     sm = view(softmax)
+    sink = _sinks(softmax, site)
+    if isinstance(sink, NearMiss):
+        return sink
     # -- down: softmax -> casts/dropout -> P @ V ------------------------------------------------
     prob_chain: List[CanonicalOp] = []
-    cur = softmax
+    cur = softmax if sink is None else sink.cut
     pv = None
     for _ in range(MAX_CHAIN):
         u = _only_user(cur, site, "the attention probabilities")
@@ -294,7 +347,7 @@ def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
 
     # -- up: softmax input -> elementwise score chain -> Q @ K^T ---------------------------------
     chain: List[Tuple[CanonicalOp, int]] = []
-    cur = sm.args[0]
+    cur = sm.args[0] if sink is None else sink.scores
     qk = None
     for _ in range(MAX_CHAIN):
         if not isinstance(cur, fx.Node):
@@ -344,7 +397,7 @@ def _match_site(softmax: fx.Node) -> Union[Region, NearMiss]:
     else:
         k = _untransposed(kt)
     region = Region(softmax=softmax, qk=qk, pv=pv, q=q, kt=kt, k=k, v=v, score_chain=chain,
-                    prob_chain=prob_chain)
+                    prob_chain=prob_chain, sink=sink)
     region.kt_is_k = kt_is_k
     if qk_op.name == "baddbmm":
         region.qk_input = qk_op.args[0]

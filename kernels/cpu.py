@@ -669,8 +669,8 @@ _threads_for_share = one_thread(when=lambda: _SHARE.others_busy())
 
 
 @_threads_for_share
-def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
-    """Returns (out, lse): lse is the row log-sum-exp of the final scores, in float32."""
+def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0, lse_dtype=torch.float32):
+    """Returns (out, lse): lse is the row log-sum-exp of the final scores, in ``lse_dtype``."""
     squeeze = q.dim() == 2
     # the output in the layout the op returns (``layout.out_empty``), written tile by tile
     out = _as_3d(layout.out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(spec.out_dtype)))
@@ -679,7 +679,7 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
     nq, nk, dv = q.shape[-2], k.shape[-2], v.shape[-1]
     score_shape = batch + (nq, nk)
     ops = _Operands(spec, captured, score_shape)
-    lse = torch.empty(batch + (nq,), dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch + (nq,), dtype=lse_dtype, device=q.device)
     group = _group(q, k)
     sm_dtype, p_dtype = to_dtype(spec.softmax_dtype), to_dtype(spec.prob_dtype)
     p_drop = spec.dropout_p
@@ -705,8 +705,11 @@ def attention_forward(q, k, v, captured, spec: AttentionSpec, seed: int = 0):
                     if spec.safe_softmax:
                         p = _safe(p, m)
                     # lse = max + log(sum exp(s - max)), and p at the argmax (its largest element)
-                    # is 1 / sum exp(s - max)
-                    lse[bidx][h0:h1, a0:a1] = (m.float() - torch.log(p.amax(-1, keepdim=True).float())).squeeze(-1)
+                    # is 1 / sum exp(s - max); a row of only -inf scores has lse -inf (not NaN)
+                    row = (m.to(lse.dtype) - torch.log(p.amax(-1, keepdim=True).to(lse.dtype))).squeeze(-1)
+                    if spec.safe_softmax:
+                        row = row.masked_fill_(torch.isneginf(m).squeeze(-1), -math.inf)
+                    lse[bidx][h0:h1, a0:a1] = row
                     if p.dtype != p_dtype:
                         p = p.to(p_dtype)
                     if p_drop:
@@ -783,13 +786,16 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> 
 
 @_threads_for_share
 def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec,
-                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None):
-    """Returns (dq, dk, dv, [d captured_i or None])."""
+                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None, dlse=None):
+    """Returns (dq, dk, dv, [d captured_i or None]). ``dlse``: a gradient of the forward's lse as
+    well (float32, lse's shape), which adds P * dlse to the scores' gradient (attention sinks)."""
     # gradients in the layout the op returns (``layout.grad_empty``): written there, not copied
     dq0, dk0, dv0 = layout.grad_empty(q).zero_(), _accumulator(k), _accumulator(v)
     k_in, v_in = k, v
     q, k, v, grad_out = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(grad_out)
     dq, dk, dv = _as_3d(dq0), _as_3d(dk0), _as_3d(dv0)
+    if dlse is not None:
+        dlse = dlse.reshape(q.shape[:-1])
     batch = tuple(q.shape[:-2])
     nq, nk = q.shape[-2], k.shape[-2]
     score_shape = batch + (nq, nk)
@@ -845,6 +851,10 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         dpc = dpd * keep * (1.0 / (1.0 - p_drop)) if p_drop else dpd
                         dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
                         ds = _softmax_backward(dp, p, s.dtype)
+                        if dlse is not None:
+                            dl = dlse[bidx][h0:h1, a0:a1].unsqueeze(-1)
+                            acc = torch.promote_types(ds.dtype, torch.float32)
+                            ds = (ds.to(acc) + p.to(acc) * dl.to(acc)).to(ds.dtype)
                         ds = _chain_backward(spec, ops, inputs, s, ds, part, dcap)
                         ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                         dq[bidx][h0:h1, a0:a1] = torch.matmul(ds, kt)

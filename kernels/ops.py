@@ -64,6 +64,10 @@ def _check(q: Tensor, k: Tensor, v: Tensor, captured: Sequence[Tensor], spec: At
         elif kind == "data":
             if c.is_floating_point() or c.is_complex():
                 raise ValueError(f"a mask predicate's data tensor must be integer or boolean, got {c.dtype}")
+        elif kind == "sink":
+            if not c.is_floating_point() or not _broadcasts(tuple(c.shape), score_shape[:-1] + (spec.sink,)):
+                raise ValueError(f"sink logits of shape {tuple(c.shape)} and dtype {c.dtype} do not "
+                                 f"broadcast to {score_shape[:-1] + (spec.sink,)} as floating point")
         elif not _broadcasts(tuple(c.shape), score_shape):
             raise ValueError(f"captured tensor of shape {tuple(c.shape)} does not broadcast to the "
                              f"scores' shape {score_shape}")
@@ -183,12 +187,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
               seed: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
     s = AttentionSpec.from_key(spec)
     _check(q, k, v, captured, s)
-    if not s.dropout_p:
-        seed = torch.zeros(1, dtype=torch.int64)
-    elif seed is None:
-        seed = new_seed(q.device)
-    else:
-        seed = seed.reshape(1).to("cpu", torch.int64, copy=True)  # an output may not alias an input
+    if s.sink:
+        return _sink_forward(q, k, v, captured, s, seed)
+    seed = _own_seed(s, seed, q.device)
+    out, lse = _forward(q, k, v, captured, s, spec, seed)
+    return out, lse, seed
+
+
+def _forward(q, k, v, captured, s: AttentionSpec, spec: str, seed: Tensor, need_lse: bool = False):
+    """(out, lse) from the route's kernel; ``need_lse``: only kernels that return the lse (not
+    FlexAttention's CPU forward, whose lse is NaN)."""
     ts, tcaptured, _ = _triton_operands(q, k, captured, s) if q.device.type == "cuda" else (s, captured, None)
     if _use_triton(q, k, v, ts):
         from . import triton_attention
@@ -199,10 +207,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, captured: List[Tensor], spec: str
                  "tiled": lambda a: cpu.attention_forward(*a, s, int(seed.item()))}
         # the route's static order; ATen's and FlexAttention's kernels run on CPU tensors only
         cands = {name: every[name] for name in select.route(s).cpu
-                 if name == "tiled" or q.device.type == "cpu"}
-        _, (out, lse) = select.pick(_choice_key("fwd", spec, q, k, cands), cands, (q, k, v, captured),
-                                    lambda a: select.head_slice(*a, s.captured))
-    return layout.in_out_layout(out, q), lse.contiguous(), seed
+                 if (name == "tiled" or q.device.type == "cpu") and not (need_lse and name == "flex")}
+        _, (out, lse) = select.pick(_choice_key("fwd_lse" if need_lse else "fwd", spec, q, k, cands), cands,
+                                    (q, k, v, captured), lambda a: select.head_slice(*a, s.captured))
+    return layout.in_out_layout(out, q), lse.contiguous()
+
+
+def _own_seed(s: AttentionSpec, seed: Optional[Tensor], device) -> Tensor:
+    """The seed output: zeros without dropout, a new draw when none was given, else the given one
+    copied (an output may not alias an input)."""
+    if not s.dropout_p:
+        return torch.zeros(1, dtype=torch.int64)
+    if seed is None:
+        return new_seed(device)
+    return seed.reshape(1).to("cpu", torch.int64, copy=True)
 
 
 def _choice_key(direction: str, spec: str, q, k, cands) -> str:
@@ -223,7 +241,9 @@ def _flash_forward(s: AttentionSpec, q, k, v, captured):
 def _attention_fake(q, k, v, captured, spec, seed=None):
     s = AttentionSpec.from_key(spec)
     out = layout.out_empty(q, tuple(q.shape[:-1]) + (v.shape[-1],), to_dtype(s.out_dtype))
-    lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float32)
+    # (a spec with sinks keeps a float64 call's lse in float64: ``_sink_forward``)
+    lse = q.new_empty(tuple(q.shape[:-1]), dtype=torch.float64 if s.sink and q.dtype == torch.float64
+                      else torch.float32)
     seed = torch.empty(1, dtype=torch.int64, device="cpu")
     return out, lse, seed
 
@@ -233,6 +253,8 @@ def attention_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, captur
                        out: Tensor, lse: Tensor, seed: Tensor, spec: str, needs_grad: List[bool]
                        ) -> Tuple[Tensor, Tensor, Tensor, List[Tensor]]:
     s = AttentionSpec.from_key(spec)
+    if s.sink:
+        return _sink_backward(grad_out, q, k, v, captured, out, lse, seed, s, needs_grad)
     ts, tcaptured, origin = _triton_operands(q, k, captured, s) if q.device.type == "cuda" \
         else (s, captured, None)
     if _use_triton(q, k, v, ts):
@@ -265,6 +287,78 @@ def _flash_backward(s: AttentionSpec, grad_out, q, k, v, captured, out, lse):
         return None
     dq, dk, dv = cpu_flash.backward(grad_out, q, k, v, out, lse, fast.scale, fast.mask, fast.causal)
     return dq, dk, dv, []
+
+
+# -- attention sinks (``AttentionSpec.sink``) ----------------------------------------------------------
+# With sink logits t_1..t_m appended to a row's scores s_1..s_n, the softmax over the row and its m
+# sinks, cut back to the n scores, is P'_j = exp(s_j - L') with L' = logaddexp(lse, logsumexp(t)),
+# lse = logsumexp(s). So out' = c * out with c = exp(lse - L') = sigmoid(lse - logsumexp(t)), where
+# (out, lse) is the attention without sinks: every kernel computes it unchanged. Its gradient: with
+# g = c * dO' and delta = c (1 - c) (dO' . out) = (1 - c) (dO' . out'), dS_j = P_j (g . v_j - g . out)
+# + P_j delta: the plain backward of g plus the gradient of its lse, delta; and dt_m =
+# -delta * softmax(t)_m. Rows whose every score is -inf have P' = 0 on the scores (the sink takes
+# the row): the kernels run with SDPA's safe softmax (zeros there, no gradient), and eager's
+# 0 * v (NaN where v is not finite) is restored below. Rows eager makes NaN stay NaN: c is NaN when
+# lse is +inf or NaN, when the sinks are NaN, or when everything is -inf; a +inf sink is set NaN.
+
+def _sink_parts(s: AttentionSpec):
+    base = dataclasses.replace(s, sink=0, captured=s.captured[:-1], safe_softmax=True, inference=False)
+    return base, base.to_key()
+
+
+def _sink_scale(lse: Tensor, sinks: Tensor, m: int):
+    """(c, logaddexp(lse, logsumexp(t)), logsumexp(t)) per row, in lse's dtype and shape."""
+    t = torch.logsumexp(sinks.to(lse.dtype), -1)
+    total = torch.logaddexp(lse, t)
+    c = torch.exp(lse - total)
+    c = torch.where(torch.isposinf(t), float("nan"), c)
+    return c, total, t
+
+
+def _sink_forward(q, k, v, captured, s: AttentionSpec, seed):
+    base, key = _sink_parts(s)
+    if q.dtype == torch.float64:
+        # float64 runs on the tiled path (``cpu_flash``); its lse in float64 too, so that the
+        # rescaling is as exact as eager's (a float32 lse would leave errors of 1e-7)
+        seed = _own_seed(s, seed, q.device)
+        out, lse = cpu.attention_forward(q, k, v, list(captured[:-1]), base, int(seed.item()),
+                                         lse_dtype=torch.float64)
+        out = layout.in_out_layout(out, q)
+    else:
+        seed = _own_seed(s, seed, q.device)
+        out, lse = _forward(q, k, v, list(captured[:-1]), base, key, seed, need_lse=True)
+    # under the safe softmax a row of only -inf scores has lse -inf (tiled) or +inf (Triton); no
+    # other row has an infinite lse (a +inf or NaN score makes it NaN): both read as -inf
+    lse = lse.masked_fill(torch.isinf(lse), float("-inf"))
+    c, _, t = _sink_scale(lse, captured[-1], s.sink)
+    out.mul_(c.unsqueeze(-1))
+    empty = torch.isneginf(lse) & (t > float("-inf"))
+    if bool(empty.any()) and not bool(torch.isfinite(v).all()):
+        # eager multiplies these rows' zero weights by every v_j: NaN where one is inf or NaN
+        bad = (~torch.isfinite(v)).any(-2, keepdim=True)
+        if bad.shape[-3] != out.shape[-3]:
+            bad = bad.repeat_interleave(out.shape[-3] // bad.shape[-3], dim=-3)
+        out.masked_fill_(empty.unsqueeze(-1) & bad, float("nan"))
+    return out, lse, seed
+
+
+def _sink_backward(grad_out, q, k, v, captured, out, lse, seed, s: AttentionSpec, needs_grad):
+    base, key = _sink_parts(s)
+    sinks = captured[-1]
+    c, total, t = _sink_scale(lse, sinks, s.sink)
+    g32 = grad_out.to(lse.dtype)
+    delta = (1 - c) * (g32 * out.to(lse.dtype)).sum(-1)
+    g = (g32 * c.unsqueeze(-1)).to(grad_out.dtype)
+    # the lse gradient is taken by the tiled backward only (device-agnostic torch ops)
+    dq, dk, dv, dcap = cpu.attention_backward(g, q, k, v, list(captured[:-1]), out, lse, base,
+                                              int(seed.item()), list(needs_grad[:-1]), dlse=delta)
+    dcap = [x for x in dcap if x is not None]
+    if needs_grad[-1]:
+        w = torch.softmax(sinks.to(lse.dtype).expand(*lse.shape, s.sink), -1)
+        dt = -(delta.unsqueeze(-1) * w)
+        dcap.append(dt.sum_to_size(sinks.shape).to(sinks.dtype))
+    return (layout.in_grad_layout(dq), layout.in_grad_layout(dk), layout.in_grad_layout(dv),
+            [x.contiguous() for x in dcap])
 
 
 @attention_backward.register_fake
@@ -303,6 +397,13 @@ attention.register_autograd(_backward, setup_context=_setup_context)
 def kernel_summary(spec: AttentionSpec) -> str:
     """Which kernels a spec runs on, in words, for the report: the one routing (``select.route``),
     with the choices measured for it so far."""
+    if spec.sink:
+        base, key = _sink_parts(spec)
+        r = select.route(base)
+        r = dataclasses.replace(r, cpu=tuple(n for n in r.cpu if n != "flex"))
+        return (r.describe(key) + "; with sinks: each row rescaled after the kernel by its lse "
+                "(FlexAttention, whose forward returns none, not offered), the backward on the "
+                "tiled path")
     return select.route(spec).describe(spec.to_key())
 
 

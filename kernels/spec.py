@@ -54,8 +54,9 @@ SCORE_OP_KINDS = {
 }
 OPERAND_KINDS = ("none", "const", "scalar", "tensor", "predicate", "bias")
 # what each captured operand of the op is: a tensor broadcastable to the scores, a 0-dim tensor read
-# as a number, or a data tensor a mask predicate indexes (``MaskSpec``)
-CAPTURED_KINDS = ("tensor", "scalar", "data")
+# as a number, a data tensor a mask predicate indexes (``MaskSpec``), or the sink logits of
+# ``AttentionSpec.sink`` (the last operand)
+CAPTURED_KINDS = ("tensor", "scalar", "data", "sink")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -307,11 +308,21 @@ class AttentionSpec:
     # the forward's lse is never read. Kernels that cannot return an lse may then compute the
     # forward (``cpu_flex.py``: FlexAttention's CPU kernel, which is inference-only).
     inference: bool = False
+    # attention sinks (GPT-OSS): the softmax runs over the scores with ``sink`` more logit columns
+    # appended (the last captured operand, of kind "sink", broadcastable to (..., Nq, sink)), and
+    # only the scores' columns of its probabilities are kept, so a row's weights sum to less than
+    # one. The kernels compute the attention without them; ``ops.py`` rescales each row by
+    # exp(lse - logaddexp(lse, logsumexp(sinks))) and gives the sinks their gradient.
+    sink: int = 0
 
     def __post_init__(self):
         for kind in self.captured:
             if kind not in CAPTURED_KINDS:
                 raise ValueError(f"unknown captured operand kind {kind!r}")
+        if self.captured.count("sink") != (1 if self.sink else 0) or \
+                self.sink and self.captured[-1] != "sink" or self.sink < 0:
+            raise ValueError(f"a spec with {self.sink} sink columns captures its sink logits as the "
+                             f"last operand (and only then), got {self.captured}")
         for op in self.score_ops:
             if op.operand == "predicate":
                 if op.index is None or not (0 <= op.index < len(self.masks)):
@@ -354,6 +365,9 @@ class AttentionSpec:
             parts.append("safe softmax (SDPA's: a row of only -inf scores gives zeros)")
         if self.inference:
             parts.append("inference (no input requires a gradient)")
+        if self.sink:
+            parts.append(f"attention sinks: {self.sink} logit column{'s' if self.sink > 1 else ''} "
+                         f"c{len(self.captured) - 1} in the softmax, dropped from its output")
         for k, m in enumerate(self.masks):
             parts.append(f"m{k}[b, h, i, j] = {m}")
         for k, bi in enumerate(self.biases):
@@ -365,8 +379,10 @@ class AttentionSpec:
         # written once per spec object (it is frozen): launches ask for it on every call
         key = self.__dict__.get("_key")
         if key is None:
-            key = json.dumps(dataclasses.asdict(self), sort_keys=True, separators=(",", ":"),
-                             allow_nan=True)
+            d = dataclasses.asdict(self)
+            if not d["sink"]:  # (absent where 0: the keys of specs without sinks stay as they were)
+                del d["sink"]
+            key = json.dumps(d, sort_keys=True, separators=(",", ":"), allow_nan=True)
             object.__setattr__(self, "_key", key)
         return key
 
