@@ -854,6 +854,37 @@ def test_block_ranges_from_data_are_shared_until_the_data_changes():
     assert ta.block_ranges(spec, [other], (2, 3, 50, 50), 16, 16) is not again
 
 
+@pytest.mark.skipif(not INTERPRET, reason="conftest.py's patch skip is for the interpreter only")
+def test_interpreter_patch_skip_gives_the_same_bits(monkeypatch):
+    """conftest.py skips the interpreter's repeated patching of triton.language by the helpers a
+    launch calls (it halves an interpreted kernel's time): a kernel computes the same bits with
+    the skip as with every patch made, forward and backward, on a chain reaching the helpers of
+    tl and tl.core (sum, max, cdiv, zeros: a cast, a fill_not, a scalar and a tensor gradient)."""
+    from triton.runtime import interpreter as ti
+    fast = ti._patch_lang
+    if not getattr(fast, "skips_repeats", False):
+        pytest.skip("this Triton's interpreter is not the one conftest.py's skip reads")
+    patched = []
+    real_builtin = ti._patch_builtin
+    monkeypatch.setattr(ti, "_patch_builtin", lambda *a: patched.append(1) or real_builtin(*a))
+    B, H, nq, nk, d = 1, 2, 21, 29, 16
+    runs = []
+    for patch in (fast, fast.real):
+        monkeypatch.setattr(ti, "_patch_lang", patch)
+        torch.manual_seed(0)
+        ops, kinds, captured, needs_grad, _ = _pattern_mixed(B, H, nq, nk, d, torch.float32)
+        spec = _spec(ops, kinds, torch.float32)
+        q, k, v, go = (torch.randn(B, H, n, d, device=DEVICE) for n in (nq, nk, nk, nq))
+        n0 = len(patched)
+        out, lse = ta.forward(q, k, v, captured, spec, seed=0)
+        dq, dk, dv, dcap = ta.backward(go, q, k, v, captured, out, lse, spec, 0, needs_grad)
+        runs.append(([out, lse, dq, dk, dv] + [g for g in dcap if g is not None], len(patched) - n0))
+    (skipped, n_skip), (full, n_full) = runs
+    assert len(skipped) == len(full) == 7 and n_skip < n_full / 10  # the skip is in effect
+    for a, b in zip(skipped, full):
+        assert a.dtype == torch.float32 and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
 # ---------------------------------------------------------------------------------------------
 # Pointwise score functions and SDPA's safe softmax: the Triton kernels against cpu.py
 # ---------------------------------------------------------------------------------------------
