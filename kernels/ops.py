@@ -289,17 +289,18 @@ def _flash_backward(s: AttentionSpec, grad_out, q, k, v, captured, out, lse):
     return dq, dk, dv, []
 
 
-# -- attention sinks (``AttentionSpec.sink``) ----------------------------------------------------------
+# -- attention sinks (``AttentionSpec.sink``) -----------------------------------------------------
 # With sink logits t_1..t_m appended to a row's scores s_1..s_n, the softmax over the row and its m
-# sinks, cut back to the n scores, is P'_j = exp(s_j - L') with L' = logaddexp(lse, logsumexp(t)),
-# lse = logsumexp(s). So out' = c * out with c = exp(lse - L') = sigmoid(lse - logsumexp(t)), where
-# (out, lse) is the attention without sinks: every kernel computes it unchanged. Its gradient: with
-# g = c * dO' and delta = c (1 - c) (dO' . out) = (1 - c) (dO' . out'), dS_j = P_j (g . v_j - g . out)
-# + P_j delta: the plain backward of g plus the gradient of its lse, delta; and dt_m =
-# -delta * softmax(t)_m. Rows whose every score is -inf have P' = 0 on the scores (the sink takes
-# the row): the kernels run with SDPA's safe softmax (zeros there, no gradient), and eager's
-# 0 * v (NaN where v is not finite) is restored below. Rows eager makes NaN stay NaN: c is NaN when
-# lse is +inf or NaN, when the sinks are NaN, or when everything is -inf; a +inf sink is set NaN.
+# sinks, cut back to the n scores, is P'_j = exp(s_j - L') with L' = logaddexp(lse, t'), where
+# lse = logsumexp(s) and t' = logsumexp(t). So out' = c * out with c = exp(lse - L'), where (out,
+# lse) is the attention without sinks: every kernel computes it unchanged. Its gradient: with
+# g = c * dO' and delta = c (1 - c) (dO' . out) = exp(t' - L') (dO' . out'),
+#   dS_j = P_j (g . v_j - g . out) + P_j delta
+# (the plain backward of g plus the gradient of its lse), and dt_m = -delta * softmax(t)_m. Rows
+# whose every score is -inf have P' = 0 on the scores (the sinks take the row): the kernels run
+# with SDPA's safe softmax (zeros there, no gradient), and eager's 0 * v (NaN where v is not
+# finite) is restored below. Rows eager makes NaN stay NaN: c is NaN when lse is +inf or NaN, when
+# the sinks are NaN, or when everything is -inf; a +inf sink is set NaN.
 
 def _sink_parts(s: AttentionSpec):
     base = dataclasses.replace(s, sink=0, captured=s.captured[:-1], safe_softmax=True, inference=False)
@@ -307,7 +308,7 @@ def _sink_parts(s: AttentionSpec):
 
 
 def _sink_scale(lse: Tensor, sinks: Tensor, m: int):
-    """(c, logaddexp(lse, logsumexp(t)), logsumexp(t)) per row, in lse's dtype and shape."""
+    """(c, L' = logaddexp(lse, t'), t' = logsumexp(t)) per row, in lse's dtype and shape."""
     t = torch.logsumexp(sinks.to(lse.dtype), -1)
     total = torch.logaddexp(lse, t)
     c = torch.exp(lse - total)
@@ -347,7 +348,9 @@ def _sink_backward(grad_out, q, k, v, captured, out, lse, seed, s: AttentionSpec
     sinks = captured[-1]
     c, total, t = _sink_scale(lse, sinks, s.sink)
     g32 = grad_out.to(lse.dtype)
-    delta = (1 - c) * (g32 * out.to(lse.dtype)).sum(-1)
+    # 1 - c is the sinks' weight exp(t - L'), computed as such: where it is below c's rounding
+    # (scores far above the sinks) 1 - c would be 0 and the sinks' gradient lost
+    delta = torch.exp(t - total) * (g32 * out.to(lse.dtype)).sum(-1)
     g = (g32 * c.unsqueeze(-1)).to(grad_out.dtype)
     # the lse gradient is taken by the tiled backward only (device-agnostic torch ops)
     dq, dk, dv, dcap = cpu.attention_backward(g, q, k, v, list(captured[:-1]), out, lse, base,

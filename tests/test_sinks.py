@@ -11,6 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from hypothesis import given, settings, strategies as st
+
 import fusion_pass
 
 from helpers import max_rel_error, profiled_op_counts
@@ -187,6 +189,99 @@ def test_sinks_with_dropout_use_the_kernels_mask(monkeypatch):
     g = torch.randn_like(ref)
     got = torch.autograd.grad(out, leaves, g)
     assert max_rel_error(got, torch.autograd.grad(ref, leaves, g)) < 1e-9
+
+
+def _eager_sinks(q, k, v, keep, sinks, scale):
+    """The reference program: GPT-OSS's, on the op's operands (k, v with grouped heads)."""
+    g = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(g, -3), v.repeat_interleave(g, -3)
+    w = (q @ k.transpose(-1, -2)) * scale
+    w = w.masked_fill(~keep, float("-inf"))
+    t = sinks.expand(*w.shape[:-1], sinks.shape[-1])
+    c = torch.cat([w, t], -1)
+    return torch.softmax(c - c.max(-1, keepdim=True).values, -1)[..., :w.shape[-1]] @ v
+
+
+@settings(max_examples=25, deadline=None)
+@given(nq=st.integers(1, 70), nk=st.integers(1, 70), m=st.integers(1, 3), hkv=st.sampled_from([1, 2]),
+       group=st.sampled_from([1, 2]), empty=st.floats(0, 0.5), magnitude=st.sampled_from([1.0, 30.0]),
+       sink_value=st.sampled_from([None, float("-inf"), float("inf"), float("nan"), 40.0, -40.0]),
+       bad_v=st.booleans(), seed=st.integers(0, 2 ** 16))
+def test_sink_op_matches_eager_everywhere(nq, nk, m, hkv, group, empty, magnitude, sink_value, bad_v, seed):
+    """The op on random shapes, grouped heads, rows keeping no key, large scores, special sink
+    values and inf in v: NaN where eager's is NaN, equal elsewhere, gradients included."""
+    from fusion_pass.kernels.spec import AttentionSpec, ScoreOp
+    gen = torch.Generator().manual_seed(seed)
+    h = hkv * group
+    q = torch.randn(2, h, nq, 16, generator=gen, dtype=torch.float64) * magnitude
+    k = torch.randn(2, hkv, nk, 16, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, hkv, nk, 16, generator=gen, dtype=torch.float64)
+    keep = torch.rand(2, 1, nq, nk, generator=gen) > 0.3
+    keep &= torch.rand(2, 1, nq, 1, generator=gen) >= empty  # whole rows masked
+    sinks = torch.randn(1, h, 1, m, generator=gen, dtype=torch.float64)
+    if sink_value is not None:
+        sinks[0, 0, 0, 0] = sink_value
+    if bad_v:
+        v[1, 0, nk // 2, 3] = float("inf")
+    scale = 0.25
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=scale, dtype="float64"),
+                                    ScoreOp("fill_not", "tensor", value=float("-inf"), index=0, dtype="float64")),
+                         captured=("tensor", "sink"), qk_dtype="float64", softmax_dtype="float64",
+                         prob_dtype="float64", out_dtype="float64", sink=m)
+    leaves = [t.requires_grad_() for t in (q, k, v, sinks)]
+    out = torch.ops.fusion_pass.attention(q, k, v, [keep, sinks], spec.to_key())[0]
+    ref = _eager_sinks(q, k, v, keep, sinks, scale)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+    fin = ~torch.isnan(ref)
+    assert not fin.any() or max_rel_error([out[fin]], [ref[fin]]) < 1e-10
+    if bad_v or sink_value in (float("inf"), float("nan")):
+        return  # NaN gradients are eager's too; compared where every value is finite
+    g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, g)
+    want = torch.autograd.grad(ref, leaves, g)
+    for a, b in zip(got, want):
+        assert torch.equal(torch.isnan(a), torch.isnan(b))
+    assert max_rel_error([torch.nan_to_num(a) for a in got], [torch.nan_to_num(b) for b in want]) < 1e-9
+
+
+@settings(max_examples=20, deadline=None)
+@given(nq=st.integers(1, 300), nk=st.integers(1, 300), m=st.integers(1, 2), group=st.sampled_from([1, 2]),
+       kind=st.sampled_from(["random", "causal", "none"]), magnitude=st.sampled_from([1.0, 10.0]),
+       seed=st.integers(0, 2 ** 16))
+def test_sink_op_in_float32_as_close_as_eager(nq, nk, m, group, kind, magnitude, seed):
+    """float32 (ATen's kernel or the tiled path, as measured): output and gradients as close to
+    float64 eager as float32 eager is. Found by it: with scores far above the sinks, 1 - c rounds
+    to 0 in float32 and the sinks' gradient was lost; it is now computed as the sinks' weight."""
+    from fusion_pass.kernels.spec import AttentionSpec, ScoreOp
+    gen = torch.Generator().manual_seed(seed)
+    h = 2 * group
+    q = torch.randn(1, h, nq, 64, generator=gen) * magnitude
+    k, v = torch.randn(1, 2, nk, 64, generator=gen), torch.randn(1, 2, nk, 64, generator=gen)
+    if kind == "random":
+        keep = torch.rand(1, 1, nq, nk, generator=gen) > 0.3
+    elif kind == "causal":
+        keep = (torch.arange(nk)[None] <= torch.arange(nq)[:, None])[None, None]
+    else:
+        keep = torch.ones(1, 1, nq, nk, dtype=torch.bool)
+    sinks = torch.randn(1, h, 1, m, generator=gen) * 3
+    spec = AttentionSpec(score_ops=(ScoreOp("mul", "const", value=0.125),
+                                    ScoreOp("fill_not", "tensor", value=float("-inf"), index=0)),
+                         captured=("tensor", "sink"), sink=m)
+    ours = [t.requires_grad_() for t in (q, k, v, sinks)]
+    eager = [t.detach().clone().requires_grad_() for t in ours]
+    exact = [t.detach().double().requires_grad_() for t in ours]
+    out = torch.ops.fusion_pass.attention(*ours[:3], [keep, ours[3]], spec.to_key())[0]
+    e32 = _eager_sinks(*eager[:3], keep, eager[3], 0.125)
+    ref = _eager_sinks(*exact[:3], keep, exact[3], 0.125)
+    assert torch.equal(torch.isnan(out), torch.isnan(ref))
+
+    def err(a, b):
+        return ((a.double() - b).nan_to_num().abs().max() / b.nan_to_num().abs().max().clamp_min(1e-30)).item()
+    assert err(out, ref) <= 4 * err(e32, ref) + 1e-6
+    g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+    for a, e, r in zip(torch.autograd.grad(out, ours, g.float()), torch.autograd.grad(e32, eager, g.float()),
+                       torch.autograd.grad(ref, exact, g)):
+        assert err(a, r) <= 4 * err(e, r) + 1e-6
 
 
 @pytest.mark.parametrize("index", ["keep-sink", "one-short"])
