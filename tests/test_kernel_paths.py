@@ -513,11 +513,18 @@ def _compare(got, q, k, v, captured, needs_grad, chain, go, dtype, dropout=None,
 # The cases
 # ---------------------------------------------------------------------------------------------
 
-# one pattern per kind of step (the tensor-operand fills and padding run the same code as mask_inf
-# and bias; under ``-m slow`` and on a GPU every pattern runs)
-TRITON_DEFAULT = {"scale", "scalar_scale_learnable", "bias_learnable", "mask_inf", "mask_finfo_min",
-                  "softcap", "mixed"}
-TRITON_DEFAULT_SHAPES = {"odd", "value_head_dim", "projected", "rank3", "rank2"}
+# one pattern per kind of step on the odd shape (under ``-m slow`` and on a GPU every pattern runs):
+# a learnable tensor operand (bias_learnable), a -inf fill with a NaN row (mask_inf), a finite fill
+# with a uniform row (mask_finfo_min), tanh (softcap), and mixed (a learnable scalar divisor, sub,
+# rsub, cast, fill_not). Left to -m slow, each covered in the default run elsewhere: the constant
+# scale (the first step of bias_learnable, mask_inf, mask_finfo_min and softcap, and the whole chain
+# of the scale-p0.6 dropout case below), the learnable scalar scale (mixed's scalar gradient, and
+# test_triton_kernels.py::test_scalar_operands_are_loaded_by_the_kernels[scale]
+# against float64), the tensor-operand fills and padding (mask_inf's and bias's code)
+TRITON_DEFAULT = {"bias_learnable", "mask_inf", "mask_finfo_min", "softcap", "mixed"}
+# the other layouts, each with bias_learnable (a tensor operand and its gradient read through the
+# layout): value head dim != head dim, heads split off a projection (strided), rank 3, rank 2
+TRITON_DEFAULT_LAYOUTS = {"value_head_dim", "projected", "rank3", "rank2"}
 # mask predicates: one per spelling (fill and additive finfo.min with rows keeping no key, fill_not,
 # additive finfo.min with a learnable scale, SDPA's additive -inf with safe softmax) and
 # grouped-query heads
@@ -549,11 +556,14 @@ def _cases():
                     paths.append("triton")
                 for path in paths:
                     # Triton under the interpreter: seconds a case; the default run checks the
-                    # patterns of TRITON_DEFAULT on the odd shape and the layouts, in float32
+                    # patterns of TRITON_DEFAULT on the odd shape and bias_learnable on the other
+                    # layouts, in float32
                     if name in PREDICATES:
                         default = (name, shape_name) in TRITON_DEFAULT_PREDICATES
+                    elif shape_name == "odd":
+                        default = name in TRITON_DEFAULT
                     else:
-                        default = name in TRITON_DEFAULT and shape_name in TRITON_DEFAULT_SHAPES
+                        default = name == "bias_learnable" and shape_name in TRITON_DEFAULT_LAYOUTS
                     slow = path == "triton" and (dtype != torch.float32 or not default)
                     marks = slow_here if slow else []
                     if name in PREDICATES and dtype != torch.float32 and shape_name != "odd":
