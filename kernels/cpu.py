@@ -766,12 +766,16 @@ def _sum_all(t: torch.Tensor) -> torch.Tensor:
     return flat.sum()
 
 
-def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, sink_weight=None,
+                      row_delta=None) -> torch.Tensor:
     """``torch._softmax_backward_data(dp, p, -1, dtype)``: p * (dp - rowsum(dp * p)), returned in
     ``dtype``, written out so its bits do not depend on the thread count (see
     ``_threads_for_share``); ``dp`` (a fresh tile) may be overwritten. As ATen's kernel does, a
     16-bit tile computes in float32 and rounds once at the end (in bf16 throughout, a learnable
-    scale's gradient, a sum over the whole tile, was 30x eager's error)."""
+    scale's gradient, a sum over the whole tile, was 30x eager's error).
+
+    Attention sinks (``attention_backward``'s ``sink_weight`` w, per row): the lse's gradient
+    w * delta is added, p * (dp - (1 - w) delta), and delta is written to ``row_delta``."""
     if p.dtype in (torch.float16, torch.bfloat16):
         dp, p = dp.float(), p.float()
     prod = dp * p
@@ -780,22 +784,28 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype) -> 
     else:
         delta = prod.sum(-1, keepdim=True)
     del prod
+    if sink_weight is not None:
+        row_delta.copy_(delta.squeeze(-1))
+        delta = delta - sink_weight.to(delta.dtype) * delta
     ds = dp.sub_(delta).mul_(p)
     return ds.to(dtype) if ds.dtype != dtype else ds
 
 
 @_threads_for_share
 def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec,
-                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None, dlse=None):
-    """Returns (dq, dk, dv, [d captured_i or None]). ``dlse``: a gradient of the forward's lse as
-    well (float32, lse's shape), which adds P * dlse to the scores' gradient (attention sinks)."""
+                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None, sink_weight=None,
+                       row_delta=None):
+    """Returns (dq, dk, dv, [d captured_i or None]). Attention sinks (``ops.py``): ``sink_weight``
+    w (lse's shape) adds the lse's gradient w * delta, delta = rowsum(dP * P), to the scores'
+    gradient, and delta is written to ``row_delta`` (lse's shape) for the sinks' gradient. delta
+    from P and dP, not from dO . out: the output's rounding would not cancel as eager's does."""
     # gradients in the layout the op returns (``layout.grad_empty``): written there, not copied
     dq0, dk0, dv0 = layout.grad_empty(q).zero_(), _accumulator(k), _accumulator(v)
     k_in, v_in = k, v
     q, k, v, grad_out = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(grad_out)
     dq, dk, dv = _as_3d(dq0), _as_3d(dk0), _as_3d(dv0)
-    if dlse is not None:
-        dlse = dlse.reshape(q.shape[:-1])
+    if sink_weight is not None:
+        sink_weight, row_delta = sink_weight.reshape(q.shape[:-1]), row_delta.view(q.shape[:-1])
     batch = tuple(q.shape[:-2])
     nq, nk = q.shape[-2], k.shape[-2]
     score_shape = batch + (nq, nk)
@@ -850,11 +860,11 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         dpd = torch.matmul(dor, vt.transpose(-1, -2))
                         dpc = dpd * keep * (1.0 / (1.0 - p_drop)) if p_drop else dpd
                         dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
-                        ds = _softmax_backward(dp, p, s.dtype)
-                        if dlse is not None:
-                            dl = dlse[bidx][h0:h1, a0:a1].unsqueeze(-1)
-                            acc = torch.promote_types(ds.dtype, torch.float32)
-                            ds = (ds.to(acc) + p.to(acc) * dl.to(acc)).to(ds.dtype)
+                        if sink_weight is None:
+                            ds = _softmax_backward(dp, p, s.dtype)
+                        else:
+                            ds = _softmax_backward(dp, p, s.dtype, sink_weight[bidx][h0:h1, a0:a1].unsqueeze(-1),
+                                                   row_delta[bidx][h0:h1, a0:a1])
                         ds = _chain_backward(spec, ops, inputs, s, ds, part, dcap)
                         ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                         dq[bidx][h0:h1, a0:a1] = torch.matmul(ds, kt)

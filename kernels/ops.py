@@ -347,18 +347,20 @@ def _sink_backward(grad_out, q, k, v, captured, out, lse, seed, s: AttentionSpec
     base, key = _sink_parts(s)
     sinks = captured[-1]
     c, total, t = _sink_scale(lse, sinks, s.sink)
-    g32 = grad_out.to(lse.dtype)
-    # 1 - c is the sinks' weight exp(t - L'), computed as such: where it is below c's rounding
-    # (scores far above the sinks) 1 - c would be 0 and the sinks' gradient lost
-    delta = torch.exp(t - total) * (g32 * out.to(lse.dtype)).sum(-1)
-    g = (g32 * c.unsqueeze(-1)).to(grad_out.dtype)
-    # the lse gradient is taken by the tiled backward only (device-agnostic torch ops)
+    # the sinks' weight 1 - c, computed as exp(t' - L'): where it is below c's rounding (scores
+    # far above the sinks) 1 - c would be 0 and the sinks' gradient lost
+    weight = torch.exp(t - total)
+    g = (grad_out.to(lse.dtype) * c.unsqueeze(-1)).to(grad_out.dtype)
+    # delta = rowsum(dP * P) for g: dO' . out' (the tiled backward sums it from P and dP)
+    delta = torch.zeros(lse.shape, dtype=torch.promote_types(lse.dtype, torch.float32), device=lse.device)
+    # the lse's gradient is taken by the tiled backward only (device-agnostic torch ops)
     dq, dk, dv, dcap = cpu.attention_backward(g, q, k, v, list(captured[:-1]), out, lse, base,
-                                              int(seed.item()), list(needs_grad[:-1]), dlse=delta)
+                                              int(seed.item()), list(needs_grad[:-1]),
+                                              sink_weight=weight, row_delta=delta)
     dcap = [x for x in dcap if x is not None]
     if needs_grad[-1]:
         w = torch.softmax(sinks.to(lse.dtype).expand(*lse.shape, s.sink), -1)
-        dt = -(delta.unsqueeze(-1) * w)
+        dt = -((weight * delta.to(weight.dtype)).unsqueeze(-1) * w)
         dcap.append(dt.sum_to_size(sinks.shape).to(sinks.dtype))
     return (layout.in_grad_layout(dq), layout.in_grad_layout(dk), layout.in_grad_layout(dv),
             [x.contiguous() for x in dcap])

@@ -277,11 +277,14 @@ def test_sink_op_in_float32_as_close_as_eager(nq, nk, m, group, kind, magnitude,
 
     def err(a, b):
         return ((a.double() - b).nan_to_num().abs().max() / b.nan_to_num().abs().max().clamp_min(1e-30)).item()
-    assert err(out, ref) <= 4 * err(e32, ref) + 1e-6
+    # the rescaling reads the kernels' float32 lse, rounded to |lse| 2^-24: at scores of 50 the
+    # sinks' weight exp(t' - L') is ~3e-6 off (eager's exp(t - max) is often exact)
+    floor = 2e-5
+    assert err(out, ref) <= 4 * err(e32, ref) + floor
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
     for a, e, r in zip(torch.autograd.grad(out, ours, g.float()), torch.autograd.grad(e32, eager, g.float()),
                        torch.autograd.grad(ref, exact, g)):
-        assert err(a, r) <= 4 * err(e, r) + 1e-6
+        assert err(a, r) <= 4 * err(e, r) + floor
 
 
 @pytest.mark.parametrize("index", ["keep-sink", "one-short"])
