@@ -10,7 +10,7 @@ from helpers import max_rel_error, profiled_op_counts
 
 transformers = pytest.importorskip("transformers")
 
-LAYERS = 3
+LAYERS = 2  # more than one: each layer is its own site; the count does not change what is proven
 
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")  # conftest.py: Dynamo reset around each test
