@@ -624,8 +624,8 @@ def mask_programs(draw):
     return f"def f(x):\n{body}\n", N, dynamic
 
 
-# the default run draws 60 programs; the sweep under -m slow draws 240 more
-@settings(max_examples=60, deadline=None, derandomize=True)
+# the default run draws 30 programs; the sweep under -m slow draws 300
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(mask_programs())
 def test_random_mask_programs_refused_or_exact(program):
     _check_mask_program(program)
