@@ -766,16 +766,13 @@ def _sum_all(t: torch.Tensor) -> torch.Tensor:
     return flat.sum()
 
 
-def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, sink_weight=None,
-                      row_delta=None) -> torch.Tensor:
+def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, row_delta=None) -> torch.Tensor:
     """``torch._softmax_backward_data(dp, p, -1, dtype)``: p * (dp - rowsum(dp * p)), returned in
     ``dtype``, written out so its bits do not depend on the thread count (see
     ``_threads_for_share``); ``dp`` (a fresh tile) may be overwritten. As ATen's kernel does, a
     16-bit tile computes in float32 and rounds once at the end (in bf16 throughout, a learnable
     scale's gradient, a sum over the whole tile, was 30x eager's error).
-
-    Attention sinks (``attention_backward``'s ``sink_weight`` w, per row): the lse's gradient
-    w * delta is added, p * (dp - (1 - w) delta), and delta is written to ``row_delta``."""
+    ``row_delta``: rowsum(dp * p) is also returned there (attention sinks)."""
     if p.dtype in (torch.float16, torch.bfloat16):
         dp, p = dp.float(), p.float()
     prod = dp * p
@@ -784,28 +781,32 @@ def _softmax_backward(dp: torch.Tensor, p: torch.Tensor, dtype: torch.dtype, sin
     else:
         delta = prod.sum(-1, keepdim=True)
     del prod
-    if sink_weight is not None:
-        row_delta.copy_(delta.squeeze(-1))
-        delta = delta - sink_weight.to(delta.dtype) * delta
+    if row_delta is not None:
+        row_delta.copy_(delta)
     ds = dp.sub_(delta).mul_(p)
     return ds.to(dtype) if ds.dtype != dtype else ds
 
 
 @_threads_for_share
 def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpec,
-                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None, sink_weight=None,
-                       row_delta=None):
-    """Returns (dq, dk, dv, [d captured_i or None]). Attention sinks (``ops.py``): ``sink_weight``
-    w (lse's shape) adds the lse's gradient w * delta, delta = rowsum(dP * P), to the scores'
-    gradient, and delta is written to ``row_delta`` (lse's shape) for the sinks' gradient. delta
-    from P and dP, not from dO . out: the output's rounding would not cancel as eager's does."""
+                       seed: int = 0, needs_grad: Optional[Sequence[bool]] = None, sinks=None,
+                       dsinks=None):
+    """Returns (dq, dk, dv, [d captured_i or None]).
+
+    Attention sinks (``AttentionSpec.sink``; the spec given is the sink-free one): ``sinks``, the
+    sink logits broadcast to (..., Nq, m), are appended to each tile's scores for the softmax and
+    cut off after it, as in eager (P' is the combined softmax's, with its conditioning: no lse
+    read), and their gradient per row, -P'_sink * rowsum(dP * P'), is written to ``dsinks``
+    (..., Nq, m)."""
     # gradients in the layout the op returns (``layout.grad_empty``): written there, not copied
     dq0, dk0, dv0 = layout.grad_empty(q).zero_(), _accumulator(k), _accumulator(v)
     k_in, v_in = k, v
     q, k, v, grad_out = _as_3d(q), _as_3d(k), _as_3d(v), _as_3d(grad_out)
     dq, dk, dv = _as_3d(dq0), _as_3d(dk0), _as_3d(dv0)
-    if sink_weight is not None:
-        sink_weight, row_delta = sink_weight.reshape(q.shape[:-1]), row_delta.view(q.shape[:-1])
+    if sinks is not None:
+        m_sinks = sinks.shape[-1]
+        sinks = sinks.reshape(q.shape[:-1] + (m_sinks,))
+        dsinks = dsinks.view(q.shape[:-1] + (m_sinks,))
     batch = tuple(q.shape[:-2])
     nq, nk = q.shape[-2], k.shape[-2]
     score_shape = batch + (nq, nk)
@@ -844,7 +845,13 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         a0, a1, k0, k1 = part[3:]
                         qr, dor = qt[..., r0:r1, :], dot[..., r0:r1, :]
                         kt, vt = kb[kh][..., k0:k1, :], vb[kh][..., k0:k1, :]
-                        p = _flush_subnormal(torch.softmax(s, -1, dtype=sm_dtype))
+                        if sinks is None:
+                            p = _flush_subnormal(torch.softmax(s, -1, dtype=sm_dtype))
+                        else:
+                            t = sinks[bidx][h0:h1, a0:a1].to(s.dtype)
+                            p = torch.softmax(torch.cat([s, t.expand(*s.shape[:-1], m_sinks)], -1), -1,
+                                              dtype=sm_dtype)
+                            p, p_sinks = _flush_subnormal(p[..., :-m_sinks]), p[..., -m_sinks:]
                         if spec.safe_softmax:
                             p = _safe(p, m)
                         pc = p.to(p_dtype) if p.dtype != p_dtype else p
@@ -860,11 +867,12 @@ def attention_backward(grad_out, q, k, v, captured, out, lse, spec: AttentionSpe
                         dpd = torch.matmul(dor, vt.transpose(-1, -2))
                         dpc = dpd * keep * (1.0 / (1.0 - p_drop)) if p_drop else dpd
                         dp = dpc.to(p.dtype) if dpc.dtype != p.dtype else dpc
-                        if sink_weight is None:
+                        if sinks is None:
                             ds = _softmax_backward(dp, p, s.dtype)
-                        else:
-                            ds = _softmax_backward(dp, p, s.dtype, sink_weight[bidx][h0:h1, a0:a1].unsqueeze(-1),
-                                                   row_delta[bidx][h0:h1, a0:a1])
+                        else:  # the sink columns' dP is 0: d t = P'_t (0 - rowsum(dP * P'))
+                            delta = torch.empty(p.shape[:-1] + (1,), dtype=dsinks.dtype, device=p.device)
+                            ds = _softmax_backward(dp, p, s.dtype, row_delta=delta)
+                            dsinks[bidx][h0:h1, a0:a1] = -(p_sinks.to(delta.dtype) * delta)
                         ds = _chain_backward(spec, ops, inputs, s, ds, part, dcap)
                         ds = ds.to(s0.dtype) if ds.dtype != s0.dtype else ds
                         dq[bidx][h0:h1, a0:a1] = torch.matmul(ds, kt)

@@ -292,15 +292,15 @@ def _flash_backward(s: AttentionSpec, grad_out, q, k, v, captured, out, lse):
 # -- attention sinks (``AttentionSpec.sink``) -----------------------------------------------------
 # With sink logits t_1..t_m appended to a row's scores s_1..s_n, the softmax over the row and its m
 # sinks, cut back to the n scores, is P'_j = exp(s_j - L') with L' = logaddexp(lse, t'), where
-# lse = logsumexp(s) and t' = logsumexp(t). So out' = c * out with c = exp(lse - L'), where (out,
-# lse) is the attention without sinks: every kernel computes it unchanged. Its gradient: with
-# g = c * dO' and delta = c (1 - c) (dO' . out) = exp(t' - L') (dO' . out'),
-#   dS_j = P_j (g . v_j - g . out) + P_j delta
-# (the plain backward of g plus the gradient of its lse), and dt_m = -delta * softmax(t)_m. Rows
-# whose every score is -inf have P' = 0 on the scores (the sinks take the row): the kernels run
-# with SDPA's safe softmax (zeros there, no gradient), and eager's 0 * v (NaN where v is not
-# finite) is restored below. Rows eager makes NaN stay NaN: c is NaN when lse is +inf or NaN, when
-# the sinks are NaN, or when everything is -inf; a +inf sink is set NaN.
+# lse = logsumexp(s) and t' = logsumexp(t). So the forward is out' = c * out with c = exp(lse - L'),
+# where (out, lse) is the attention without sinks: every kernel computes it unchanged. Rows whose
+# every score is -inf have P' = 0 on the scores (the sinks take the row): the kernels run with
+# SDPA's safe softmax (zeros there), and eager's 0 * v (NaN where v is not finite) is restored
+# below. Rows eager makes NaN stay NaN: c is NaN when lse is +inf or NaN, when the sinks are NaN,
+# or when everything is -inf; a +inf sink is set NaN.
+# The backward is eager's: the tiled backward appends the sinks to each tile's scores, takes the
+# softmax of both and cuts it (P' normalised with the sinks, as eager's, so its float32 rounding
+# and cancellation are eager's, and no lse is read), and writes dt = -P'_t rowsum(dP * P').
 
 def _sink_parts(s: AttentionSpec):
     base = dataclasses.replace(s, sink=0, captured=s.captured[:-1], safe_softmax=True, inference=False)
@@ -344,24 +344,17 @@ def _sink_forward(q, k, v, captured, s: AttentionSpec, seed):
 
 
 def _sink_backward(grad_out, q, k, v, captured, out, lse, seed, s: AttentionSpec, needs_grad):
-    base, key = _sink_parts(s)
+    base, _ = _sink_parts(s)
     sinks = captured[-1]
-    c, total, t = _sink_scale(lse, sinks, s.sink)
-    # the sinks' weight 1 - c, computed as exp(t' - L'): where it is below c's rounding (scores
-    # far above the sinks) 1 - c would be 0 and the sinks' gradient lost
-    weight = torch.exp(t - total)
-    g = (grad_out.to(lse.dtype) * c.unsqueeze(-1)).to(grad_out.dtype)
-    # delta = rowsum(dP * P) for g: dO' . out' (the tiled backward sums it from P and dP)
-    delta = torch.zeros(lse.shape, dtype=torch.promote_types(lse.dtype, torch.float32), device=lse.device)
-    # the lse's gradient is taken by the tiled backward only (device-agnostic torch ops)
-    dq, dk, dv, dcap = cpu.attention_backward(g, q, k, v, list(captured[:-1]), out, lse, base,
+    shape = tuple(q.shape[:-1]) + (s.sink,)
+    dsinks = torch.zeros(shape, dtype=torch.promote_types(sinks.dtype, torch.float32), device=q.device)
+    # the tiled backward (device-agnostic torch ops) appends the sinks to each tile's scores
+    dq, dk, dv, dcap = cpu.attention_backward(grad_out, q, k, v, list(captured[:-1]), out, lse, base,
                                               int(seed.item()), list(needs_grad[:-1]),
-                                              sink_weight=weight, row_delta=delta)
+                                              sinks=sinks.expand(shape), dsinks=dsinks)
     dcap = [x for x in dcap if x is not None]
     if needs_grad[-1]:
-        w = torch.softmax(sinks.to(lse.dtype).expand(*lse.shape, s.sink), -1)
-        dt = -((weight * delta.to(weight.dtype)).unsqueeze(-1) * w)
-        dcap.append(dt.sum_to_size(sinks.shape).to(sinks.dtype))
+        dcap.append(dsinks.sum_to_size(sinks.shape).to(sinks.dtype))
     return (layout.in_grad_layout(dq), layout.in_grad_layout(dk), layout.in_grad_layout(dv),
             [x.contiguous() for x in dcap])
 

