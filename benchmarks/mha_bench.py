@@ -17,13 +17,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from fusion_pass.measure import cpu_model, load_average, peak_bytes, progress, round_robin
+from fusion_pass.measure import cpu_model, load_average, time_passes
 
 HERE = Path(__file__).resolve().parent
 E, H = 768, 12
@@ -55,50 +54,10 @@ def run(n, pattern, repeats):
     anchor.load_state_dict(eager.state_dict())
     impls = {"eager": eager, "stock": torch.compile(eager, dynamic=False),
              "ours": torch.compile(eager, backend="fusion_pass", dynamic=False), "anchor": anchor}
-    x0 = torch.randn(1, n, E)
-    kw = masks(pattern, n)
-    rows = []
-    for pass_ in ("fwd", "fwd+bwd"):
-        x = x0.clone().requires_grad_(pass_ != "fwd")
-        params = list(eager.parameters()) + list(anchor.parameters())
-
-        def clear():
-            x.grad = None
-            for p in params:
-                p.grad = None
-
-        calls = {}
-        for name, f in impls.items():
-            if pass_ == "fwd":
-                def call(f=f):
-                    with torch.no_grad():
-                        return f(x, **kw)
-            else:
-                def call(f=f):
-                    out = f(x, **kw)
-                    out.sum().backward()
-                    return out.detach()
-            calls[name] = call
-        ref = None
-        diffs = {}
-        for name, call in calls.items():
-            progress(f"{pattern} N={n} {pass_}: warming up {name}", "mha_bench")
-            clear()
-            out = call()
-            call()  # a backward compiles on its first call
-            ref = out if ref is None else ref
-            diffs[name] = (out - ref).abs().max().item()
-        progress(f"{pattern} N={n} {pass_}: timing {repeats} rounds", "mha_bench")
-        times = round_robin(calls, repeats, before=clear)
-        for name, call in calls.items():
-            clear()
-            rows.append(dict(pattern=pattern, N=n, pass_=pass_, impl=name,
-                             ms=statistics.median(times[name]), min_ms=min(times[name]),
-                             peak_mib=peak_bytes(call) / 2**20, max_abs_diff=diffs[name]))
-            r = rows[-1]
-            print(f"  {pattern:8s} N={n:5d} {pass_:8s} {name:7s} {r['ms']:9.1f} ms  peak "
-                  f"{r['peak_mib']:8.1f} MiB  diff {r['max_abs_diff']:.1e}", flush=True)
-    return rows
+    params = list(eager.parameters()) + list(anchor.parameters())
+    rows = time_passes(impls, [torch.randn(1, n, E)], params, repeats, f"{pattern:8s} N={n:5d}",
+                       "mha_bench", **masks(pattern, n))
+    return [dict(r, pattern=pattern, N=n) for r in rows]
 
 
 def main(argv=None):

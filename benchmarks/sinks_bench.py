@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fusion_pass.measure import cpu_model, load_average, peak_bytes, progress, round_robin
+from fusion_pass.measure import cpu_model, load_average, time_passes
 
 HERE = Path(__file__).resolve().parent
 H, HKV, D, WINDOW = 8, 2, 64, 128
@@ -63,48 +62,9 @@ def run(n, pattern, repeats):
     eager = GptOssAttention(pattern)
     impls = {"eager": eager, "stock": torch.compile(eager, dynamic=False),
              "ours": torch.compile(eager, backend="fusion_pass", dynamic=False)}
-    q0 = torch.randn(1, H, n, D)
-    k0, v0 = torch.randn(1, HKV, n, D), torch.randn(1, HKV, n, D)
-    rows = []
-    for pass_ in ("fwd", "fwd+bwd"):
-        q, k, v = (t.clone().requires_grad_(pass_ != "fwd") for t in (q0, k0, v0))
-        leaves = [q, k, v, eager.sinks]
-
-        def clear():
-            for t in leaves:
-                t.grad = None
-
-        calls = {}
-        for name, f in impls.items():
-            if pass_ == "fwd":
-                def call(f=f):
-                    with torch.no_grad():
-                        return f(q, k, v)
-            else:
-                def call(f=f):
-                    out = f(q, k, v)
-                    out.sum().backward()
-                    return out.detach()
-            calls[name] = call
-        ref, diffs = None, {}
-        for name, call in calls.items():
-            progress(f"{pattern} N={n} {pass_}: warming up {name}", "sinks_bench")
-            clear()
-            out = call()
-            call()
-            ref = out if ref is None else ref
-            diffs[name] = (out - ref).abs().max().item()
-        progress(f"{pattern} N={n} {pass_}: timing {repeats} rounds", "sinks_bench")
-        times = round_robin(calls, repeats, before=clear)
-        for name, call in calls.items():
-            clear()
-            rows.append(dict(pattern=pattern, N=n, pass_=pass_, impl=name,
-                             ms=statistics.median(times[name]), min_ms=min(times[name]),
-                             peak_mib=peak_bytes(call) / 2**20, max_abs_diff=diffs[name]))
-            r = rows[-1]
-            print(f"  {pattern:7s} N={n:5d} {pass_:8s} {name:7s} {r['ms']:9.1f} ms  peak "
-                  f"{r['peak_mib']:8.1f} MiB  diff {r['max_abs_diff']:.1e}", flush=True)
-    return rows
+    inputs = [torch.randn(1, H, n, D), torch.randn(1, HKV, n, D), torch.randn(1, HKV, n, D)]
+    rows = time_passes(impls, inputs, [eager.sinks], repeats, f"{pattern:7s} N={n:5d}", "sinks_bench")
+    return [dict(r, pattern=pattern, N=n) for r in rows]
 
 
 def main(argv=None):

@@ -103,6 +103,55 @@ def round_robin(calls: Dict[str, Callable[[], object]], repeats: int,
     return times
 
 
+def time_passes(impls: Dict[str, Callable[..., torch.Tensor]], inputs, params, repeats: int, label: str,
+                prog: str, **kwargs) -> List[dict]:
+    """Each implementation ``f(*inputs, **kwargs)`` timed forward (under ``no_grad``) and forward
+    plus backward (gradients of the floating inputs and of ``params``), round-robin, median of
+    ``repeats`` rounds, with the peak memory of one more call and its largest difference from the
+    first implementation's output. One dict per (pass, implementation); a line each on stdout."""
+    rows = []
+    for pass_ in ("fwd", "fwd+bwd"):
+        args = [x.detach().clone().requires_grad_(pass_ != "fwd" and x.is_floating_point())
+                if isinstance(x, torch.Tensor) else x for x in inputs]
+        leaves = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad] + list(params)
+
+        def clear():
+            for t in leaves:
+                t.grad = None
+
+        def make(f):
+            if pass_ == "fwd":
+                def call():
+                    with torch.no_grad():
+                        return f(*args, **kwargs)
+            else:
+                def call():
+                    out = f(*args, **kwargs)
+                    out.sum().backward()
+                    return out.detach()
+            return call
+        calls = {name: make(f) for name, f in impls.items()}
+        ref, diffs = None, {}
+        for name, call in calls.items():
+            progress(f"{label} {pass_}: warming up {name}", prog)
+            clear()
+            out = call()
+            call()  # a backward compiles on its first call
+            ref = out if ref is None else ref
+            diffs[name] = (out - ref).abs().max().item()
+        progress(f"{label} {pass_}: timing {repeats} rounds", prog)
+        times = round_robin(calls, repeats, before=clear)
+        for name, call in calls.items():
+            clear()
+            rows.append(dict(pass_=pass_, impl=name, ms=statistics.median(times[name]),
+                             min_ms=min(times[name]), peak_mib=peak_bytes(call) / 2**20,
+                             max_abs_diff=diffs[name]))
+            r = rows[-1]
+            print(f"  {label} {pass_:8s} {name:7s} {r['ms']:9.1f} ms  peak {r['peak_mib']:8.1f} MiB  "
+                  f"diff {r['max_abs_diff']:.1e}", flush=True)
+    return rows
+
+
 def profile_call(fn: Callable[[], object], kernels: bool = False):
     """Run fn once under torch.profiler; (peak bytes on CPU as the module docstring defines it,
     {op name: number of calls}), and with ``kernels`` a third item: which kernel each
