@@ -416,13 +416,20 @@ def _probe_query_blocks(OUT, F_LO, F_HI, B_LO, B_HI, K_LO, K_HI, N_Q, N_K, BLOCK
     tl.store(OUT + pid * 4 + 3, fhi)
 
 
-def _kernel_blocks(band, nq, nk, bm, bn, fail=None):
+def _kernel_blocks(band, nq, nk, bm, bn, fail=None, rows_seen=None):
     """(rows (n_mb, 2), full rows (n_mb, 2), cols (n_nb, 2), full cols (n_nb, 2)) as the kernels
     compute them from ``band``; ``fail``: the query blocks failing the removal rule (their hull
-    widens the columns, as attn_bwd_dq hands it to attn_bwd_dkdv)."""
+    widens the columns, as attn_bwd_dq hands it to attn_bwd_dkdv). ``rows_seen``: the row probe's
+    results by its arguments (it does not read ``fail``), so a caller varying ``fail`` alone
+    launches it once."""
     n_mb, n_nb = -(-nq // bm), -(-nk // bn)
-    rows = torch.full((n_mb, 4), -7, dtype=torch.int32)
-    _probe_key_blocks[(n_mb,)](rows, *band, nq, nk, BLOCK_M=bm, BLOCK_N=bn)
+    key = (tuple(int(b) for b in band), nq, nk, bm, bn)
+    if rows_seen is None or key not in rows_seen:
+        rows = torch.full((n_mb, 4), -7, dtype=torch.int32)
+        _probe_key_blocks[(n_mb,)](rows, *band, nq, nk, BLOCK_M=bm, BLOCK_N=bn)
+        if rows_seen is not None:
+            rows_seen[key] = rows
+    rows = rows if rows_seen is None else rows_seen[key]
     f = [mb for mb in range(n_mb) if fail is not None and fail[mb]]
     f_lo, f_hi = (min(f), max(f) + 1) if f else (n_mb, 0)
     cols = torch.full((n_nb, 4), -7, dtype=torch.int32)
@@ -494,10 +501,11 @@ def test_kernel_band_blocks_equal_the_host_tensors(name):
             assert band is not None, (name, polarity)
             n_mb = -(-nq // bm)
             g = torch.Generator().manual_seed(nq * 7 + nk)
+            rows_seen = {}  # the row probe does not read fail: launched once per shape
             for fail in (None, torch.rand(n_mb, generator=g) < 0.15,
                          torch.arange(n_mb) == n_mb // 2):
                 want = _host_blocks(spec, nq, nk, bm, bn, fail)
-                got = _kernel_blocks(band, nq, nk, bm, bn, fail)
+                got = _kernel_blocks(band, nq, nk, bm, bn, fail, rows_seen)
                 for what, w, k in zip(("rows", "full rows", "cols", "full cols"), want, got):
                     w = w.to(torch.int32)
                     if what == "full rows":  # an empty range is empty wherever it starts
