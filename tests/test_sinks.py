@@ -346,6 +346,16 @@ def tiny_gpt_oss():
     return model
 
 
+def test_gpt_oss_sites_found_and_fused():
+    """Both layers' attention (sliding window and full) is fused, in training mode too."""
+    model = tiny_gpt_oss().train()
+    ids = torch.randint(2, 100, (2, 20))
+    expl = fusion_pass.explain(model, input_ids=ids)
+    assert len(expl.fused) == 2 and not expl.missed, str(expl)
+    assert all(s.spec.sink == 1 for s in expl.fused)
+
+
+@pytest.mark.slow
 def test_gpt_oss_trains_as_eager():
     """float64, left-padded batch: the loss and every parameter gradient (sinks included) equal to
     eager's, both layers' attention fused forward and backward."""
