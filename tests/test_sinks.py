@@ -404,3 +404,29 @@ def test_gpt_oss_generates_eager_tokens():
         assert (a - b).abs().max() < 1e-4 * b.abs().max()
     sites = [s for r in reports for s in r.sites if s.attention_like]
     assert sum(s.fused for s in sites) == 2, sites  # the prefill's two layers
+
+
+def test_a_shift_that_is_not_the_row_max_is_kept():
+    """softmax(x - x.amax(0)) is not softmax(x) (the shift varies along the row): the rule that
+    drops GPT-OSS's row-max shift must not fire, and the compiled result stays eager's."""
+    from fusion_pass.canonicalize import rule_shifted_softmax
+
+    def f(x):
+        return torch.softmax(x - x.amax(0, keepdim=True), -1)
+
+    def g(x):
+        return torch.softmax(x - x.amax(-1, keepdim=True), -1)
+
+    x = torch.randn(5, 7, dtype=torch.float64) * 30
+    fired = {}
+    for fn in (f, g):
+        gm = torch.fx.symbolic_trace(fn)
+        from torch._subclasses.fake_tensor import FakeTensorMode
+        from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+        FakeTensorProp(gm, FakeTensorMode()).propagate(x)
+        for n in gm.graph.nodes:
+            n.meta["example_value"] = n.meta.get("val")
+        fired[fn.__name__] = any(rule_shifted_softmax(n) is not None for n in gm.graph.nodes)
+    assert fired == {"f": False, "g": True}
+    out = torch.compile(f, backend="fusion_pass")(x)
+    assert torch.allclose(out, f(x), rtol=1e-12, atol=0)
