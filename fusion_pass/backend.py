@@ -31,7 +31,7 @@ from .options import Options
 from .report import (Explanation, GraphReport, SiteReport, attach_mask_inputs, code_lines, dump,
                      module_path, region_dot)
 from .canonicalize import canonicalize_graph, value
-from .rewrite import fill_meta, find_fake_mode, rewrite_region
+from .rewrite import fill_meta, find_fake_mode, no_gradient, rewrite_region
 
 log = logging.getLogger("fusion_pass")
 
@@ -89,16 +89,59 @@ _DECODE_REASON = ("kept: one query row on CPU (a decoding step): its scores are 
                   "no N x N to avoid, and Inductor's code for the model's own steps runs it ~4x "
                   "faster than the fused op, whose per-call proofs read K and V whole and whose "
                   "dispatch costs more than the step itself (option fuse_cpu_decode=True fuses it)")
+# A few query rows against more keys, with no gradient (speculative or chunked decoding against a
+# cache, a short decoder prefix cross-attending to an encoder): the scores are at most FEW_ROWS
+# rows per head, no larger than K's Nk x d for the head dims models use, so there is no N x N to
+# avoid, and the fused op's fixed cost per call (dispatch, the proof's pass over K and V, the
+# mask's per-call checks: 0.3-0.5 ms here) is more than Inductor's whole step. Grouped heads
+# differ: the model's ``repeat_kv`` copies K and V on every call, which the fused op never does,
+# so past FEW_ROWS_GROUPED_KEYS cached keys the fused op wins there (measured: 0.71x stock's time
+# at 4096 keys, 4 and 16 rows) and a grouped site is kept only below that, with a static key
+# length. Measured: benchmarks/RESULTS.md, "A few query rows on CPU" (cpu_decode.py, 12 heads,
+# d 64, fp32, 2 threads).
+FEW_ROWS = 16
+FEW_ROWS_GROUPED_KEYS = 2048
+_FEW_ROWS_REASON = ("kept: {rows} query rows against {keys} keys on CPU with no gradient (a few "
+                    "decoding rows against a cache, or a short query cross-attending): at most "
+                    f"{FEW_ROWS} rows of scores per head, no N x N to avoid, and Inductor's code for "
+                    "the model's own steps runs it faster than the fused op, whose fixed per-call "
+                    "cost (dispatch, proofs reading K and V) exceeds the step (option "
+                    "fuse_cpu_decode=True fuses it)")
+# the same for a site that is one SDPA call: it stays that call, ATen's kernel without the fused
+# op's fixed cost (measured: SDPA 0.5-0.6x stock's time on these shapes, the fused op 1.2-3.9x)
+_FEW_ROWS_SDPA_REASON = ("kept: {rows} query rows against {keys} keys on CPU with no gradient (a "
+                         "few decoding rows against a cache, or a short query cross-attending): "
+                         f"at most {FEW_ROWS} rows of scores per head, no N x N to avoid, and the "
+                         "SDPA call as written runs ATen's kernel without the fused op's fixed "
+                         "per-call cost (dispatch, proofs reading K and V) (option "
+                         "fuse_cpu_decode=True takes it)")
 
 
-def _decode_kept(res) -> bool:
-    """The site's query length is the static integer 1 and it runs on CPU: a decoding step (Dynamo
-    specialises a size of 1, so every decoding graph has it). The output's example value says."""
+def _decode_kept(res) -> Optional[str]:
+    """Why a CPU site is kept for Inductor, or None (fuse it). One query row, the static integer 1
+    (Dynamo specialises a size of 1, so every decoding graph has it): always. A few rows (a static
+    query length of at most ``FEW_ROWS``) against a longer or symbolic key length, where no input
+    requires a gradient; with grouped heads only against a static key length of at most
+    ``FEW_ROWS_GROUPED_KEYS``. The example values say (the output's rows, v's keys)."""
     out = value(res.region.pv)
-    if not isinstance(out, torch.Tensor) or out.dim() < 2:
-        return False
+    if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.device.type != "cpu":
+        return None
     rows = out.shape[-2]
-    return isinstance(rows, int) and rows == 1 and out.device.type == "cpu"
+    if not isinstance(rows, int):
+        return None
+    if rows == 1:
+        return _DECODE_REASON
+    v = value(res.region.v)  # (..., Nk, dv): the key length for every region, SDPA calls included
+    keys = v.shape[-2] if isinstance(v, torch.Tensor) and v.dim() >= 2 else None
+    static = isinstance(keys, int)
+    if keys is None or not 2 <= rows <= FEW_ROWS or static and keys <= rows:
+        return None
+    if res.region.group > 1 and not (static and keys <= FEW_ROWS_GROUPED_KEYS):
+        return None
+    if not no_gradient(res):
+        return None
+    text = _FEW_ROWS_SDPA_REASON if res.region.sdpa is not None else _FEW_ROWS_REASON
+    return text.format(rows=rows, keys=keys if static else f"a symbolic number ({keys}) of")
 
 
 def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: str,
@@ -132,10 +175,11 @@ def _rewrite_graph(gm: fx.GraphModule, report: GraphReport, fake_mode, prefix: s
                                            module=module_path(softmax), kept=res.kept))
             log.info("site %s not fused: %s", report.sites[-1].label, res)
             continue
-        if not fuse_cpu_decode and _decode_kept(res):
-            report.sites.append(SiteReport(site, False, _DECODE_REASON, prefix + res.region.pv.name,
+        kept = None if fuse_cpu_decode else _decode_kept(res)
+        if kept:
+            report.sites.append(SiteReport(site, False, kept, prefix + res.region.pv.name,
                                            True, module=module_path(softmax), kept=True))
-            log.info("site %s not fused: %s", report.sites[-1].label, _DECODE_REASON)
+            log.info("site %s not fused: %s", report.sites[-1].label, kept)
             continue
         before = code_lines(code_before, [n.name for n in res.region.nodes])
         dot = region_dot(site, res.region.nodes)

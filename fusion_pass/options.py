@@ -25,8 +25,9 @@ class Options:
     report: Optional[str] = None  # a folder: write each graph's report (sites, specs, code) there
     inductor: bool = True         # False: run the rewritten graph without Inductor (debugging)
     dump: Optional[str] = None    # a folder: the report plus each site's kernel source and pictures
-    # True: fuse CPU attention whose query length is a static 1 (a decoding step) too; by default
-    # such sites are kept for Inductor, whose code for them is 3.9-4.5x faster (``backend.py``)
+    # True: fuse CPU decoding sites too: a static query length of 1 (a decoding step), or of a few
+    # rows against more keys with no gradient; by default such sites are kept for Inductor, whose
+    # code for them is faster (``backend._decode_kept``)
     fuse_cpu_decode: bool = False
 
     @staticmethod

@@ -144,7 +144,7 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
                     node = graph.call_method("detach", (node,))
                     _meta(node, fake_mode)
             captured.append(node)
-        if _no_gradient(a):  # the report then shows the spec the op carries
+        if no_gradient(a):  # the report then shows the spec the op carries
             a.spec = dataclasses.replace(a.spec, inference=True)
         args = (q, k, v, captured, a.spec.to_key())
         if a.spec.dropout_p:
@@ -175,7 +175,7 @@ def rewrite_region(gm: fx.GraphModule, a: Analysis, fake_mode=None) -> fx.Node:
     return out
 
 
-def _no_gradient(a: Analysis) -> bool:
+def no_gradient(a: Analysis) -> bool:
     """No input of the site requires a gradient, as Dynamo recorded the values while tracing (so
     under the grad mode each node really ran in, ``no_grad`` regions included; the compiled graph
     is guarded on the inputs' ``requires_grad`` and the grad mode): then no backward of the op

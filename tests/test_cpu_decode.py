@@ -1,5 +1,6 @@
-"""Decoding steps on CPU (issue 11): a site whose query length is the static integer 1 is kept for
-Inductor by default, saying why, and fused with ``fuse_cpu_decode=True``; the per-call checks
+"""Decoding steps on CPU (issue 11): a site whose query length is the static integer 1, or a few
+rows against a cache with no gradient, is kept for Inductor by default, saying why, and fused with
+``fuse_cpu_decode=True``; the per-call checks
 around the kernels read no more than they need (the lse's one pass, no removal bound for a tile
 that keeps every key)."""
 import math
@@ -78,12 +79,80 @@ def test_the_option_fuses_one_query_row():
     assert n_fwd == 1 and max_rel_error([out], [m(q, k, v)]) < 1e-5
 
 
-@pytest.mark.parametrize("nq", [2, 40])
-def test_more_than_one_query_row_is_fused(nq):
-    """Only the decoding step's one row is kept: two rows (speculative decoding) and a prefill fuse."""
+@pytest.mark.parametrize("nq", [17, 40])
+def test_more_than_a_few_query_rows_are_fused(nq):
+    """Past FEW_ROWS query rows (and a prefill, rows == keys) the site fuses."""
     m = Gpt2()
     expl = fusion_pass.explain(m, *_qkv(nq))
     assert len(expl.fused) == 1, str(expl)
+
+
+@pytest.mark.parametrize("symbolic_keys", [False, True])
+def test_a_few_query_rows_against_a_cache_are_kept_without_gradients(symbolic_keys):
+    """2-16 rows against more keys (speculative or chunked decoding) with no gradient: kept, the
+    reason naming the rows, the keys and the option; the compiled output is eager's and no fused
+    op runs. A growing cache makes Dynamo's key length symbolic (``mark_dynamic`` here) while the
+    rows stay the static 4: still kept."""
+    m = Gpt2()
+
+    def inputs(nk):
+        q, k, v = _qkv(4, nk=nk)
+        if symbolic_keys:
+            for t in (k, v):
+                torch._dynamo.mark_dynamic(t, 2)
+        return q, k, v
+
+    expl = fusion_pass.explain(m, *inputs(40))
+    (site,) = [s for g in expl.graphs for s in g.sites]
+    assert not site.fused and site.kept and not expl.missed, str(expl)
+    assert "4 query rows against" in site.reason and "fuse_cpu_decode=True" in site.reason
+    assert ("symbolic" in site.reason) == symbolic_keys, site.reason
+    compiled = torch.compile(m, backend=fusion_pass.Backend(strict=True))
+    for nk in (40, 48):
+        q, k, v = inputs(nk)
+        out, n_fwd, _ = profiled_op_counts(lambda: compiled(q, k, v))
+        assert n_fwd == 0
+        assert max_rel_error([out], [m(q, k, v)]) < 1e-5
+    with fusion_pass.configure(fuse_cpu_decode=True):
+        assert len(fusion_pass.explain(m, q, k, v).fused) == 1
+
+
+def test_a_few_query_rows_fuse_when_a_gradient_is_needed():
+    """The few-rows rule was measured on inference; a site whose inputs require gradients fuses
+    (its backward is the fused op's), and its gradients are eager's."""
+    m = Gpt2()
+    q, k, v = (t.requires_grad_() for t in _qkv(4))
+    expl = fusion_pass.explain(m, q, k, v)
+    assert len(expl.fused) == 1, str(expl)
+    compiled = torch.compile(m, backend="fusion_pass")
+    out = compiled(q, k, v)
+    g = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), g)
+    want = torch.autograd.grad(m(q, k, v), (q, k, v), g)
+    assert max_rel_error(got, want) < 1e-5
+
+
+class Grouped(torch.nn.Module):
+    """Llama's ``repeat_kv`` (expand + reshape) of 1 K/V head for 3 query heads."""
+
+    def forward(self, q, k, v):
+        b, h, n, d = k.shape
+        k = k[:, :, None].expand(b, h, 3, n, d).reshape(b, h * 3, n, d)
+        v = v[:, :, None].expand(b, h, 3, n, d).reshape(b, h * 3, n, d)
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.25
+        return torch.matmul(s.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize("nk, kept", [(64, True), (2049, False)])
+def test_a_few_grouped_query_rows_are_kept_only_against_a_short_cache(nk, kept):
+    """The model's repeat_kv copies K and V on every call, which the fused op does not: past
+    FEW_ROWS_GROUPED_KEYS keys the fused op wins, so a grouped site is kept only below it."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 3, 4, 16, generator=g)
+    k, v = (torch.randn(1, 1, nk, 16, generator=g) for _ in range(2))
+    expl = fusion_pass.explain(Grouped(), q, k, v)
+    (site,) = [s for g in expl.graphs for s in g.sites]
+    assert site.fused != kept and (not kept or "query rows against" in site.reason), str(expl)
 
 
 def test_fuse_cpu_decode_is_validated():
@@ -145,3 +214,25 @@ def test_flash_rows_ok_reads_nan_inf_and_the_limits():
     assert cpu_flash.rows_ok(call, big, 7) and not cpu_flash.rows_ok(call, big, 7, backward=True)
     half = cpu_flash.Call(0.25, None, lse_limit=100.0)
     assert cpu_flash.rows_ok(half, lse, 7) and not cpu_flash.rows_ok(half, -big, 7)
+
+
+def test_a_few_query_rows_of_an_sdpa_call_stay_that_call():
+    """A site that is one SDPA call with a few rows against a cache stays the call as written (ATen's
+    kernel without the fused op's fixed cost): kept, saying so, and the key length read from v (an
+    SDPA region's own output has the head dim last, not the keys)."""
+    def f(q, k, v):
+        nq, nk = q.shape[-2], k.shape[-2]
+        keep = torch.arange(nk)[None, :] <= torch.arange(nk - nq, nk)[:, None]
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    q, k, v = _qkv(3, nk=40)
+    expl = fusion_pass.explain(f, q, k, v)
+    (site,) = expl.sites
+    assert site.kept and "3 query rows against 40 keys" in site.reason, str(expl)
+    assert "SDPA call as written" in site.reason, site.reason
+    compiled = torch.compile(f, backend=fusion_pass.Backend(strict=True))
+    compiled(q, k, v)
+    out, n_fwd, _ = profiled_op_counts(lambda: compiled(q, k, v))
+    assert n_fwd == 0 and max_rel_error([out], [f(q, k, v)]) < 1e-5
+    # 12 rows against 12 keys: fused (read from the SDPA output's last dim, the head dim 16, it
+    # would have been "12 rows against 16 keys" and kept)
+    assert len(fusion_pass.explain(f, *_qkv(12, nk=12)).fused) == 1
