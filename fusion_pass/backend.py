@@ -95,9 +95,9 @@ _DECODE_REASON = ("kept: one query row on CPU (a decoding step): its scores are 
 # avoid, and the fused op's fixed cost per call (dispatch, the proof's pass over K and V, the
 # mask's per-call checks: 0.3-0.5 ms here) is more than Inductor's whole step. Grouped heads
 # differ: the model's ``repeat_kv`` copies K and V on every call, which the fused op never does,
-# so past FEW_ROWS_GROUPED_KEYS cached keys the fused op wins there (measured: 0.71x stock's time
-# at 4096 keys, 4 and 16 rows) and a grouped site is kept only below that, with a static key
-# length. Measured: benchmarks/RESULTS.md, "A few query rows on CPU" (cpu_decode.py, 12 heads,
+# so past FEW_ROWS_GROUPED_KEYS cached keys the fused op wins there (measured: 0.54-0.68x stock's time
+# at 4096 keys, 2-16 rows) and a grouped site is kept only below that, with a static key
+# length. Measured: benchmarks/RESULTS.md, "Issue 11, seventh session" (cpu_decode.py, 12 heads,
 # d 64, fp32, 2 threads).
 FEW_ROWS = 16
 FEW_ROWS_GROUPED_KEYS = 2048
