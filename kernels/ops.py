@@ -234,7 +234,7 @@ def _flash_forward(s: AttentionSpec, q, k, v, captured):
     if fast is None:
         return None
     out, lse = cpu_flash.forward(q, k, v, fast.scale, fast.mask, fast.causal)
-    return (out, lse) if cpu_flash.rows_ok(fast, lse, k.shape[-2]) else None
+    return (out, lse) if fast.rows_certain or cpu_flash.rows_ok(fast, lse, k.shape[-2]) else None
 
 
 @attention.register_fake

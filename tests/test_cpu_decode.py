@@ -216,6 +216,35 @@ def test_flash_rows_ok_reads_nan_inf_and_the_limits():
     assert cpu_flash.rows_ok(half, lse, 7) and not cpu_flash.rows_ok(half, -big, 7)
 
 
+@pytest.mark.parametrize("dtype, masked, reads_lse", [(torch.float32, False, False),
+                                                      (torch.float16, False, True),
+                                                      (torch.float32, True, True)])
+def test_the_lse_is_read_only_where_a_row_can_fail(monkeypatch, dtype, masked, reads_lse):
+    """ATen's route reads the lse after the kernel (``rows_ok``) only where a row can fail: a call
+    with no mask, nothing dropped and no 16-bit lse limit has finite q, k and bounded scores
+    (checked before), so every lse is finite (``Call.rows_certain``). Outputs stay eager's."""
+    seen = []
+    real = cpu_flash.rows_ok
+    monkeypatch.setattr(cpu_flash, "rows_ok", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+
+    def f(q, k, v, m):
+        s = torch.matmul(q, k.transpose(-1, -2)) * 0.125
+        if masked:
+            s = s + m
+        return torch.matmul(s.softmax(-1), v)
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 64, 16, generator=g).to(dtype) for _ in range(3))
+    m = torch.zeros(1, 1, 1, 64, dtype=dtype)
+    m[..., -5:] = torch.finfo(dtype).min
+    compiled = torch.compile(f, backend="fusion_pass")
+    compiled(q, k, v, m)
+    seen.clear()
+    out, n_fwd, _ = profiled_op_counts(lambda: compiled(q, k, v, m))
+    assert n_fwd == 1 and bool(seen) == reads_lse, (n_fwd, seen)
+    want = f(*(t.double() for t in (q, k, v, m)))
+    assert max_rel_error([out.double()], [want]) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
 def test_a_few_query_rows_of_an_sdpa_call_stay_that_call():
     """A site that is one SDPA call with a few rows against a cache stays the call as written (ATen's
     kernel without the fused op's fixed cost): kept, saying so, and the key length read from v (an
