@@ -5,7 +5,8 @@ a file is stale, so a change in matching or rewriting is reviewed as a diff of t
     python graphs/regenerate.py            # rewrite every file
     python graphs/regenerate.py gpt2 t5    # some families
 
-Families and their tiny configs are those of ``tests/test_families.py``; eval mode, no weights.
+Families and their tiny configs are those of ``tests/test_families.py``; eval mode, no weights,
+``fuse_cpu_decode=True`` (so sites of a few query rows, kept on CPU by default, show their rewrite).
 ``SPELLINGS`` adds hand-picked programs of the attention-program generator
 (``tests/test_fuzz.py``), one per spelling that real families do not show: products that move
 between batch layouts, in-place updates through views, a K/V head broadcast by the products,
@@ -83,7 +84,10 @@ def _build(name: str):
 
 def render(name: str) -> str:
     model, args, kwargs, sites, preamble = _build(name)
-    with torch.no_grad():
+    # fuse_cpu_decode: the rewrite of every site is what is reviewed here, also of those the CPU
+    # default keeps in inference (a decoder's few rows cross-attending to more keys); training and
+    # CUDA run that rewrite
+    with torch.no_grad(), fusion_pass.configure(fuse_cpu_decode=True):
         expl = fusion_pass.explain(model.eval(), *args, **kwargs)
     out = [HEADER.format(name=name),
            f"# {type(model).__name__}: {sites} attention sites; {expl.summary()}\n", preamble]

@@ -51,6 +51,10 @@ SDPA_SITES = {
     "phi3": (2, 0),
     "opt": (2, 0),
 }
+# name -> SDPA sites kept by default in inference on CPU as a few query rows (the decoder's
+# cross-attention, in both layers) against more keys: see
+# backend._decode_kept. They are fused with ``fuse_cpu_decode=True``, as in training.
+FEW_ROWS_KEPT = {"bart": 2, "pegasus": 2, "t5": 2}
 # families whose model class has no SDPA implementation in transformers 5.24: the default is eager
 # attention there, tested by test_families.py
 EAGER_BY_DEFAULT = ["gemma2", "bloom", "gpt-neo", "mpt", "deberta-v2"]
@@ -96,10 +100,20 @@ def test_default_attention_inference_equal_to_uncompiled(name, monkeypatch):
     model.eval()
     taken, kept = SDPA_SITES[name]
     with torch.no_grad():
-        expl = fusion_pass.explain(model, **inputs)
+        # by default, sites of a few query rows against more keys (the decoder's 7 rows
+        # cross-attending to 12 encoder keys) stay SDPA's call on CPU in inference; the rest as in
+        # training
+        default = fusion_pass.explain(model, **inputs)
+        few = [s for s in default.sites if s.attention_like and s.kept and "7 query rows against "
+               "12 keys on CPU with no gradient" in s.reason]
+        assert len(few) == FEW_ROWS_KEPT.get(name, 0), str(default)
+        assert _statuses(default) == (taken - len(few), kept + len(few), []), str(default)
+        # the fused op is what is under test: the option takes those sites too
+        with fusion_pass.configure(fuse_cpu_decode=True):
+            expl = fusion_pass.explain(model, **inputs)
         assert _statuses(expl) == (taken, kept, []), str(expl)
         want = fam._output(model(**inputs))
-        compiled = torch.compile(model, backend=fusion_pass.Backend(strict=True))
+        compiled = torch.compile(model, backend=fusion_pass.Backend(strict=True, fuse_cpu_decode=True))
         compiled(**inputs)  # compile
         got, n_fwd, _ = profiled_op_counts(lambda: fam._output(compiled(**inputs)))
     assert n_fwd == taken
