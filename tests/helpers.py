@@ -29,17 +29,29 @@ def graph_op_count(gm: torch.fx.GraphModule) -> int:
 
 def max_rel_error(got, want) -> float:
     """Largest |got - want| relative to |want|'s max; tensors whose reference is (numerically)
-    zero, like a key bias's gradient through a softmax, are measured against the overall scale."""
+    zero, like a key bias's gradient through a softmax, are measured against the overall scale.
+    Non-finite values must be eager's exactly: a NaN or an infinity where the reference has
+    another value (or the reference's NaN / inf missing) is an infinite error. (A plain maximum
+    over the differences let a NaN through: ``max(0.0, nan)`` is 0.0.)"""
     got, want = list(got), list(want)
-    scale = max((w.abs().max().item() for w in want if w is not None), default=1.0)
+    scale = max((w[w.isfinite()].abs().max().item() for w in want
+                 if w is not None and w.isfinite().any()), default=1.0)
     worst = 0.0
     for g, w in zip(got, want):
         if g is None or w is None:  # an unused parameter: None on one side, zeros on the other
             other = w if g is None else g
             assert other is None or not other.any(), "one side has a gradient the other lacks"
             continue
+        g, w = g.double(), w.double()
+        fin = w.isfinite()
+        if not torch.equal(fin, g.isfinite()) or not torch.equal(w.isnan(), g.isnan()) or \
+                not torch.equal(g[~fin & ~w.isnan()], w[~fin & ~w.isnan()]):
+            return float("inf")
+        if not fin.any():
+            continue
+        g, w = g[fin], w[fin]
         denom = max(w.abs().max().item(), 1e-3 * scale, 1e-30)
-        worst = max(worst, (g.double() - w.double()).abs().max().item() / denom)
+        worst = max(worst, (g - w).abs().max().item() / denom)
     return worst
 
 

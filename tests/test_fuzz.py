@@ -509,12 +509,15 @@ def gradient_errors(got, want) -> list:
     constant along each row (per head, (H, 1, 1): the softmax cancels it). Such a gradient shows
     as one below 1e-4 of the largest."""
     scale = max(w.abs().max().item() for w in want)
+    if not math.isfinite(scale):
+        return [max_rel_error(got, want)]
     errs = []
     for g, w in zip(got, want):
-        if w.abs().max().item() >= 1e-4 * scale:
+        if not w.abs().max().item() < 1e-4 * scale:  # (NaN or inf in w: max_rel_error's rules)
             errs.append(max_rel_error([g], [w]))
         else:
-            errs.append((g - w).abs().max().item() / max(scale, 1e-30))
+            d = (g.double() - w.double()).abs().max().item()
+            errs.append(d / max(scale, 1e-30) if math.isfinite(d) else math.inf)  # NaN: max() skips it
     return errs
 
 

@@ -468,11 +468,13 @@ def _eager(q, k, v, captured, needs_grad, chain, go, dtype, dropout=None, safe=F
 
 
 def _err(x, ref, strict=True):
-    """Max abs error over the entries finite in both; NaN must sit where the reference's does (not
-    strict for eager low-precision baselines, which only set the tolerance)."""
+    """Max abs error over the entries finite in both; NaN and infinities must sit where the
+    reference's do (not strict for eager low-precision baselines, which only set the tolerance)."""
     x, ref = x.double(), ref.double()
     if strict:
         assert torch.equal(torch.isnan(x), torch.isnan(ref)), "NaN pattern differs from the reference"
+        inf = torch.isinf(ref) | torch.isinf(x)
+        assert torch.equal(x[inf], ref[inf]), "an infinity differs from the reference's"
     fin = torch.isfinite(ref) & torch.isfinite(x)
     return (x[fin] - ref[fin]).abs().max().item() if fin.any() else 0.0
 
