@@ -13,7 +13,8 @@ BART and Pegasus (encoder-decoder on (batch*heads) bmm products), CLIP's vision 
 (window attention with a relative-position bias and shifted-window mask), Falcon with one K/V head
 that the products broadcast (multi-query) and with ALiBi (scaled in place), MPT (ALiBi),
 DeBERTa-v2 (disentangled c2p + p2c relative-position terms gathered and added to the scores),
-Qwen2, Phi-3 and OPT.
+Qwen2, Phi-3 and OPT; Qwen3 and Gemma-3 (q/k norms), GPT-J (q and k cast to float32),
+GPT-BigCode (multi-query from one fused projection) and M2M-100.
 
 ``FAMILIES`` is also what ``benchmarks/families.py`` reports on.
 """
@@ -235,6 +236,47 @@ def opt():
     return _text(transformers.OPTModel, cfg)
 
 
+
+def qwen3():
+    # RMS-normalised q and k per head before the rotary embedding; head_dim 16 set apart
+    cfg = transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16)
+    return _text(transformers.Qwen3Model, cfg)
+
+
+def gemma3():
+    # q/k norms, a sliding layer (window 5) then a global one, query_pre_attn_scalar scaling
+    cfg = transformers.Gemma3TextConfig(**TINY, num_key_value_heads=2, head_dim=16, sliding_window=5,
+                                        query_pre_attn_scalar=16)
+    return _text(transformers.Gemma3TextModel, cfg)
+
+
+def gptj():
+    # q and k cast up to float32 for the product and the softmax (its own dtype chain), rotary on
+    # the first rotary_dim channels of each head, a float mask
+    cfg = transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8, vocab_size=VOCAB,
+                                  n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return _text(transformers.GPTJModel, cfg)
+
+
+def gpt_bigcode():
+    # multi-query from one fused c_attn projection split into q and a shared k / v head
+    cfg = transformers.GPTBigCodeConfig(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB,
+                                        n_positions=64, multi_query=True, resid_pdrop=0.0,
+                                        embd_pdrop=0.0, attn_pdrop=0.0)
+    return _text(transformers.GPTBigCodeModel, cfg)
+
+
+def m2m100():
+    # encoder-decoder with sinusoidal positions; layerdrop off (it skips layers at random in
+    # training, so two runs would differ)
+    cfg = transformers.M2M100Config(
+        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
+        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        encoder_layerdrop=0.0, decoder_layerdrop=0.0, pad_token_id=0, decoder_start_token_id=1)
+    return transformers.M2M100Model(_eager(cfg)), dict(
+        input_ids=_ids(), attention_mask=_left_padded_mask(), decoder_input_ids=_ids(DEC_SEQ))
+
 # name -> (builder, attention sites in one forward, why it is expected to fail today or None)
 FAMILIES = {
     "gpt2": (gpt2, 2, None),
@@ -261,6 +303,11 @@ FAMILIES = {
     "qwen2": (qwen2, 2, None),
     "phi3": (phi3, 2, None),
     "opt": (opt, 2, None),
+    "qwen3": (qwen3, 2, None),
+    "gemma3": (gemma3, 2, None),
+    "gptj": (gptj, 2, None),
+    "gpt-bigcode": (gpt_bigcode, 2, None),
+    "m2m100": (m2m100, 6, None),
 }
 
 

@@ -50,11 +50,16 @@ SDPA_SITES = {
     "qwen2": (2, 0),
     "phi3": (2, 0),
     "opt": (2, 0),
+    "qwen3": (2, 0),
+    "gemma3": (2, 0),        # a sliding layer (window 5) and a global one
+    "gptj": (2, 0),
+    "gpt-bigcode": (2, 0),
+    "m2m100": (4, 2),        # as BART: decoder self-attention is_causal alone
 }
 # name -> SDPA sites kept by default in inference on CPU as a few query rows (the decoder's
 # cross-attention, in both layers) against more keys: see
 # backend._decode_kept. They are fused with ``fuse_cpu_decode=True``, as in training.
-FEW_ROWS_KEPT = {"bart": 2, "pegasus": 2, "t5": 2}
+FEW_ROWS_KEPT = {"bart": 2, "pegasus": 2, "t5": 2, "m2m100": 2}
 # families whose model class has no SDPA implementation in transformers 5.24: the default is eager
 # attention there, tested by test_families.py
 EAGER_BY_DEFAULT = ["gemma2", "bloom", "gpt-neo", "mpt", "deberta-v2"]
