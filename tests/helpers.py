@@ -43,9 +43,10 @@ def max_rel_error(got, want) -> float:
             assert other is None or not other.any(), "one side has a gradient the other lacks"
             continue
         g, w = g.double(), w.double()
-        fin = w.isfinite()
-        if not torch.equal(fin, g.isfinite()) or not torch.equal(w.isnan(), g.isnan()) or \
-                not torch.equal(g[~fin & ~w.isnan()], w[~fin & ~w.isnan()]):
+        fin, nan = w.isfinite(), w.isnan()
+        inf = ~fin & ~nan
+        if not (torch.equal(fin, g.isfinite()) and torch.equal(nan, g.isnan())
+                and torch.equal(g[inf], w[inf])):
             return float("inf")
         if not fin.any():
             continue

@@ -150,22 +150,23 @@ def gpt_neo():
     return _text(transformers.GPTNeoModel, cfg)
 
 
-def bart():
-    cfg = transformers.BartConfig(
+def _seq2seq(model_cls, config_cls, **extra):
+    """A BART-style encoder-decoder (2 + 2 layers, 4 heads, no dropout) on a left-padded batch."""
+    cfg = config_cls(
         d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
         decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
-        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    return transformers.BartModel(_eager(cfg)), dict(input_ids=_ids(), attention_mask=_left_padded_mask(),
-                                                     decoder_input_ids=_ids(DEC_SEQ))
+        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+        **extra)
+    return model_cls(_eager(cfg)), dict(
+        input_ids=_ids(), attention_mask=_left_padded_mask(), decoder_input_ids=_ids(DEC_SEQ))
+
+
+def bart():
+    return _seq2seq(transformers.BartModel, transformers.BartConfig)
 
 
 def pegasus():
-    cfg = transformers.PegasusConfig(
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
-        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
-    return transformers.PegasusModel(_eager(cfg)), dict(
-        input_ids=_ids(), attention_mask=_left_padded_mask(), decoder_input_ids=_ids(DEC_SEQ))
+    return _seq2seq(transformers.PegasusModel, transformers.PegasusConfig)
 
 
 def clip_vision():
@@ -236,7 +237,6 @@ def opt():
     return _text(transformers.OPTModel, cfg)
 
 
-
 def qwen3():
     # RMS-normalised q and k per head before the rotary embedding; head_dim 16 set apart
     cfg = transformers.Qwen3Config(**TINY, num_key_value_heads=2, head_dim=16)
@@ -267,15 +267,11 @@ def gpt_bigcode():
 
 
 def m2m100():
-    # encoder-decoder with sinusoidal positions; layerdrop off (it skips layers at random in
-    # training, so two runs would differ)
-    cfg = transformers.M2M100Config(
-        d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-        decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128, vocab_size=VOCAB,
-        max_position_embeddings=64, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
-        encoder_layerdrop=0.0, decoder_layerdrop=0.0, pad_token_id=0, decoder_start_token_id=1)
-    return transformers.M2M100Model(_eager(cfg)), dict(
-        input_ids=_ids(), attention_mask=_left_padded_mask(), decoder_input_ids=_ids(DEC_SEQ))
+    # sinusoidal positions; layerdrop off (it skips layers at random in training, so two runs
+    # would differ)
+    return _seq2seq(transformers.M2M100Model, transformers.M2M100Config, encoder_layerdrop=0.0,
+                    decoder_layerdrop=0.0, pad_token_id=0, decoder_start_token_id=1)
+
 
 # name -> (builder, attention sites in one forward, why it is expected to fail today or None)
 FAMILIES = {
