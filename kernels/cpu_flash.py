@@ -427,16 +427,35 @@ class Call:
     worst: float = math.inf
     # 16-bit chains: every row's |lse| at most half the dtype's largest value (``usable``)
     lse_limit: float = math.inf
+    # a bound of |score| at every step of the model's chain and of ATen's own scaled scores
+    # (``_cheap_bound``); inf: none known before the kernel runs
+    bound: float = math.inf
+    nk: Optional[int] = None  # the call's key count (``rows_certain``'s log Nk)
 
     @property
     def rows_certain(self) -> bool:
-        """``rows_ok`` holds before the kernel runs: no mask, nothing dropped, no lse limit. Then
-        ``usable`` has proven q and k finite and every score of the model's steps bounded below
-        the dtype's largest value, so each row's scores are finite numbers and its lse (between
-        the row max and the max + log Nk) is finite: the per-row test has nothing left to find
-        (it cost one pass over the lse right after the kernel, ~0.1 ms at N = 1024)."""
-        return self.mask is None and not self.causal and self.removal is None \
-            and self.lse_limit == math.inf
+        """``rows_ok`` holds before the kernel runs, for any q, k, v ``usable`` accepted. No
+        attn_mask, so each row computes key 0 (``is_causal`` is top-left, ``_causal_ok``) or every
+        key; q and k are finite and every score, eager's and ATen's, lies in [-bound, bound]
+        (``usable`` checked both). So each row's computed max is >= -bound and its lse, between
+        that max and the max + log Nk, is finite; where the call drops elements, that max clears
+        the removal threshold when -bound does (the test is increasing in the max,
+        ``removal._clears``); and the lse limit holds when bound + log Nk (with the lse's float32
+        rounding) is under it. The per-row test then has nothing left to find (it cost one pass
+        over the lse right after the kernel, ~0.1 ms at N = 1024). A replacing fill is the only
+        removal decided here: an additive mask's dropped elements come with an attn_mask."""
+        if self.mask is not None:
+            return False
+        if not self.causal and self.removal is None and self.lse_limit == math.inf:
+            return True  # no mask, nothing dropped: finite scores give a finite lse
+        b = self.bound
+        if not math.isfinite(b) or self.nk is None:
+            return False
+        if self.removal is not None and not (
+                self.removal.kind == removal.REPLACE
+                and removal._clears(-b, removal.threshold(self.worst, self.removal))):
+            return False
+        return (b + math.log(self.nk)) * (1 + 2.0 ** -20) + 1e-3 <= self.lse_limit
 
 
 # The per-call checks (O(N d) reductions over q, k, v, dO and the lse, a (B, 1, 1, N) mask, a
@@ -497,17 +516,18 @@ def _usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[C
     if not (qfin and kfin and vfin and gfin):
         return None  # NaN / inf: the tiled path applies the model's steps as eager does
     scale = _scale(p, captured)
-    if not _scores_bounded(spec, p, q, k, captured, qmax, kmax):
+    bound = _cheap_bound(p, q, captured, qmax, kmax)
+    if not _scores_bounded(spec, p, q, k, captured, qmax, kmax, bound):
         # a score may overflow in the model's steps (its q @ k^T in the qk dtype, then each
         # scale) where ATen's kernel, which scales and accumulates in float32 its own way, stays
         # finite (eager NaN, ATen a number): the tiled path applies the model's steps
         return None
     mask, causal = got[0]
+    facts = dict(bound=bound, nk=k.shape[-2])
     if mask is None and not causal:
         # this call masks nothing (a decoding row against its whole cache): ATen's function with
         # no mask is the model's, which replaces or adds nothing here; no removal question
-        return Call(scale, None)
-    stats = removal.as_stats(qmax, kmax)
+        return Call(scale, None, **facts)
     # spec.causal: the mask keeps no element above the diagonal (proven by the pass), so ATen's
     # is_causal removes only masked elements; whether that is exact is the removal rule's question
     use_causal = causal or (spec.causal and mask is not None and p.mask_kind == "add"
@@ -516,12 +536,12 @@ def _usable(spec: AttentionSpec, q, k, v, captured, grad_out=None) -> Optional[C
     # is_causal skips unless they are -inf in eager, and a finite fill's (-inf in ATen's mask)
     drops = p.finite_fill or use_causal and p.fill is None
     if not drops:
-        return Call(scale, mask, use_causal)
-    worst = _worst(spec, p, q, k, v, captured, grad_out, stats)
+        return Call(scale, mask, use_causal, **facts)
+    worst = _worst(spec, p, q, k, v, captured, grad_out, qmax, kmax)
     if worst < math.inf:
-        return Call(scale, mask, use_causal, p.removal, worst)
+        return Call(scale, mask, use_causal, p.removal, worst, **facts)
     if not causal and not p.finite_fill:
-        return Call(scale, mask)  # the additive mask alone is the function: no is_causal
+        return Call(scale, mask, **facts)  # the additive mask alone is the function: no is_causal
     return None
 
 
@@ -535,18 +555,28 @@ def _memory_order(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.permute(sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.shape[d])))
 
 
-def _scores_bounded(spec: AttentionSpec, p: Plan, q, k, captured, qmax: float, kmax: float) -> bool:
-    """Every score entering the masking step (or softmax) is finite in the model's own steps:
-    ``removal.score_bound`` of the steps before it (q @ k^T in the qk dtype, then the scales,
-    each rounded). A chain of scales (all the plan has before its mask) first gets the same bound
-    in Python numbers with each factor taken as max(|c|, 1 / |c|), so that it bounds every
-    step's scores at once; it is far below the dtypes' largest value for ordinary inputs, and
-    only where it is not (float16's 65504, or |q|, |k| ~ 1e18) is the exact bound computed."""
+def _cheap_bound(p: Plan, q, captured, qmax: float, kmax: float) -> float:
+    """A bound of |score| at every step of the plan's chain before its mask, from max |q| and
+    max |k| (Python numbers): d max|q| max|k| for q @ k^T with its accumulation's rounding
+    (d 2^-22 covers gamma_d of float32 in any summation order, with or without FMA), then each
+    scale factor taken as max(|c|, 1 / |c|) and each step's rounding (``removal._STEP``). It bounds
+    ATen's scaled scores too: its one scale is the product of the plan's, at most the product of
+    those factors, applied with one float32 rounding. inf when a scale is 0 or not finite."""
     d = q.shape[-1]
     cheap = d * qmax * kmax * (1.0 + d * 2.0 ** -22) * removal._STEP ** (len(p.scales) + 1)
     for kind, x, _ in p.scales:
         c = abs(x if kind == "const" else captured[x].item())
-        cheap *= max(c, 1.0 / c) if c > 0 else math.inf
+        cheap *= max(c, 1.0 / c) if 0 < c < math.inf else math.inf
+    return cheap if cheap == cheap else math.inf
+
+
+def _scores_bounded(spec: AttentionSpec, p: Plan, q, k, captured, qmax: float, kmax: float,
+                    cheap: float) -> bool:
+    """Every score entering the masking step (or softmax) is finite in the model's own steps:
+    ``removal.score_bound`` of the steps before it (q @ k^T in the qk dtype, then the scales,
+    each rounded). The chain's ``_cheap_bound`` bounds every step's scores at once; it is far
+    below the dtypes' largest value for ordinary inputs, and only where it is not (float16's
+    65504, or |q|, |k| ~ 1e18) is the exact bound computed."""
     upto = p.step if p.step is not None else len(spec.score_ops)
     top = min(removal.fmax(t) for t in {spec.qk_dtype} | {op.dtype for op in spec.score_ops[:upto]})
     if cheap < top:
@@ -556,12 +586,16 @@ def _scores_bounded(spec: AttentionSpec, p: Plan, q, k, captured, qmax: float, k
     return math.isfinite(float(b.item()))
 
 
-def _worst(spec: AttentionSpec, p: Plan, q, k, v, captured, grad_out, stats) -> float:
-    """The bound of the elements this call drops (``removal.worst_masked``); inf: none may go."""
+def _worst(spec: AttentionSpec, p: Plan, q, k, v, captured, grad_out, qmax: float, kmax: float) -> float:
+    """The bound of the elements this call drops (``removal.worst_masked``, for q, k, v and dO
+    already found finite); inf: none may go. A replacing fill's dropped elements are its value,
+    read from the plan without tensor arithmetic (``worst_masked``'s REPLACE case)."""
     if p.removal is None:
         return math.inf
-    return float(removal.worst_masked(spec, p.removal, q, k, v, captured, grad_out,
-                                      step=p.step, stats=stats).item())
+    if p.removal.kind == removal.REPLACE:
+        return float(p.removal.value)
+    return float(removal.worst_masked(spec, p.removal, q, k, v, captured, grad_out, step=p.step,
+                                      stats=removal.as_stats(qmax, kmax)).item())
 
 
 @_threads_for_share

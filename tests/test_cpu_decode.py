@@ -216,25 +216,39 @@ def test_flash_rows_ok_reads_nan_inf_and_the_limits():
     assert cpu_flash.rows_ok(half, lse, 7) and not cpu_flash.rows_ok(half, -big, 7)
 
 
-@pytest.mark.parametrize("dtype, masked, reads_lse", [(torch.float32, False, False),
-                                                      (torch.float16, False, True),
-                                                      (torch.float32, True, True)])
-def test_the_lse_is_read_only_where_a_row_can_fail(monkeypatch, dtype, masked, reads_lse):
-    """ATen's route reads the lse after the kernel (``rows_ok``) only where a row can fail: a call
-    with no mask, nothing dropped and no 16-bit lse limit has finite q, k and bounded scores
-    (checked before), so every lse is finite (``Call.rows_certain``). Outputs stay eager's."""
+@pytest.mark.parametrize("dtype, spelling, magnitude, reads_lse", [
+    (torch.float32, "plain", 1.0, False),
+    (torch.float16, "plain", 1.0, False),    # bound + log Nk under half of 65504: proven before
+    (torch.float16, "plain", 6.0, True),     # the cheap bound passes the lse limit: read
+    (torch.float32, "padding", 1.0, True),   # an attn_mask may empty a row: read
+    (torch.float32, "buffer", 1.0, False),   # GPT-2's where(tril buffer, s, finfo.min): proven
+    (torch.float32, "fill_1e4", 1.0, False),  # -1e4 is 100x the bound away: proven
+    (torch.float32, "fill_1e4", 4.0, True),  # the bound reaches -1e4 + margin: read
+])
+def test_the_lse_is_read_only_where_a_row_can_fail(monkeypatch, dtype, spelling, magnitude, reads_lse):
+    """ATen's route reads the lse after the kernel (``rows_ok``) only where a row can fail. With no
+    attn_mask (``is_causal`` or nothing), q and k finite and every score within the chain's cheap
+    bound (checked before the kernel), each row's max is >= -bound, so its lse is finite, a
+    replacing fill's dropped keys clear the removal threshold when -bound does, and a 16-bit lse
+    limit holds when bound + log Nk is under it (``Call.rows_certain``). Outputs stay eager's."""
     seen = []
     real = cpu_flash.rows_ok
     monkeypatch.setattr(cpu_flash, "rows_ok", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    n = 64
+    tril = torch.ones(n, n, dtype=torch.bool).tril()[None, None]
 
     def f(q, k, v, m):
         s = torch.matmul(q, k.transpose(-1, -2)) * 0.125
-        if masked:
+        if spelling == "padding":
             s = s + m
+        elif spelling == "buffer":
+            s = torch.where(tril, s, torch.tensor(torch.finfo(s.dtype).min, dtype=s.dtype))
+        elif spelling == "fill_1e4":
+            s = s.masked_fill(~tril, -1e4)
         return torch.matmul(s.softmax(-1), v)
     g = torch.Generator().manual_seed(3)
-    q, k, v = (torch.randn(1, 2, 64, 16, generator=g).to(dtype) for _ in range(3))
-    m = torch.zeros(1, 1, 1, 64, dtype=dtype)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).mul(magnitude).to(dtype) for _ in range(3))
+    m = torch.zeros(1, 1, 1, n, dtype=dtype)
     m[..., -5:] = torch.finfo(dtype).min
     compiled = torch.compile(f, backend="fusion_pass")
     compiled(q, k, v, m)
@@ -243,6 +257,48 @@ def test_the_lse_is_read_only_where_a_row_can_fail(monkeypatch, dtype, masked, r
     assert n_fwd == 1 and bool(seen) == reads_lse, (n_fwd, seen)
     want = f(*(t.double() for t in (q, k, v, m)))
     assert max_rel_error([out.double()], [want]) < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_rows_certain_only_where_the_lse_check_would_pass():
+    """The pre-kernel proof implies the post-kernel check: over random causal calls (fills from
+    -1e3 to finfo.min, |q|, |k| over six decades, float32 and the 16-bit lse limits, Nq <= Nk,
+    float32 and bfloat16 operands), every call ``Call.rows_certain`` accepts passes ``rows_ok`` on
+    the lse ATen's kernel returns.
+    Both outcomes occur, so a proof that claimed too much would be caught here."""
+    g = torch.Generator().manual_seed(11)
+    p = cpu_flash.Plan((("const", 8.0, True),))
+    seen = {"certain": 0, "lse_fails": 0}
+    for trial in range(300):
+        nk = int(torch.randint(1, 80, (), generator=g))
+        nq = nk if trial % 2 or not cpu_flash._causal_top_left() else int(torch.randint(1, nk + 1, (), generator=g))
+        mag = 10.0 ** float(torch.empty(()).uniform_(-2, 4, generator=g))
+        dtype = torch.bfloat16 if trial % 5 == 0 else torch.float32  # ATen's 16-bit kernel too
+        q, k, v = (torch.randn(1, 2, n, 16, generator=g).mul(mag).to(dtype) for n in (nq, nk, nk))
+        fill = [-1e3, -1e4, -1e9, torch.finfo(torch.float32).min][trial % 4]
+        limit = [math.inf, removal.fmax("float16") / 2, removal.fmax("bfloat16") / 2][trial % 3]
+        r = removal.Removal(removal.REPLACE, fill, "float32", "predicate")
+        qmax, kmax = q.abs().max().item(), k.abs().max().item()
+        call = cpu_flash.Call(0.125, None, True, r, fill, lse_limit=limit,
+                              bound=cpu_flash._cheap_bound(p, q, [], qmax, kmax), nk=nk)
+        _, lse = cpu_flash.forward(q, k, v, 0.125, None, True)
+        ok = cpu_flash.rows_ok(call, lse, nk)
+        seen["certain"] += call.rows_certain
+        seen["lse_fails"] += not ok
+        assert ok or not call.rows_certain, (nq, nk, mag, fill, limit, call.bound)
+    assert seen["certain"] > 50 and seen["lse_fails"] > 20, seen
+
+
+def test_rows_certain_needs_every_fact():
+    """Each fact the proof rests on, taken away alone, withdraws it."""
+    r = removal.Removal(removal.REPLACE, -1e4, "float32", "predicate")
+    good = cpu_flash.Call(0.125, None, True, r, -1e4, bound=100.0, nk=64)
+    assert good.rows_certain
+    import dataclasses
+    for change in (dict(mask=torch.zeros(1, 1, 1, 64)), dict(bound=math.inf), dict(nk=None),
+                   dict(bound=1e4 - 100), dict(lse_limit=100.0),
+                   dict(removal=removal.Removal(removal.ADD, -1e4, "float32", "tensor"))):
+        assert not dataclasses.replace(good, **change).rows_certain, change
+    assert dataclasses.replace(good, lse_limit=105.0).rows_certain  # 100 + log 64 = 104.2
 
 
 def test_a_few_query_rows_of_an_sdpa_call_stay_that_call():

@@ -200,7 +200,8 @@ def test_fast_path_is_taken_only_for_its_exact_function():
     # finiteness; inputs that are not finite still go to the tiled path
     none = torch.zeros(8, 8, dtype=torch.bool)
     call = cpu_flash.usable(fill, q, q, q, [none])
-    assert call == cpu_flash.Call(1.0, None), call
+    assert (call.scale, call.mask, call.causal, call.removal) == (1.0, None, False, None), call
+    assert call.rows_certain, call
     assert cpu_flash.usable(fill, q, q, q * math.inf, [none]) is None
     assert cpu_flash.usable(fill, q, q, q, [none], grad_out=q.masked_fill(q > 1, math.nan)) is None
     assert "ATen flash" in kernel_summary(scale_bias) and "tiled" in kernel_summary(softcap)
