@@ -3,6 +3,7 @@ rows against a cache with no gradient, is kept for Inductor by default, saying w
 ``fuse_cpu_decode=True``; the per-call checks
 around the kernels read no more than they need (the lse's one pass, no removal bound for a tile
 that keeps every key)."""
+import dataclasses
 import math
 
 import pytest
@@ -263,8 +264,8 @@ def test_rows_certain_only_where_the_lse_check_would_pass():
     """The pre-kernel proof implies the post-kernel check: over random causal calls (fills from
     -1e3 to finfo.min, |q|, |k| over six decades, float32 and the 16-bit lse limits, Nq <= Nk,
     float32 and bfloat16 operands), every call ``Call.rows_certain`` accepts passes ``rows_ok`` on
-    the lse ATen's kernel returns.
-    Both outcomes occur, so a proof that claimed too much would be caught here."""
+    the lse ATen's kernel returns. Both outcomes occur, so a proof that claimed too much would be
+    caught here."""
     g = torch.Generator().manual_seed(11)
     p = cpu_flash.Plan((("const", 8.0, True),))
     seen = {"certain": 0, "lse_fails": 0}
@@ -293,7 +294,6 @@ def test_rows_certain_needs_every_fact():
     r = removal.Removal(removal.REPLACE, -1e4, "float32", "predicate")
     good = cpu_flash.Call(0.125, None, True, r, -1e4, bound=100.0, nk=64)
     assert good.rows_certain
-    import dataclasses
     for change in (dict(mask=torch.zeros(1, 1, 1, 64)), dict(bound=math.inf), dict(nk=None),
                    dict(bound=1e4 - 100), dict(lse_limit=100.0),
                    dict(removal=removal.Removal(removal.ADD, -1e4, "float32", "tensor"))):
